@@ -31,7 +31,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) benchmarks/bench_tokenizers.py
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

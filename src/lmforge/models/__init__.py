@@ -1,0 +1,10 @@
+"""lmforge model families as real transformers models, registered with the Auto classes.
+
+Importing this package registers every family with ``AutoConfig`` and the ``AutoModel*`` classes
+in-process. Saved models carry their own code (``auto_map``), so they load with
+``trust_remote_code=True`` where lmforge is not installed.
+
+Each family module below calls its own ``register()``; add one import line per family.
+"""
+
+# Family registrations (one line each): GPT, BERT, Mamba.
