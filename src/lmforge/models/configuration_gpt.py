@@ -1,0 +1,141 @@
+"""Configuration of the lmforge GPT family (``model_type`` "lmforge_gpt").
+
+Defaults are Llama-like: RoPE, pre-norm RMSNorm, SwiGLU, grouped-query attention, no biases.
+Every architectural choice is a switch (see ``layers.py``); GPT-2 is
+``position_embedding_type="learned", norm_type="layernorm", hidden_act="gelu_tanh"`` with all
+biases, MHA and tied embeddings.
+
+RoPE and ALiBi run past ``max_position_embeddings`` (RoPE quality degrades there unless scaled with
+``rope_parameters={"rope_type": "linear" | "dynamic", "factor": f}``); learned and sinusoidal
+positions refuse longer inputs.
+
+This file is copied next to saved weights: it imports only transformers, the standard library and
+siblings.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+from .layers import ACTIVATIONS, NORM_POSITIONS, NORM_TYPES, POSITION_TYPES, ROPE_TYPES
+
+
+class GPTConfig(PreTrainedConfig):
+    """Decoder-only transformer configuration. Invalid combinations raise ``ValueError``.
+
+    Args (the switchboard; all keyword):
+        vocab_size, hidden_size, num_hidden_layers, num_attention_heads: the usual sizes.
+        num_key_value_heads: KV heads (= heads: MHA, 1: MQA, in between: GQA); None means MHA.
+        head_dim: per-head size; None means hidden_size // num_attention_heads.
+        intermediate_size: MLP width.
+        hidden_act: "gelu", "gelu_tanh", "relu", "silu", "swiglu" or "geglu".
+        position_embedding_type: "rope", "alibi", "learned", "sinusoidal" or "none".
+        rope_theta, rope_parameters: RoPE base and scaling (``{"rope_type": "linear"|"dynamic",
+            "factor": f}``).
+        max_position_embeddings: context length (hard limit for learned / sinusoidal).
+        norm_type: "rmsnorm", "layernorm" or "dyt"; norm_position: "pre", "post" or "deepnorm".
+        norm_eps, norm_bias, attention_bias, mlp_bias: numerics and bias switches.
+        attention_dropout, hidden_dropout: dropout on attention weights / residual branches and
+            embeddings.
+        tie_word_embeddings: share the input embedding with the LM head.
+        is_causal: causal (True) or bidirectional attention.
+    """
+
+    model_type = "lmforge_gpt"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_key_value_heads: int | None = 4
+    head_dim: int | None = None
+    hidden_act: str = "swiglu"
+    position_embedding_type: str = "rope"
+    rope_theta: float = 10000.0
+    rope_parameters: dict | None = None
+    max_position_embeddings: int = 2048
+    norm_type: str = "rmsnorm"
+    norm_position: str = "pre"
+    norm_eps: float = 1e-6
+    norm_bias: bool = False
+    dyt_init_alpha: float = 0.5
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    initializer_range: float = 0.02
+    is_causal: bool = True
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self._validate_sizes()
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        super().__post_init__(**kwargs)
+        self._validate_switches()
+        self._validate_rope()
+
+    def _validate_sizes(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"GPTConfig: hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads} (or set head_dim explicitly)"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"GPTConfig: num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_key_value_heads={self.num_key_value_heads} (MHA: equal, MQA: 1, GQA: a divisor)"
+            )
+        for name in ("attention_dropout", "hidden_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"GPTConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+
+    def _validate_switches(self) -> None:
+        choices = {
+            "hidden_act": tuple(ACTIVATIONS),
+            "position_embedding_type": POSITION_TYPES,
+            "norm_type": NORM_TYPES,
+            "norm_position": NORM_POSITIONS,
+        }
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r} is not one of {valid}")
+        if self.position_embedding_type == "alibi" and "flash" in (self._attn_implementation or ""):
+            raise ValueError(
+                "GPTConfig: position_embedding_type='alibi' cannot run with "
+                f"attn_implementation={self._attn_implementation!r} (no additive bias); use 'sdpa' or 'eager'"
+            )
+
+    def _validate_rope(self) -> None:
+        if self.position_embedding_type != "rope":
+            return
+        if self.head_dim % 2:
+            raise ValueError(f"GPTConfig: RoPE needs an even head_dim, got head_dim={self.head_dim}")
+        rope = self.rope_parameters or {}
+        rope_type = rope.get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"GPTConfig.rope_parameters rope_type={rope_type!r} is not one of {ROPE_TYPES}")
+        if rope_type != "default":
+            factor = rope.get("factor")
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1.0:
+                raise ValueError(
+                    f"GPTConfig.rope_parameters factor={factor!r} must be a number >= 1.0 for rope_type={rope_type!r}"
+                )
+        if not rope.get("rope_theta", 1.0) > 0:
+            raise ValueError(f"GPTConfig: rope_theta must be > 0, got {rope.get('rope_theta')!r}")
+
+
+__all__ = ["GPTConfig"]

@@ -1,0 +1,283 @@
+"""The lmforge GPT family: a decoder-only transformer built from ``layers.py``.
+
+``GPTModel`` (embeddings, blocks, final norm), ``GPTForCausalLM`` (LM head, shifted loss,
+``generate``) and ``GPTForSequenceClassification`` (last non-pad token). Real transformers models:
+Cache objects, attention masks from transformers' masking utils, ``attn_implementation``
+eager / sdpa / flash_attention_2, gradient checkpointing, ``logits_to_keep``, ``num_items_in_batch``.
+
+This file is copied next to saved weights: it imports only torch, transformers and siblings.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_gpt import GPTConfig
+from .layers import (
+    Attention,
+    RotaryEmbedding,
+    SinusoidalPositionalEmbedding,
+    TransformerBlock,
+    build_attention_mask,
+    build_norm,
+    check_positions,
+    init_weights,
+)
+
+
+class GPTPreTrainedModel(PreTrainedModel):
+    """Shared settings of the GPT models (init, attention backends, checkpointing, device maps)."""
+
+    config_class = GPTConfig
+    config: GPTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TransformerBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {"hidden_states": TransformerBlock, "attentions": Attention}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        init_weights(module, self.config)
+
+
+class GPTModel(GPTPreTrainedModel):
+    """Token (+ absolute position) embeddings, ``num_hidden_layers`` blocks and a final norm (pre-norm only)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__(config)
+        d = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        kind = config.position_embedding_type
+        self.embed_positions = None
+        if kind == "learned":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, d)
+        elif kind == "sinusoidal":
+            self.embed_positions = SinusoidalPositionalEmbedding(d)
+        self.rotary_emb = RotaryEmbedding(config) if kind == "rope" else None
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_hidden_layers))
+        # post-norm and DeepNorm blocks already end in a norm
+        self.norm = build_norm(config) if config.norm_position == "pre" else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """input_ids (B, T) -> last_hidden_state (B, T, D).
+
+        ``position_ids`` (B, T) restarting at 0 marks packed documents (pass ``use_cache=False``
+        when training on packed data: transformers ignores packing when a cache is present).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("GPTModel: pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, D)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past
+        check_positions(position_ids, self.config)
+
+        hidden_states = inputs_embeds
+        if self.embed_positions is not None:
+            hidden_states = hidden_states + self.embed_positions(position_ids).to(hidden_states.dtype)
+        hidden_states = self.dropout(hidden_states)
+        mask = build_attention_mask(self.config, hidden_states, attention_mask, past_key_values, position_ids)
+        rotary = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb is not None else None
+
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=mask,
+                position_embeddings=rotary,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        if self.norm is not None:
+            hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
+    """GPT with a language-model head; ``labels`` give the shifted next-token loss."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: GPTConfig):
+        super().__init__(config)
+        self.model = GPTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits (B, T', V) for the last ``logits_to_keep`` positions (0 = all).
+
+        ``labels`` (B, T) are the input ids (shifted inside; -100 ignored). Pass
+        ``num_items_in_batch`` (target tokens over the accumulation window) so gradient
+        accumulation equals one big batch.
+        """
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class GPTForSequenceClassification(GPTPreTrainedModel):
+    """GPT with a linear head on the last non-padding token (from ``attention_mask`` or ``pad_token_id``)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = GPTModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def _last_token_index(self, input_ids, attention_mask, batch_size: int, length: int, device) -> torch.Tensor:
+        """Index of the rightmost real token per row (works with left and right padding)."""
+        if attention_mask is not None:
+            real = attention_mask.to(device, torch.int64)
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real = (input_ids != self.config.pad_token_id).to(device, torch.int64)
+        elif batch_size == 1 or input_ids is None:
+            return torch.full((batch_size,), length - 1, device=device)
+        else:
+            raise ValueError("GPTForSequenceClassification: batches need an attention_mask or config.pad_token_id")
+        return (torch.arange(length, device=device) * real).argmax(-1)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        """Pooled logits (B, num_labels); ``labels`` (B,) give cross-entropy (or MSE for one label)."""
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state  # (B, T, D)
+        b, t = hidden.shape[:2]
+        last = self._last_token_index(input_ids, attention_mask, b, t, hidden.device)
+        logits = self.score(hidden[torch.arange(b, device=hidden.device), last])  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+def register() -> None:
+    """Register the GPT family with the Auto classes (in-process and for ``save_pretrained`` code export)."""
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
+
+    AutoConfig.register(GPTConfig.model_type, GPTConfig, exist_ok=True)
+    AutoModel.register(GPTConfig, GPTModel, exist_ok=True)
+    AutoModelForCausalLM.register(GPTConfig, GPTForCausalLM, exist_ok=True)
+    AutoModelForSequenceClassification.register(GPTConfig, GPTForSequenceClassification, exist_ok=True)
+    GPTConfig.register_for_auto_class()
+    GPTModel.register_for_auto_class("AutoModel")
+    GPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    GPTForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+
+__all__ = ["GPTPreTrainedModel", "GPTModel", "GPTForCausalLM", "GPTForSequenceClassification"]
