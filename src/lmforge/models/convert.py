@@ -39,6 +39,197 @@ def from_hf(hf_model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------- GPT
 # (Llama <-> lmforge_gpt, GPT-2 <-> lmforge_gpt)
 
+_GPT_SHARED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_GPT_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _gpt_require(config, target: str, **expected) -> None:
+    """Raise ValueError naming the first switch whose value ``target`` cannot represent."""
+    for name, valid in expected.items():
+        value = getattr(config, name)
+        ok = value in valid if isinstance(valid, tuple) else value == valid
+        if not ok:
+            raise ValueError(
+                f"to_hf: {target} cannot represent {name}={value!r} (needs {valid!r}); "
+                "this lmforge_gpt model has no stock transformers equivalent"
+            )
+
+
+def _gpt_token_ids(config) -> dict:
+    return {name: getattr(config, name, None) for name in _GPT_TOKEN_IDS}
+
+
+def _gpt_load(target: nn.Module, state: dict, like: nn.Module) -> nn.Module:
+    """Load ``state`` strictly into ``target`` and match the source's dtype; eval mode like the source."""
+    target.load_state_dict(state, strict=True)
+    target.to(next(like.parameters()).dtype)
+    return target.train(like.training)
+
+
+def _gpt_to_llama(model: nn.Module) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = model.config
+    _gpt_require(
+        cfg, "LlamaForCausalLM", position_embedding_type="rope", norm_type="rmsnorm", norm_position="pre",
+        hidden_act="swiglu", is_causal=True, hidden_dropout=0.0,
+    )
+    rope = dict(cfg.rope_parameters)
+    if rope.get("rope_type", "default") not in ("default", "linear", "dynamic"):
+        raise ValueError(f"to_hf: unsupported rope_parameters {rope!r}")
+    hf_cfg = LlamaConfig(
+        **{k: getattr(cfg, k) for k in _GPT_SHARED_SIZES},
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, hidden_act="silu",
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
+        rope_parameters=rope, attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias,
+        attention_dropout=cfg.attention_dropout, initializer_range=cfg.initializer_range,
+        tie_word_embeddings=cfg.tie_word_embeddings, **_gpt_token_ids(cfg),
+    )
+    hf = LlamaForCausalLM(hf_cfg)
+    names = {".attn_norm.": ".input_layernorm.", ".mlp_norm.": ".post_attention_layernorm."}
+    state = {}
+    for key, value in model.state_dict().items():
+        for ours, theirs in names.items():
+            key = key.replace(ours, theirs)
+        state[key] = value
+    return _gpt_load(hf, state, model)
+
+
+def _gpt_from_llama(hf_model: nn.Module) -> nn.Module:
+    from .modeling_gpt import GPTConfig, GPTForCausalLM
+
+    cfg = hf_model.config
+    if cfg.hidden_act != "silu":
+        raise ValueError(f"from_hf: LlamaConfig.hidden_act={cfg.hidden_act!r} is not 'silu' (lmforge 'swiglu')")
+    rope = dict(cfg.rope_parameters)
+    if rope.get("rope_type", "default") not in ("default", "linear", "dynamic"):
+        raise ValueError(f"from_hf: LlamaConfig rope_type={rope.get('rope_type')!r}; lmforge supports default, linear, dynamic")
+    ours = GPTConfig(
+        **{k: getattr(cfg, k) for k in _GPT_SHARED_SIZES},
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, hidden_act="swiglu",
+        position_embedding_type="rope", rope_theta=rope.get("rope_theta", 10000.0), rope_parameters=rope,
+        max_position_embeddings=cfg.max_position_embeddings, norm_type="rmsnorm", norm_position="pre",
+        norm_eps=cfg.rms_norm_eps, attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias,
+        attention_dropout=float(cfg.attention_dropout or 0.0), initializer_range=cfg.initializer_range,
+        tie_word_embeddings=bool(cfg.tie_word_embeddings), **_gpt_token_ids(cfg),
+    )
+    model = GPTForCausalLM(ours)
+    names = {".input_layernorm.": ".attn_norm.", ".post_attention_layernorm.": ".mlp_norm."}
+    state = {}
+    for key, value in hf_model.state_dict().items():
+        for theirs, mine in names.items():
+            key = key.replace(theirs, mine)
+        state[key] = value
+    return _gpt_load(model, state, hf_model)
+
+
+def _gpt_to_gpt2(model: nn.Module) -> nn.Module:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = model.config
+    _gpt_require(
+        cfg, "GPT2LMHeadModel", position_embedding_type="learned", norm_type="layernorm", norm_position="pre",
+        hidden_act="gelu_tanh", is_causal=True, norm_bias=True, attention_bias=True, mlp_bias=True,
+        num_key_value_heads=cfg.num_attention_heads, head_dim=cfg.hidden_size // cfg.num_attention_heads,
+    )
+    hf_cfg = GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.max_position_embeddings, n_embd=cfg.hidden_size,
+        n_layer=cfg.num_hidden_layers, n_head=cfg.num_attention_heads, n_inner=cfg.intermediate_size,
+        activation_function="gelu_new", resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.hidden_dropout,
+        attn_pdrop=cfg.attention_dropout, layer_norm_epsilon=cfg.norm_eps, initializer_range=cfg.initializer_range,
+        tie_word_embeddings=cfg.tie_word_embeddings, **_gpt_token_ids(cfg),
+    )
+    hf = GPT2LMHeadModel(hf_cfg)
+    sd = model.state_dict()
+    state = {
+        "transformer.wte.weight": sd["model.embed_tokens.weight"],
+        "transformer.wpe.weight": sd["model.embed_positions.weight"],
+        "transformer.ln_f.weight": sd["model.norm.weight"],
+        "transformer.ln_f.bias": sd["model.norm.bias"],
+        "lm_head.weight": sd["lm_head.weight"],
+    }
+    for i in range(cfg.num_hidden_layers):
+        ours, theirs = f"model.layers.{i}.", f"transformer.h.{i}."
+        attn = ours + "self_attn."
+        for norm, ln in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            state[f"{theirs}{ln}.weight"] = sd[f"{ours}{norm}.weight"]
+            state[f"{theirs}{ln}.bias"] = sd[f"{ours}{norm}.bias"]
+        # Conv1D stores (in, out): transpose every nn.Linear weight; q, k, v fuse into c_attn
+        qkv = [attn + p for p in ("q_proj", "k_proj", "v_proj")]
+        state[theirs + "attn.c_attn.weight"] = torch.cat([sd[p + ".weight"] for p in qkv], 0).t()
+        state[theirs + "attn.c_attn.bias"] = torch.cat([sd[p + ".bias"] for p in qkv], 0)
+        pairs = (("self_attn.o_proj", "attn.c_proj"), ("mlp.up_proj", "mlp.c_fc"), ("mlp.down_proj", "mlp.c_proj"))
+        for mine, hf_name in pairs:
+            state[f"{theirs}{hf_name}.weight"] = sd[f"{ours}{mine}.weight"].t()
+            state[f"{theirs}{hf_name}.bias"] = sd[f"{ours}{mine}.bias"]
+    state = {k: v.contiguous() for k, v in state.items()}
+    return _gpt_load(hf, state, model)
+
+
+_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+
+
+def _gpt_from_gpt2(hf_model: nn.Module) -> nn.Module:
+    import torch
+
+    from .modeling_gpt import GPTConfig, GPTForCausalLM
+
+    cfg = hf_model.config
+    if cfg.activation_function not in _GPT2_ACTIVATIONS:
+        raise ValueError(f"from_hf: GPT2Config.activation_function={cfg.activation_function!r} is not one of {sorted(_GPT2_ACTIVATIONS)}")
+    if cfg.scale_attn_by_inverse_layer_idx or not cfg.scale_attn_weights:
+        raise ValueError("from_hf: GPT-2 attention scaling switches (scale_attn_by_inverse_layer_idx / scale_attn_weights) are not representable")
+    if getattr(cfg, "add_cross_attention", False):
+        raise ValueError("from_hf: GPT-2 with add_cross_attention=True is not representable")
+    d = cfg.n_embd
+    ours = GPTConfig(
+        vocab_size=cfg.vocab_size, hidden_size=d, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_head, intermediate_size=cfg.n_inner or 4 * d,
+        hidden_act=_GPT2_ACTIVATIONS[cfg.activation_function], position_embedding_type="learned",
+        max_position_embeddings=cfg.n_positions, norm_type="layernorm", norm_position="pre",
+        norm_eps=cfg.layer_norm_epsilon, norm_bias=True, attention_bias=True, mlp_bias=True,
+        attention_dropout=cfg.attn_pdrop, hidden_dropout=cfg.resid_pdrop, initializer_range=cfg.initializer_range,
+        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", True)), **_gpt_token_ids(cfg),
+    )
+    model = GPTForCausalLM(ours)
+    sd = hf_model.state_dict()
+    state = {
+        "model.embed_tokens.weight": sd["transformer.wte.weight"],
+        "model.embed_positions.weight": sd["transformer.wpe.weight"],
+        "model.norm.weight": sd["transformer.ln_f.weight"],
+        "model.norm.bias": sd["transformer.ln_f.bias"],
+        "lm_head.weight": sd["lm_head.weight"],
+    }
+    for i in range(cfg.n_layer):
+        ours_p, theirs = f"model.layers.{i}.", f"transformer.h.{i}."
+        for norm, ln in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            state[f"{ours_p}{norm}.weight"] = sd[f"{theirs}{ln}.weight"]
+            state[f"{ours_p}{norm}.bias"] = sd[f"{theirs}{ln}.bias"]
+        w = sd[theirs + "attn.c_attn.weight"].t()  # (3D, D)
+        b = sd[theirs + "attn.c_attn.bias"]
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            state[f"{ours_p}self_attn.{name}.weight"] = w[j * d : (j + 1) * d]
+            state[f"{ours_p}self_attn.{name}.bias"] = b[j * d : (j + 1) * d]
+        pairs = (("self_attn.o_proj", "attn.c_proj"), ("mlp.up_proj", "mlp.c_fc"), ("mlp.down_proj", "mlp.c_proj"))
+        for mine, hf_name in pairs:
+            state[f"{ours_p}{mine}.weight"] = sd[f"{theirs}{hf_name}.weight"].t()
+            state[f"{ours_p}{mine}.bias"] = sd[f"{theirs}{hf_name}.bias"]
+    state = {k: torch.Tensor.contiguous(v) for k, v in state.items()}
+    return _gpt_load(model, state, hf_model)
+
+
+def _gpt_to_hf(model: nn.Module) -> nn.Module:
+    """lmforge_gpt -> LlamaForCausalLM (RoPE variant) or GPT2LMHeadModel (learned-position variant)."""
+    if model.config.position_embedding_type == "learned":
+        return _gpt_to_gpt2(model)
+    return _gpt_to_llama(model)
+
+
+_TO_HF["lmforge_gpt"] = _gpt_to_hf
+_FROM_HF["llama"] = _gpt_from_llama
+_FROM_HF["gpt2"] = _gpt_from_gpt2
+
 
 # ---------------------------------------------------------------------------------- BERT
 # (BertModel / BertForMaskedLM / BertForSequenceClassification <-> lmforge_bert classic)
