@@ -1,0 +1,106 @@
+"""Helpers for export tests: run code in a Python where lmforge cannot be imported.
+
+A saved lmforge model must load with ``trust_remote_code=True`` from its own copied code.
+``run_isolated(code)`` runs ``code`` in a subprocess of this venv's interpreter after removing
+every ``sys.path`` entry that provides ``lmforge`` (the editable install's src dir, the repo
+root) and asserting ``import lmforge`` fails. Used by the GPT, BERT and Mamba export tests.
+
+    out = run_isolated('''
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)
+        emit({"n": sum(p.numel() for p in m.parameters())})
+    ''', path=saved_dir)
+    assert out["n"] == ...
+
+Inside ``code``: ``PATH`` is the ``path`` argument and ``emit(obj)`` sends one JSON-able result back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+_PRELUDE = """
+import importlib.util, json, os, sys
+sys.path[:] = [p for p in sys.path
+               if p and not os.path.isdir(os.path.join(p, "lmforge"))
+               and os.path.abspath(p) != os.path.abspath(os.getcwd())]
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]
+assert importlib.util.find_spec("lmforge") is None, "lmforge is still importable"
+try:
+    import lmforge  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise AssertionError("import lmforge succeeded in the isolated interpreter")
+PATH = os.environ["LMFORGE_EXPORT_PATH"]
+_RESULT_MARK = "@@LMFORGE_RESULT@@"
+def emit(obj):
+    print(_RESULT_MARK + json.dumps(obj), flush=True)
+"""
+
+
+def run_isolated(code: str, *, path: str | Path = "", timeout: float = 300.0) -> dict | list | None:
+    """Run ``code`` in a fresh interpreter that cannot import lmforge; return what it ``emit``-ted.
+
+    The subprocess runs in ``path``'s parent folder (not the repo), offline, with its own
+    ``HF_MODULES_CACHE`` so the remote code is copied fresh. Raises AssertionError with the
+    subprocess's stderr when it fails.
+    """
+    path = Path(path) if path else Path.cwd()
+    workdir = path.parent if path.is_dir() else path
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(workdir / "hf_modules_cache"),
+        "LMFORGE_EXPORT_PATH": str(path),
+        "PYTHONNOUSERSITE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    env.pop("PYTHONPATH", None)
+    program = _PRELUDE + "\n" + textwrap.dedent(code)
+    proc = subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"isolated run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    results = [line.split("@@LMFORGE_RESULT@@", 1)[1] for line in proc.stdout.splitlines() if "@@LMFORGE_RESULT@@" in line]
+    return json.loads(results[-1]) if results else None
+
+
+def tiny_tokenizer(vocab_size: int = 300, *, bert: bool = False):
+    """A small byte-level BPE tokenizer (GPT-style: bos/eos/pad) trained in-memory; offline and fast.
+
+    With ``bert=True`` it has [CLS]/[SEP]/[PAD]/[MASK]/[UNK] instead.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] if bert else ["<|pad|>", "<|endoftext|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    text = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer"] * 20
+    tok.train_from_iterator(text, trainer)
+    if bert:
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+            sep_token="[SEP]", mask_token="[MASK]", model_max_length=128,
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        pad_token="<|pad|>", model_max_length=128,
+    )
