@@ -10,3 +10,5 @@ Each family module below calls its own ``register()``; add one import line per f
 # Family registrations (one line each): GPT, BERT, Mamba.
 from .modeling_gpt import GPTConfig, GPTForCausalLM, GPTForSequenceClassification, GPTModel, register as _register_gpt  # noqa: F401,E402,I001
 _register_gpt()
+from .modeling_bert import LmforgeBertConfig, LmforgeBertForMaskedLM, LmforgeBertForSequenceClassification, LmforgeBertForTokenClassification, LmforgeBertModel, register as _register_bert  # noqa: F401,E402,I001
+_register_bert()

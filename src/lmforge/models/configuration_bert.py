@@ -168,17 +168,18 @@ class LmforgeBertConfig(PreTrainedConfig):
         if is_causal:
             raise ValueError("LmforgeBertConfig.is_causal=True is not supported: BERT is bidirectional")
         self.is_causal = False
+        # validate before PreTrainedConfig's own checks, so errors name lmforge's fields
+        self._validate(kwargs.get("problem_type"))
         super().__init__(**kwargs)
-        self._validate()
 
-    def _validate(self) -> None:
+    def _validate(self, problem_type: str | None) -> None:
         """Raise ValueError naming the field for any inconsistent setting."""
         _check_choice("hidden_act", self.hidden_act, HIDDEN_ACTS)
         _check_choice("position_embedding_type", self.position_embedding_type, POSITION_TYPES)
         _check_choice("norm_type", self.norm_type, NORM_TYPES)
         _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
-        if self.problem_type is not None:
-            _check_choice("problem_type", self.problem_type, PROBLEM_TYPES)
+        if problem_type is not None:
+            _check_choice("problem_type", problem_type, PROBLEM_TYPES)
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings", "head_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:

@@ -11,6 +11,7 @@ Modeling files never import this module (it is not part of the exported model co
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch.nn as nn
@@ -233,6 +234,162 @@ _FROM_HF["gpt2"] = _gpt_from_gpt2
 
 # ---------------------------------------------------------------------------------- BERT
 # (BertModel / BertForMaskedLM / BertForSequenceClassification <-> lmforge_bert classic)
+# Parameter names inside one encoder layer: transformers' BertLayer -> lmforge TransformerBlock.
+_BERT_LAYER_NAMES = {
+    "attention.self.query.": "self_attn.q_proj.",
+    "attention.self.key.": "self_attn.k_proj.",
+    "attention.self.value.": "self_attn.v_proj.",
+    "attention.output.dense.": "self_attn.o_proj.",
+    "attention.output.LayerNorm.": "attn_norm.",
+    "intermediate.dense.": "mlp.up_proj.",
+    "output.dense.": "mlp.down_proj.",
+    "output.LayerNorm.": "mlp_norm.",
+}
+# Everything else (prefix renames; the MLM decoder bias is BERT's `cls.predictions.bias`).
+_BERT_NAMES = {
+    "embeddings.LayerNorm.": "embeddings.norm.",
+    "cls.predictions.transform.dense.": "lm_head.dense.",
+    "cls.predictions.transform.LayerNorm.": "lm_head.norm.",
+    "cls.predictions.decoder.weight": "lm_head.decoder.weight",
+    "cls.predictions.bias": "lm_head.decoder.bias",
+}
+# hidden_act: transformers BertConfig -> lmforge (ungated activations only)
+_BERT_ACTS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}
+# lmforge head class name -> transformers class name
+_BERT_HEADS = {
+    "LmforgeBertModel": "BertModel",
+    "LmforgeBertForMaskedLM": "BertForMaskedLM",
+    "LmforgeBertForSequenceClassification": "BertForSequenceClassification",
+    "LmforgeBertForTokenClassification": "BertForTokenClassification",
+}
+_BERT_LABEL_FIELDS = ("num_labels", "id2label", "label2id", "problem_type")
+
+
+def _bert_key_from_hf(key: str) -> str | None:
+    """transformers BERT parameter name -> lmforge name (None: a duplicate of a tied parameter)."""
+    if key.endswith("cls.predictions.decoder.bias"):
+        return None  # the same Parameter as cls.predictions.bias
+    match = re.match(r"(.*)encoder\.layer\.(\d+)\.(.*)", key)
+    if match:
+        prefix, i, rest = match.groups()
+        for theirs, ours in _BERT_LAYER_NAMES.items():
+            if rest.startswith(theirs):
+                return f"{prefix}layers.{i}.{ours}{rest[len(theirs):]}"
+        raise ValueError(f"from_hf: unexpected BERT parameter {key!r}")
+    for theirs, ours in _BERT_NAMES.items():
+        key = key.replace(theirs, ours)
+    return key
+
+
+def _bert_key_to_hf(key: str) -> list[str]:
+    """lmforge parameter name -> transformers BERT name(s)."""
+    match = re.match(r"(.*)layers\.(\d+)\.(.*)", key)
+    if match:
+        prefix, i, rest = match.groups()
+        for theirs, ours in _BERT_LAYER_NAMES.items():
+            if rest.startswith(ours):
+                return [f"{prefix}encoder.layer.{i}.{theirs}{rest[len(ours):]}"]
+    if key == "lm_head.decoder.bias":
+        return ["cls.predictions.bias", "cls.predictions.decoder.bias"]
+    for theirs, ours in _BERT_NAMES.items():
+        key = key.replace(ours, theirs)
+    return [key]
+
+
+def _bert_load(target: nn.Module, state: dict, like: nn.Module) -> nn.Module:
+    """Load ``state`` strictly into ``target``; same dtype and train/eval mode as the source ``like``."""
+    target.load_state_dict(state, strict=True)
+    target.to(next(like.parameters()).dtype)
+    return target.train(like.training)
+
+
+def _bert_require(cfg) -> None:
+    """Raise ValueError naming the first switch that transformers' BERT cannot represent."""
+    expected = {
+        "position_embedding_type": "learned", "norm_type": "layernorm", "norm_position": "post",
+        "norm_bias": True, "attention_bias": True, "mlp_bias": True, "embedding_norm": True,
+        "num_key_value_heads": cfg.num_attention_heads, "head_dim": cfg.hidden_size // cfg.num_attention_heads,
+    }
+    if cfg.hidden_act not in _BERT_ACTS.values():
+        raise ValueError(f"to_hf: BERT cannot represent hidden_act={cfg.hidden_act!r} (needs one of "
+                         f"{sorted(_BERT_ACTS.values())}; gated MLPs have no BERT equivalent)")
+    if cfg.type_vocab_size < 1:
+        raise ValueError("to_hf: BERT cannot represent type_vocab_size=0 (it always has token types)")
+    for name, valid in expected.items():
+        if getattr(cfg, name) != valid:
+            raise ValueError(f"to_hf: BERT cannot represent {name}={getattr(cfg, name)!r} (needs {valid!r}); "
+                             "only the classic lmforge_bert preset converts")
+
+
+def _bert_to_hf(model: nn.Module) -> nn.Module:
+    """lmforge_bert (classic switches) -> BertModel / BertForMaskedLM / BertFor{Sequence,Token}Classification."""
+    import transformers
+
+    cfg = model.config
+    _bert_require(cfg)
+    name = type(model).__name__
+    if name not in _BERT_HEADS:
+        raise ValueError(f"to_hf: no transformers BERT class for {name}; known: {sorted(_BERT_HEADS)}")
+    inverse_acts = {v: k for k, v in _BERT_ACTS.items()}
+    hf_cfg = transformers.BertConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
+        hidden_act=inverse_acts[cfg.hidden_act], hidden_dropout_prob=cfg.hidden_dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout, max_position_embeddings=cfg.max_position_embeddings,
+        type_vocab_size=cfg.type_vocab_size, initializer_range=cfg.initializer_range, layer_norm_eps=cfg.norm_eps,
+        pad_token_id=cfg.pad_token_id, classifier_dropout=cfg.classifier_dropout,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        **{k: getattr(cfg, k) for k in _BERT_LABEL_FIELDS},
+    )
+    hf_cfg._attn_implementation = cfg._attn_implementation
+    hf_cls = getattr(transformers, _BERT_HEADS[name])
+    hf = hf_cls(hf_cfg, add_pooling_layer=model.pooler is not None) if name == "LmforgeBertModel" else hf_cls(hf_cfg)
+    state = {hf_key: value for key, value in model.state_dict().items() for hf_key in _bert_key_to_hf(key)}
+    return _bert_load(hf, state, model)
+
+
+def _bert_from_hf(hf_model: nn.Module) -> nn.Module:
+    """transformers BertModel / BertForMaskedLM / BertFor{Sequence,Token}Classification -> lmforge_bert classic."""
+    from . import modeling_bert
+
+    cfg = hf_model.config
+    name = type(hf_model).__name__
+    heads = {v: k for k, v in _BERT_HEADS.items()}
+    if name not in heads:
+        raise ValueError(f"from_hf: no lmforge_bert class for {name}; known: {sorted(heads)}")
+    if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"from_hf: BertConfig.position_embedding_type={cfg.position_embedding_type!r} "
+                         "is not representable (lmforge_bert has 'absolute' as 'learned')")
+    if cfg.is_decoder or cfg.add_cross_attention:
+        raise ValueError("from_hf: BERT as a decoder (is_decoder / add_cross_attention) is not representable")
+    if cfg.hidden_act not in _BERT_ACTS:
+        raise ValueError(f"from_hf: BertConfig.hidden_act={cfg.hidden_act!r} is not one of {sorted(_BERT_ACTS)}")
+    ours = modeling_bert.LmforgeBertConfig.from_preset(
+        "classic", vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
+        hidden_act=_BERT_ACTS[cfg.hidden_act], hidden_dropout=float(cfg.hidden_dropout_prob),
+        attention_dropout=float(cfg.attention_probs_dropout_prob), max_position_embeddings=cfg.max_position_embeddings,
+        type_vocab_size=cfg.type_vocab_size, initializer_range=cfg.initializer_range, norm_eps=cfg.layer_norm_eps,
+        pad_token_id=cfg.pad_token_id, classifier_dropout=cfg.classifier_dropout,
+        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", True)),
+        **{k: getattr(cfg, k) for k in _BERT_LABEL_FIELDS},
+    )
+    ours._attn_implementation = cfg._attn_implementation
+    cls = getattr(modeling_bert, heads[name])
+    if name == "BertModel":
+        model = cls(ours, add_pooling_layer=hf_model.pooler is not None)
+    else:
+        model = cls(ours)
+    state = {}
+    for key, value in hf_model.state_dict().items():
+        new_key = _bert_key_from_hf(key)
+        if new_key is not None:
+            state[new_key] = value
+    return _bert_load(model, state, hf_model)
+
+
+_TO_HF["lmforge_bert"] = _bert_to_hf
+_FROM_HF["bert"] = _bert_from_hf
 
 
 # --------------------------------------------------------------------------------- Mamba
