@@ -1,0 +1,219 @@
+"""From a text source to packed ``block_size`` rows: ``build_lm_dataset``.
+
+One pass does the work: the fast (Rust) tokenizer encodes a large batch of documents at once
+(``encode_batch_fast``: no offsets, no attention masks, no per-call Python padding logic; the
+batch is spread over the cores by the Rust side) and ``lmforge.data.packing.pack`` cuts the token
+stream into rows as numpy arrays, so Arrow receives only the packed rows.
+
+Caching: the map runs with an explicit fingerprint made of the source dataset's fingerprint, a
+hash of the tokenizer (its full ``tokenizer.json`` plus the separator and pad ids), ``block_size``
+and the packing options. A second run on the same source with the same tokenizer loads the
+packed rows from the ``datasets`` cache instead of tokenizing again.
+
+Remainder: packing works per map batch of ``batch_size`` documents; each batch's last row is
+padded (see ``lmforge.data.packing``), so at most one partly padded row per batch of documents
+and no token is lost or duplicated. Streaming and non-streaming use the same batches, so they
+yield the same rows.
+
+Distributed: with ``num_processes > 1`` every process gets a distinct shard
+(``datasets.distributed.split_dataset_by_node``): contiguous row ranges of the one cached packed
+dataset, or, when streaming, distinct files (or every n-th document) of the text stream before
+packing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lmforge.data.packing import pack
+from lmforge.errors import LmforgeError
+
+if TYPE_CHECKING:
+    from datasets import Dataset, IterableDataset, IterableDatasetDict
+    from transformers import PreTrainedTokenizerBase
+
+PIPELINE_VERSION = "1"  # bump when the packed format changes: invalidates old caches
+COLUMNS = ("input_ids", "attention_mask", "position_ids", "seq_idx")
+
+
+def separator_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token placed after every document: SEP for BERT-style tokenizers (SEP and MASK), else EOS."""
+    sep, eos = tokenizer.sep_token_id, tokenizer.eos_token_id
+    if sep is not None and tokenizer.mask_token_id is not None:
+        return sep
+    if eos is not None:
+        return eos
+    if sep is not None:
+        return sep
+    raise LmforgeError(
+        f"tokenizer {type(tokenizer).__name__} has neither an eos_token nor a sep_token; packing needs "
+        "one to separate documents (set tokenizer.eos_token, or train it with a 'gpt' or 'bert' preset)"
+    )
+
+
+def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A stable hash of everything that decides the token ids: the serialized fast tokenizer plus
+    the special-token ids packing uses."""
+    backend = _backend(tokenizer)
+    h = hashlib.sha256(backend.to_str().encode())
+    h.update(f"|sep={separator_id(tokenizer)}|pad={tokenizer.pad_token_id}".encode())
+    return h.hexdigest()[:16]
+
+
+def _backend(tokenizer: PreTrainedTokenizerBase) -> Any:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise LmforgeError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer; build_lm_dataset needs a "
+            "PreTrainedTokenizerFast (lmforge.tokenizers.train_tokenizer returns one)"
+        )
+    return backend
+
+
+def _private_backend(tokenizer: PreTrainedTokenizerBase) -> Any:
+    """A copy of the Rust tokenizer with truncation and padding off (documents are whole)."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(_backend(tokenizer).to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
+
+
+def _tokenize_and_pack(batch: dict[str, list], *, backend: Any, text_column: str, block_size: int,
+                       sep: int, pad: int, document_masks: bool) -> dict[str, np.ndarray]:
+    texts = [t for t in batch[text_column] if t]
+    encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
+    return pack([e.ids for e in encodings], block_size, sep, pad_id=pad,
+                document_masks=document_masks, remainder="pad")
+
+
+def _features(block_size: int, document_masks: bool) -> Any:
+    from datasets import Features, List, Value
+
+    names = COLUMNS if document_masks else COLUMNS[:2]
+    return Features({name: List(Value("int32"), length=block_size) for name in names})
+
+
+def _shard(ds: Any, process_index: int, num_processes: int) -> Any:
+    if num_processes == 1:
+        return ds
+    if not 0 <= process_index < num_processes:
+        raise LmforgeError(f"process_index {process_index} is not in [0, {num_processes})")
+    from datasets.distributed import split_dataset_by_node
+
+    return split_dataset_by_node(ds, rank=process_index, world_size=num_processes)
+
+
+class _MainProcessFirst:
+    """Let process 0 build the cache while the others wait, then let them load it."""
+
+    def __init__(self, process_index: int, num_processes: int):
+        import torch.distributed as dist
+
+        self.sync = num_processes > 1 and dist.is_available() and dist.is_initialized()
+        self.main = process_index == 0
+
+    def __enter__(self):
+        if self.sync and not self.main:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def __exit__(self, *exc):
+        if self.sync and self.main:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def build_lm_dataset(
+    source: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    *,
+    split: str = "train",
+    streaming: bool = False,
+    document_masks: bool = True,
+    text_column: str = "text",
+    seed: int = 0,
+    process_index: int = 0,
+    num_processes: int = 1,
+    batch_size: int = 1000,
+    shuffle_buffer: int = 0,
+) -> Dataset | IterableDataset:
+    """Tokenize and pack a text source into rows of exactly ``block_size`` tokens.
+
+    Args:
+        source: anything ``lmforge.data.load_corpus`` accepts (built-in name, local path/glob/folder,
+            Hub id, or a ``datasets`` dataset).
+        tokenizer: a fast tokenizer; EOS (or SEP for BERT-style tokenizers) separates documents and
+            the pad token (else the separator) fills the last row of each batch.
+        block_size: tokens per row.
+        split: which split of the source.
+        streaming: return an ``IterableDataset`` that tokenizes lazily (corpora larger than memory).
+        document_masks: add ``position_ids`` (restarting at each document) and ``seq_idx`` (document
+            index within the row) so attention and state do not cross documents.
+        text_column: the column holding the text.
+        seed: seeds the streaming shuffle (with ``shuffle_buffer > 0``); map-style rows are
+            shuffled by the training loop's sampler, the packed content never depends on it.
+        process_index: this process's rank; it reads shard ``process_index`` of ``num_processes``.
+        num_processes: number of processes sharing the data.
+        batch_size: documents tokenized and packed together (one padded row at most per batch).
+        shuffle_buffer: streaming only: shuffle packed rows through a buffer of this many rows
+            (and the shard order), seeded by ``seed``; 0 keeps the source order.
+
+    Returns:
+        A dataset with int32 columns ``input_ids``, ``attention_mask`` (0 on the padding of a
+        batch's last row) and, with ``document_masks``, ``position_ids`` and ``seq_idx``.
+
+    Raises:
+        LmforgeError: bad block_size, no text column, or no tokens left after filtering.
+    """
+    from lmforge.data import load_corpus
+
+    if not isinstance(block_size, int) or block_size < 2:
+        raise LmforgeError(f"block_size must be an integer >= 2, got {block_size!r}")
+    ds = load_corpus(source, split, streaming=streaming, text_column=text_column)
+    column = "text"  # load_corpus renames text_column to "text"
+    sep = separator_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep
+    fn = partial(_tokenize_and_pack, backend=_private_backend(tokenizer), text_column=column,
+                 block_size=block_size, sep=sep, pad=pad, document_masks=document_masks)
+    features = _features(block_size, document_masks)
+    if streaming:
+        packed = _build_streaming(ds, fn, features, column, batch_size, process_index,
+                                  num_processes, source)
+        return packed.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer else packed
+    fingerprint = _fingerprint(ds._fingerprint, tokenizer, block_size, document_masks, column, batch_size)
+    with _MainProcessFirst(process_index, num_processes):
+        packed = ds.select_columns([column]).map(
+            fn, batched=True, batch_size=batch_size, remove_columns=[column], features=features,
+            new_fingerprint=fingerprint, desc="lmforge: tokenize + pack",
+        )
+    if len(packed) == 0:
+        raise LmforgeError(f"{source}: no tokens left after dropping empty documents (split {split!r})")
+    return _shard(packed, process_index, num_processes)
+
+
+def _fingerprint(source_fp: str, tokenizer: PreTrainedTokenizerBase, block_size: int,
+                 document_masks: bool, column: str, batch_size: int) -> str:
+    key = "|".join(map(str, (PIPELINE_VERSION, source_fp, tokenizer_hash(tokenizer), block_size,
+                             document_masks, column, batch_size)))
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _build_streaming(ds: IterableDataset | IterableDatasetDict, fn: Any, features: Any, column: str,
+                     batch_size: int, process_index: int, num_processes: int,
+                     source: Any) -> IterableDataset:
+    ds = _shard(ds, process_index, num_processes)
+    if ds.column_names is not None:
+        ds = ds.select_columns([column])
+    packed = ds.map(fn, batched=True, batch_size=batch_size, remove_columns=[column], features=features)
+    if next(iter(packed.take(1)), None) is None:
+        raise LmforgeError(f"{source}: no tokens left after dropping empty documents (streaming)")
+    return packed
