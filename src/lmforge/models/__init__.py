@@ -12,3 +12,5 @@ from .modeling_gpt import GPTConfig, GPTForCausalLM, GPTForSequenceClassificatio
 _register_gpt()
 from .modeling_bert import LmforgeBertConfig, LmforgeBertForMaskedLM, LmforgeBertForSequenceClassification, LmforgeBertForTokenClassification, LmforgeBertModel, register as _register_bert  # noqa: F401,E402,I001
 _register_bert()
+from .modeling_mamba import MambaConfig, MambaForCausalLM, MambaForSequenceClassification, MambaModel, register as _register_mamba  # noqa: F401,E402,I001
+_register_mamba()

@@ -394,3 +394,71 @@ _FROM_HF["bert"] = _bert_from_hf
 
 # --------------------------------------------------------------------------------- Mamba
 # (MambaForCausalLM <-> lmforge_mamba)
+
+# Parameter names are identical on both sides (backbone.layers.i.mixer.{in_proj,conv1d,x_proj,
+# dt_proj,A_log,D,out_proj}, norm, norm_f, embeddings, lm_head): only the configs differ.
+_MAMBA_SHARED = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "state_size", "expand", "conv_kernel",
+    "time_step_rank", "time_step_min", "time_step_max", "time_step_floor", "time_step_init_scheme",
+    "time_step_scale", "use_bias", "use_conv_bias", "residual_in_fp32", "rescale_prenorm_residual",
+    "initializer_range", "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
+)
+
+
+def _mamba_classes(model: nn.Module, hf: bool) -> tuple[type, type]:
+    """(source-side check) -> matching (transformers class, lmforge class) for a causal LM or a backbone."""
+    import transformers
+
+    from . import modeling_mamba as lm
+
+    causal = isinstance(model, (transformers.MambaForCausalLM, lm.MambaForCausalLM))
+    backbone = isinstance(model, (transformers.MambaModel, lm.MambaModel))
+    if not (causal or backbone):
+        side = "transformers" if hf else "lmforge"
+        raise ValueError(
+            f"Mamba conversion handles MambaForCausalLM and MambaModel, not {type(model).__name__} ({side}); "
+            "transformers has no Mamba sequence-classification class"
+        )
+    if causal:
+        return transformers.MambaForCausalLM, lm.MambaForCausalLM
+    return transformers.MambaModel, lm.MambaModel
+
+
+def _mamba_load(target: nn.Module, source: nn.Module) -> nn.Module:
+    target.load_state_dict(source.state_dict(), strict=True)
+    target.to(next(source.parameters()).dtype)
+    return target.train(source.training)
+
+
+def _mamba_to_hf(model: nn.Module) -> nn.Module:
+    from transformers import MambaConfig as HFMambaConfig
+
+    hf_cls, _ = _mamba_classes(model, hf=False)
+    cfg = model.config
+    hf_cfg = HFMambaConfig(
+        **{k: getattr(cfg, k) for k in _MAMBA_SHARED},
+        layer_norm_epsilon=cfg.norm_eps, hidden_act="silu", use_mambapy=False,
+    )
+    return _mamba_load(hf_cls(hf_cfg), model)
+
+
+def _mamba_from_hf(hf_model: nn.Module) -> nn.Module:
+    from .configuration_mamba import MambaConfig
+
+    _, lm_cls = _mamba_classes(hf_model, hf=True)
+    hf_cfg = hf_model.config
+    if hf_cfg.hidden_act != "silu":
+        raise ValueError(
+            f"from_hf: lmforge Mamba uses SiLU; cannot represent hidden_act={hf_cfg.hidden_act!r}"
+        )
+    if hf_cfg.intermediate_size != hf_cfg.expand * hf_cfg.hidden_size:
+        raise ValueError(
+            f"from_hf: intermediate_size={hf_cfg.intermediate_size} is not expand * hidden_size; "
+            "lmforge Mamba derives it from expand"
+        )
+    cfg = MambaConfig(**{k: getattr(hf_cfg, k) for k in _MAMBA_SHARED}, norm_eps=hf_cfg.layer_norm_epsilon)
+    return _mamba_load(lm_cls(cfg), hf_model)
+
+
+_TO_HF["lmforge_mamba"] = _mamba_to_hf
+_FROM_HF["mamba"] = _mamba_from_hf
