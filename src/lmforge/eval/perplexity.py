@@ -1,0 +1,124 @@
+"""Held-out loss, perplexity and bits per byte.
+
+Bits per byte = (sum of the token negative log-likelihoods in nats) / ln 2 / (UTF-8 bytes of the
+text those target tokens cover). It compares models with different tokenizers (and a
+character-level model) on the same text. Special tokens (document separators) cover no text:
+their NLL still counts, which makes the figure slightly pessimistic, never flattering.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+_BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's printable stand-in character for each byte -> the byte (``bytes_to_unicode``)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+def _uses_byte_level(tokenizer: Any) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    text = backend.to_str()
+    return '"type":"ByteLevel"' in text.replace(" ", "")
+
+
+def token_byte_lengths(tokenizer: Any, vocab_size: int | None = None) -> torch.Tensor:
+    """UTF-8 bytes of text each token id stands for (0 for special tokens), as a (V,) tensor.
+
+    Exact for byte-level BPE (each character of a token is one byte) and byte-fallback pieces
+    (``<0xNN>``); for other tokenizers the token's text with ``▁``/``##`` markers resolved.
+    """
+    vocab = tokenizer.get_vocab()
+    size = max(vocab_size or 0, len(tokenizer), max(vocab.values()) + 1)
+    lengths = torch.zeros(size, dtype=torch.long)
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    byte_level = _uses_byte_level(tokenizer)
+    alphabet = _byte_level_alphabet() if byte_level else {}
+    added = {t.content if hasattr(t, "content") else str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
+    for token, idx in vocab.items():
+        if idx in special or idx >= size:
+            continue
+        if byte_level and token not in added and all(ch in alphabet for ch in token):
+            lengths[idx] = len(token)
+        elif _BYTE_TOKEN.match(token):
+            lengths[idx] = 1
+        else:
+            text = token[2:] if token.startswith("##") else token.replace("▁", " ")
+            lengths[idx] = len(text.encode("utf-8"))
+    return lengths
+
+
+def target_shift(model: nn.Module) -> int:
+    """1 when the model's loss predicts the next token (causal LM), 0 when labels are aligned (MLM).
+
+    Read from the loss transformers would use for the model (``loss_type``), like its Trainer.
+    """
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    loss = LOSS_MAPPING.get(getattr(model, "loss_type", None) or "")
+    if loss is not None:
+        return int(loss is ForCausalLMLoss and not getattr(model.config, "is_encoder_decoder", False))
+    return int("CausalLM" in type(model).__name__)
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *,
+                byte_lengths: torch.Tensor | None = None, accelerator: Any = None,
+                shift: int | None = None) -> dict[str, float]:
+    """Loss (mean NLL per target token), perplexity and, with ``byte_lengths``, bits per byte.
+
+    Sums are reduced over all processes when ``accelerator`` is given. Batches carry ``labels``
+    (``-100`` ignored); ``shift`` is 1 for causal LM (default: inferred from the model).
+    """
+    was_training = model.training
+    model.eval()
+    shift = target_shift(model) if shift is None else shift
+    device = next(model.parameters()).device
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        extra = {"use_cache": False} if shift else {}  # a cache would disable packed-document masks
+        logits = model(**batch, **extra).logits.float()
+        if shift:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        mask = labels != -100
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                              ignore_index=-100, reduction="sum")
+        totals[0] += nll.double()
+        totals[1] += mask.sum()
+        if byte_lengths is not None:
+            totals[2] += byte_lengths.to(device)[labels[mask]].sum()
+    if accelerator is not None and accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    model.train(was_training)
+    nll, tokens, nbytes = totals.tolist()
+    if tokens == 0:
+        raise ValueError("evaluation saw no target tokens (empty eval data?)")
+    loss = nll / tokens
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens)}
+    if byte_lengths is not None and nbytes > 0:
+        out["bits_per_byte"] = nll / math.log(2) / nbytes
+        out["bytes"] = int(nbytes)
+    return out

@@ -1,0 +1,135 @@
+"""Atomic checkpoints: ``run_dir/checkpoints/step_N``, keep the last K, find the latest.
+
+A checkpoint is written by every process into ``.tmp-step_N`` (accelerate's ``save_state``
+plus ``trainer_state.json``); only after ``wait_for_everyone()`` does the main process rename it
+to ``step_N``. A crash while saving leaves a ``.tmp-*`` folder that is ignored (and cleaned up
+next time), never a half-written ``step_N``: the latest complete checkpoint stays the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import LmforgeError
+
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """What the loop needs beyond accelerate's state to continue exactly.
+
+    ``data`` is the data position (``BatchStream.state_dict()``); the batch geometry is stored so
+    a resume with another world size or batch shape is refused instead of silently diverging.
+    """
+
+    step: int = 0
+    tokens_seen: int = 0
+    data: dict[str, int] = field(default_factory=dict)
+    world_size: int = 1
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    total_steps: int = 0
+    skipped_steps: int = 0
+    elapsed_seconds: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def read(cls, checkpoint: Path) -> TrainerState:
+        path = Path(checkpoint) / STATE_FILE
+        if not path.is_file():
+            raise LmforgeError(f"{checkpoint} is not an lmforge checkpoint (no {STATE_FILE})")
+        values = json.loads(path.read_text())
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
+    """``auto`` -> the latest checkpoint of ``run_dir`` (or None); a path -> that checkpoint."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if path.is_dir() and not (path / STATE_FILE).is_file():
+        latest = latest_checkpoint(path)  # a run directory was given
+        if latest is not None:
+            return latest
+    if not (path / STATE_FILE).is_file():
+        raise LmforgeError(f"--resume {resume}: not a checkpoint (expected a folder with {STATE_FILE}, "
+                           f"e.g. {checkpoints_dir(run_dir)}/step_N) and not a run directory with checkpoints")
+    return path
+
+
+def check_compatible(state: TrainerState, *, world_size: int, micro_batch_size: int,
+                     grad_accum_steps: int, checkpoint: Path) -> None:
+    """Refuse a resume whose batch geometry differs: the data position would no longer match."""
+    old = (state.world_size, state.micro_batch_size, state.grad_accum_steps)
+    new = (world_size, micro_batch_size, grad_accum_steps)
+    if old == new:
+        return
+    old_global = old[0] * old[1] * old[2]
+    raise LmforgeError(
+        f"cannot resume {checkpoint}: it was saved with {old[0]} process(es) x micro_batch_size {old[1]} x "
+        f"grad_accum_steps {old[2]} (global batch {old_global} rows), this run has {new[0]} x {new[1]} x "
+        f"{new[2]}. Each process reads its own shard of the data and the saved data position counts "
+        f"batches of that shape, so the run would see different data than it would have. Relaunch with "
+        f"{old[0]} process(es) and the same batch settings, or start a new run (--overwrite)."
+    )
+
+
+def save_checkpoint(accelerator: Any, run_dir: str | Path, state: TrainerState, keep_last: int) -> Path:
+    """Write ``step_N`` atomically on all processes; return its final path."""
+    root = checkpoints_dir(run_dir)
+    final = root / f"step_{state.step}"
+    tmp = root / f".tmp-step_{state.step}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(state.to_json())
+    accelerator.wait_for_everyone()  # every process has finished writing
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _prune(root, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    for stale in root.glob(".tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    complete = list_checkpoints(root.parent)
+    for old in complete[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)

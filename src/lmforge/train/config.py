@@ -1,0 +1,166 @@
+"""Typed settings for training: the one source of truth for YAML keys and CLI flags.
+
+``LoopConfig`` and ``OptimConfig`` describe the model-agnostic loop (pretraining and fine-tuning
+share them); ``PretrainConfig`` adds the model, data and objective of ``lmforge pretrain``.
+Every field is a YAML key (``train.micro_batch_size``) and a flag (``--train.micro-batch-size``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule.
+
+    Attributes:
+        lr: peak learning rate (reached after the warmup).
+        weight_decay: AdamW weight decay on matrices; never applied to norms, biases or embeddings.
+        betas: AdamW (beta1, beta2).
+        eps: AdamW epsilon.
+        scheduler: learning-rate shape after the warmup: cosine, linear or constant.
+        warmup_steps: optimizer steps of linear warmup from 0 to lr.
+        min_lr_ratio: the cosine/linear decay ends at lr * min_lr_ratio.
+        max_grad_norm: clip the global gradient norm to this value (0 disables clipping).
+    """
+
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas needs two values, got {self.betas}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class LoopConfig:
+    """The training loop (shared by every task).
+
+    Attributes:
+        micro_batch_size: rows per forward pass on each process.
+        grad_accum_steps: micro-batches accumulated per optimizer step.
+        max_steps: optimizer steps to run (the schedule's length).
+        max_minutes: optional wall-clock budget; after a few steps the schedule is fitted to it.
+        mixed_precision: no, bf16 or fp16 (fp16 needs a GPU).
+        seed: base seed; step s runs under torch.manual_seed(seed + s) so resume is exact.
+        log_every: log training metrics every N steps.
+        eval_every: evaluate every N steps (0: only at the end).
+        eval_batches: evaluate on at most this many batches (null: the whole eval split).
+        save_every: checkpoint every N steps (0: only at the end and on interrupt).
+        keep_last: keep this many most recent checkpoints.
+        skip_nonfinite: skip optimizer steps whose loss is NaN/inf instead of stopping.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        compile: wrap the model in torch.compile.
+        peak_tflops: hardware peak for MFU (null: measured with a quick matmul on CPU).
+        progress_bar: show a tqdm bar on the main process.
+    """
+
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    max_steps: int = 1000
+    max_minutes: float | None = None
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 250
+    eval_batches: int | None = None
+    save_every: int = 500
+    keep_last: int = 2
+    skip_nonfinite: bool = False
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    peak_tflops: float | None = None
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"train.max_minutes must be > 0, got {self.max_minutes}")
+
+
+@dataclass
+class ModelSection:
+    """Which model to pretrain.
+
+    Attributes:
+        preset: a model preset name from configs/model/ (e.g. gpt-debug), a YAML file of config
+            keys with model_type, or a directory of a saved model to continue from.
+        overrides: config keys to change on top of the preset (e.g. {num_hidden_layers: 4}).
+    """
+
+    preset: str = "gpt-small"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSection:
+    """Corpus, tokenizer and packing.
+
+    Attributes:
+        source: built-in corpus name, local path/glob/folder or Hub dataset id.
+        tokenizer: directory of a saved tokenizer (lmforge tokenizer train ... --output-dir).
+        block_size: tokens per packed training row.
+        train_split: split to train on.
+        eval_split: held-out split for evaluation (null: no evaluation).
+        text_column: the column holding the text.
+        streaming: stream the corpus instead of loading it (corpora larger than memory).
+        document_masks: keep attention/state inside each packed document.
+        mlm_probability: share of tokens masked for the masked-LM objective.
+        whole_word_masking: mask whole words (masked LM).
+    """
+
+    source: str = "shakespeare"
+    tokenizer: str = ""
+    block_size: int = 256
+    train_split: str = "train"
+    eval_split: str | None = "validation"
+    text_column: str = "text"
+    streaming: bool = False
+    document_masks: bool = True
+    mlm_probability: float = 0.15
+    whole_word_masking: bool = False
+
+    def __post_init__(self):
+        if self.block_size < 2:
+            raise ValueError(f"data.block_size must be >= 2, got {self.block_size}")
+        if not 0 < self.mlm_probability < 1:
+            raise ValueError(f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+
+
+@dataclass
+class PretrainConfig:
+    """Everything ``lmforge pretrain`` needs.
+
+    Attributes:
+        objective: causal (GPT, Mamba) or mlm (masked LM, BERT).
+        output_dir: the run directory (config, metrics, checkpoints, final model).
+        resume: 'auto' (latest checkpoint in output_dir, if any) or a checkpoint path.
+        overwrite: allow reusing an output_dir that holds another run (its files are removed).
+        distributed: sharding strategy: ddp (or single process) or fsdp.
+    """
+
+    objective: Literal["causal", "mlm"] = "causal"
+    output_dir: str = "runs/pretrain"
+    resume: str | None = None
+    overwrite: bool = False
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)

@@ -1,0 +1,206 @@
+"""Multi-process training: refuse broken launches, shard the model, say what really runs.
+
+Launching (see configs/accelerate/ and the README "Distributed training" section):
+
+- ``accelerate launch --multi_gpu --num_processes N`` on a machine without GPUs starts N processes
+  that each see ``DistributedType.NO`` and train alone on the same data. ``torchrun`` does the same.
+  Real multi-process CPU training needs ``ACCELERATE_USE_CPU=1`` (gloo backend,
+  ``DistributedType.MULTI_CPU``). ``check_launch`` refuses the broken case before any step.
+- accelerate enables FSDP only on GPU-like backends: on CPU an FSDP plugin silently becomes DDP.
+  ``shard_model(..., "fsdp")`` then applies torch's ``fully_shard`` (FSDP2) itself, per block and
+  at the root, so parameters really are sharded ``DTensor``s. DeepSpeed is disabled by
+  accelerate on CPU; ``shard_model(..., "deepspeed")`` refuses instead of pretending.
+- ``strategy_name`` reports what the prepared model actually is, never the requested strategy.
+
+Order in the loop: ``check_launch`` -> build model -> ``model = shard_model(...)`` -> create the
+optimizer from ``model.parameters()`` (FSDP2 replaces parameters with DTensors, so an optimizer
+built before would hold dead tensors) -> ``accelerator.prepare(model, optimizer, ...)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lmforge.errors import LmforgeError
+
+Strategy = Literal["ddp", "fsdp", "deepspeed"]
+STRATEGIES = ("ddp", "fsdp", "deepspeed")
+# environment variables through which launchers announce the number of processes
+LAUNCHER_WORLD_SIZE_ENV = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "LOCAL_WORLD_SIZE")
+
+
+def launched_world_size(env: Mapping[str, str] | None = None) -> int:
+    """How many processes the launcher (accelerate launch, torchrun, mpirun) says it started."""
+    env = os.environ if env is None else env
+    for name in LAUNCHER_WORLD_SIZE_ENV:
+        value = env.get(name, "")
+        if value.strip().isdigit():
+            return int(value)
+    return 1
+
+
+def check_launch(accelerator: Any, env: Mapping[str, str] | None = None) -> None:
+    """Refuse to run when the launcher started several processes but accelerate sees one.
+
+    Raises:
+        LmforgeError: explaining ``ACCELERATE_USE_CPU=1`` (no GPUs) or the GPU count.
+    """
+    env = os.environ if env is None else env
+    launched = launched_world_size(env)
+    if launched <= 1 or accelerator.num_processes > 1:
+        return
+    names = ", ".join(f"{n}={env[n]}" for n in LAUNCHER_WORLD_SIZE_ENV if n in env)
+    hint = (
+        "This machine has no GPU, and accelerate uses several CPU processes only when "
+        "ACCELERATE_USE_CPU=1 is set (gloo backend, DistributedType.MULTI_CPU): "
+        f"ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {launched} "
+        "-m lmforge.cli pretrain ... (or --config_file configs/accelerate/cpu_multiprocess.yaml)."
+        if not torch.cuda.is_available()
+        else f"Check that {launched} GPUs are visible (CUDA_VISIBLE_DEVICES) and launch with "
+        "accelerate launch --multi_gpu (configs/accelerate/multi_gpu_ddp.yaml)."
+    )
+    raise LmforgeError(
+        f"the launcher started {launched} processes ({names}) but accelerate sees only one "
+        f"(distributed_type {accelerator.distributed_type}): every process would train alone on "
+        f"the same data, {launched} times over. {hint}"
+    )
+
+
+def shard_model(accelerator: Any, model: nn.Module, strategy: Strategy = "ddp") -> nn.Module:
+    """Prepare ``model``'s distribution ``strategy`` where accelerate will not do it itself.
+
+    - ``ddp``: nothing to do here; ``accelerator.prepare`` wraps the model in DDP when several
+      processes run.
+    - ``fsdp``: when accelerate runs FSDP (GPU launch with configs/accelerate/fsdp2.yaml) it shards
+      in ``prepare``. Otherwise (several processes on CPU, where accelerate turns FSDP into DDP),
+      apply ``torch.distributed.fsdp.fully_shard`` to every transformer block and to the root
+      (mixed precision from ``accelerator.mixed_precision``), and mark the model as prepared so
+      ``accelerator.prepare`` registers it (for ``save_state``) without wrapping it in DDP.
+    - ``deepspeed``: only under a DeepSpeed launch (GPUs); refused otherwise.
+
+    Create the optimizer from the returned model's parameters, after this call.
+    """
+    if strategy not in STRATEGIES:
+        raise LmforgeError(f"unknown distributed strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if strategy == "deepspeed":
+        if kind != "DEEPSPEED":
+            raise LmforgeError(
+                f"strategy 'deepspeed' but accelerate runs {kind}: accelerate disables DeepSpeed "
+                "without GPUs. Launch on GPUs with --config_file configs/accelerate/deepspeed_zero2.yaml "
+                "(or deepspeed_zero3.yaml), or use strategy 'fsdp' or 'ddp'."
+            )
+        return model
+    if kind in ("FSDP", "DEEPSPEED"):
+        if strategy != kind.lower():
+            raise LmforgeError(f"strategy {strategy!r} but the accelerate config launched {kind}; "
+                               "make them agree (configs/accelerate/)")
+        return model
+    if strategy == "ddp" or accelerator.num_processes == 1:
+        return model
+    return _fully_shard(model, accelerator)
+
+
+def _fully_shard(model: nn.Module, accelerator: Any) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+    model.to(accelerator.device)
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise LmforgeError(f"{type(model).__name__}: found no repeated blocks to shard with FSDP")
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    model._is_accelerate_prepared = True  # accelerate must register it, not wrap it in DDP
+    model._lmforge_strategy = "fsdp2"
+    return model
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a model: modules named in ``_no_split_modules`` (transformers'
+    list of blocks that must stay whole), else the members of the longest ``nn.ModuleList``."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when the model's parameters are FSDP2 ``DTensor`` shards."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def strategy_name(accelerator: Any, model: nn.Module) -> str:
+    """What really runs, read from the prepared model and accelerate's state (never the request).
+
+    Returns e.g. ``"single process (cpu)"``, ``"ddp (2 processes, gloo)"``,
+    ``"fsdp2 (2 processes, gloo, fully_shard by lmforge)"``, ``"deepspeed zero-3 (8 processes)"``.
+    """
+    n = accelerator.num_processes
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    backend = _backend_name()
+    if kind == "DEEPSPEED":
+        stage = getattr(getattr(accelerator.state, "deepspeed_plugin", None), "zero_stage", "?")
+        return f"deepspeed zero-{stage} ({n} processes)"
+    if is_sharded(model):
+        who = "accelerate" if kind == "FSDP" else "fully_shard by lmforge"
+        return f"fsdp2 ({n} processes, {backend}, {who})"
+    if kind == "FSDP":
+        return f"fsdp ({n} processes, {backend})"
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return f"ddp ({n} processes, {backend})"
+    if n == 1:
+        return f"single process ({accelerator.device.type})"
+    return f"unwrapped model in {n} processes (call accelerator.prepare first)"
+
+
+def _backend_name() -> str:
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else "no backend"
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A full (unsharded) CPU state dict of a possibly FSDP2-sharded model, on every process.
+
+    Collective when sharded: call it on all processes (e.g. before ``save_pretrained`` on the main one).
+    """
+    if not is_sharded(model):
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        return inner.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                broadcast_from_rank0=False))
+
+
+def world_size_mismatch_message(checkpoint: str, saved: int, current: int) -> str:
+    """Why resuming a checkpoint written by ``saved`` processes with ``current`` ones is refused."""
+    return (
+        f"{checkpoint} was written by {saved} process(es) but this run has {current}. Resuming "
+        "would not continue the same run: the global batch (per-device batch x gradient "
+        f"accumulation x processes) changes by a factor {current}/{saved}, each process's data "
+        "shard and position change, and the per-process RNG states saved in the checkpoint no "
+        f"longer match the processes. Relaunch with {saved} process(es) "
+        f"(accelerate launch --num_processes {saved} ...) to resume exactly, or start a new run "
+        "initialised from the checkpoint's weights."
+    )
+
+
+def check_resume_world_size(checkpoint: str, saved: int, current: int) -> None:
+    """Raise ``LmforgeError(world_size_mismatch_message(...))`` when the process counts differ."""
+    if int(saved) != int(current):
+        raise LmforgeError(world_size_mismatch_message(checkpoint, int(saved), int(current)))

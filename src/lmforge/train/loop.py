@@ -1,0 +1,363 @@
+"""The one training loop: any model, any objective, one process or many.
+
+Per optimizer step ``s``:
+  1. ``torch.manual_seed(seed + s)``: dropout and collator randomness depend on the step only,
+     so a resumed run draws the same numbers as an uninterrupted one.
+  2. Take ``grad_accum_steps`` micro-batches, count their target tokens, sum over processes:
+     ``n`` = targets in the whole window on all processes.
+  3. Each micro-batch's loss is (sum of its token losses) / ``n`` (``num_items_in_batch``),
+     times the world size because DDP averages gradients: the gradient is exactly the one of a
+     single big batch, whatever the padding or masking of each micro-batch.
+  4. Non-finite loss/gradient: stop (saving the last good state) or skip the step.
+  5. Clip, step, schedule, log, evaluate, checkpoint; Ctrl-C/SIGTERM ends at a step every
+     process agrees on, after a checkpoint.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import signal
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.errors import LmforgeError
+from lmforge.eval.perplexity import target_shift
+from lmforge.train.batches import BatchStream
+from lmforge.train.checkpoint import (
+    TrainerState,
+    check_compatible,
+    save_checkpoint,
+)
+from lmforge.train.config import LoopConfig, OptimConfig
+from lmforge.train.optim import build_optimizer, build_scheduler, refit_schedule
+from lmforge.train.tracking import MetricsLogger, measure_peak_flops
+
+
+class NonFiniteLossError(LmforgeError):
+    """The loss or gradient norm became NaN/inf; the message names the step and the checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    """How a ``Trainer.fit`` ended."""
+
+    step: int
+    tokens_seen: int
+    status: str  # "completed", "interrupted" or "time budget"
+    last_checkpoint: Path | None
+    last_eval: dict[str, float] = field(default_factory=dict)
+    skipped_steps: int = 0
+    elapsed_seconds: float = 0.0
+
+
+def make_accelerator(run_dir: str | Path, mixed_precision: str = "no", *, trackers: bool = True):
+    """The Accelerator the loop expects: scheduler stepped once per optimizer step, and
+    tensorboard logging into ``run_dir`` when tensorboard is installed."""
+    from accelerate import Accelerator
+
+    log_with = None
+    if trackers:
+        try:
+            import tensorboard  # noqa: F401
+
+            log_with = "tensorboard"
+        except ImportError:
+            pass
+    return Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False,
+                       log_with=log_with, project_dir=str(run_dir))
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag (the loop stops at the next step boundary); a second SIGINT aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with the caller
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Train ``model`` on micro-batches from ``train_data`` with AdamW and a warmup schedule.
+
+    Args:
+        model: a transformers-style model returning ``.loss`` when given ``labels``.
+        train_data: this process's ``BatchStream``.
+        config: the loop settings.
+        optim: optimizer and schedule settings.
+        run_dir: where metrics.jsonl and checkpoints/ go.
+        accelerator: from ``make_accelerator`` (one is created when None).
+        evaluate: called with the (prepared) model, returns metrics such as loss and bits_per_byte.
+        flops_per_token: training FLOPs per token for the MFU estimate (None: not reported).
+    """
+
+    def __init__(self, model: nn.Module, train_data: BatchStream, config: LoopConfig, optim: OptimConfig,
+                 run_dir: str | Path, *, accelerator: Any = None,
+                 evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+                 flops_per_token: float | None = None):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.accelerator = accelerator or make_accelerator(run_dir, config.mixed_precision)
+        self.train_data = train_data
+        self.evaluate_fn = evaluate
+        self.flops_per_token = flops_per_token
+        self.shift = target_shift(model)
+        if config.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise LmforgeError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        optimizer = build_optimizer(model, optim)
+        scheduler = build_scheduler(optimizer, optim, config.max_steps)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.forward = torch.compile(self.model) if config.compile else self.model
+        forward_fn = self.accelerator.unwrap_model(self.model).forward
+        self._pass_num_items = _accepts(forward_fn, "num_items_in_batch")
+        self._pass_no_cache = _accepts(forward_fn, "use_cache") and self.shift == 1
+        self.max_grad_norm = optim.max_grad_norm
+        self.state = TrainerState(world_size=self.accelerator.num_processes,
+                                  micro_batch_size=config.micro_batch_size,
+                                  grad_accum_steps=config.grad_accum_steps, total_steps=config.max_steps)
+        self.last_checkpoint: Path | None = None
+        self.last_eval: dict[str, float] = {}
+
+    # --------------------------------------------------------------------------- resume
+
+    def resume(self, checkpoint: str | Path) -> None:
+        """Restore model, optimizer, scheduler, RNG and the data position from ``checkpoint``."""
+        checkpoint = Path(checkpoint)
+        state = TrainerState.read(checkpoint)
+        check_compatible(state, world_size=self.accelerator.num_processes,
+                         micro_batch_size=self.config.micro_batch_size,
+                         grad_accum_steps=self.config.grad_accum_steps, checkpoint=checkpoint)
+        self.accelerator.load_state(str(checkpoint))
+        self.train_data.load_state_dict(state.data)
+        self.state = state
+        self.last_checkpoint = checkpoint
+
+    # --------------------------------------------------------------------------- one step
+
+    def _count_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        labels = batch["labels"]
+        if self.shift:
+            labels = labels[..., self.shift:]
+        return int((labels != -100).sum())
+
+    def _global_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            t = self.accelerator.reduce(t, reduction="sum")
+        return t.tolist()
+
+    def _train_step(self) -> tuple[float, float, int]:
+        """Forward/backward over one accumulation window; returns (loss, grad norm, tokens)."""
+        acc, cfg = self.accelerator, self.config
+        torch.manual_seed(cfg.seed + self.state.step)
+        micro = [self.train_data.next_batch() for _ in range(cfg.grad_accum_steps)]
+        counts = [self._count_targets(b) for b in micro]
+        local_tokens = sum(int(b["input_ids"].numel()) for b in micro)
+        total_targets, tokens = self._global_sum([sum(counts), local_tokens])
+        if total_targets == 0:
+            raise LmforgeError(f"step {self.state.step}: the batch holds no target tokens (all labels are -100)")
+        world = acc.num_processes
+        loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+        for i, (batch, count) in enumerate(zip(micro, counts, strict=True)):
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            kwargs = {}
+            if self._pass_no_cache:
+                kwargs["use_cache"] = False
+            if self._pass_num_items:
+                kwargs["num_items_in_batch"] = torch.tensor(total_targets, device=acc.device)
+            sync = acc.no_sync(self.model) if i < len(micro) - 1 else nullcontext()
+            with sync:
+                loss = self.forward(**batch, **kwargs).loss
+                if not self._pass_num_items:  # a mean over this micro-batch -> its share of the window
+                    loss = loss * (count / total_targets)
+                acc.backward(loss * world)
+            loss_sum += loss.detach().double()
+        (window_loss,) = self._global_sum([loss_sum.item()])
+        grad_norm = float("nan")
+        if self.max_grad_norm > 0:
+            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm))
+        return window_loss, grad_norm, int(tokens)
+
+    # --------------------------------------------------------------------------- the loop
+
+    def fit(self) -> TrainResult:
+        """Train until ``max_steps`` (or the time budget, or a stop signal)."""
+        acc, cfg, state = self.accelerator, self.config, self.state
+        logger = MetricsLogger(acc, self.run_dir, resume_step=state.step if state.step else None,
+                               progress_bar=cfg.progress_bar, total_steps=state.total_steps,
+                               use_trackers=bool(acc.log_with))
+        peak = (cfg.peak_tflops * 1e12 if cfg.peak_tflops else
+                measure_peak_flops(acc.device) if self.flops_per_token else None)
+        status = "completed"
+        clock = _Clock(state.elapsed_seconds, cfg.max_minutes, state.step)
+        window_start, window_tokens = time.perf_counter(), 0
+        self.model.train()
+        try:
+            with _StopFlag() as stop:
+                while state.step < state.total_steps:
+                    before = (dict(self.train_data.state_dict()), state.step)
+                    loss, grad_norm, tokens = self._train_step()
+                    if not (math.isfinite(loss) and (math.isfinite(grad_norm) or self.max_grad_norm <= 0)):
+                        if not cfg.skip_nonfinite:
+                            self.optimizer.zero_grad(set_to_none=True)
+                            self._stop_on_nonfinite(loss, grad_norm, before, logger)
+                        state.skipped_steps += 1
+                        logger.write(f"step {state.step + 1}: loss {loss} / grad norm {grad_norm} is not finite; "
+                                     "step skipped (train.skip_nonfinite)")
+                        self.optimizer.zero_grad(set_to_none=True)
+                    else:
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    self.scheduler.step()
+                    state.step += 1
+                    state.tokens_seen += tokens
+                    window_tokens += tokens
+                    state.data = self.train_data.state_dict()
+                    state.elapsed_seconds = clock.elapsed()
+
+                    if state.step % cfg.log_every == 0 or state.step == state.total_steps:
+                        dt = max(time.perf_counter() - window_start, 1e-9)
+                        record = {"step": state.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                                  "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
+                                  "tokens_per_s": window_tokens / dt, "elapsed_s": state.elapsed_seconds}
+                        if peak and self.flops_per_token:
+                            record["mfu"] = self.flops_per_token * record["tokens_per_s"] / acc.num_processes / peak
+                        logger.log(record)
+                        window_start, window_tokens = time.perf_counter(), 0
+                    logger.progress(state.step, state.total_steps, {"loss": f"{loss:.3f}"})
+
+                    new_total = clock.refit(state.step, cfg.max_steps, acc)
+                    if new_total is not None and new_total != state.total_steps:
+                        state.total_steps = new_total
+                        refit_schedule(self.scheduler.scheduler if hasattr(self.scheduler, "scheduler")
+                                       else self.scheduler, new_total)
+                        logger.write(f"time budget {cfg.max_minutes} min: training for {new_total} steps")
+                    if state.step == state.total_steps:
+                        break
+                    if cfg.eval_every and state.step % cfg.eval_every == 0:
+                        self._evaluate(logger)
+                    if cfg.save_every and state.step % cfg.save_every == 0:
+                        self._save()
+                    if self._agree(stop.requested):
+                        status = "interrupted"
+                        break
+                    if clock.over_budget(acc):
+                        status = "time budget"
+                        break
+            if status != "interrupted":
+                self._evaluate(logger)
+            if self.last_checkpoint is None or self.last_checkpoint.name != f"step_{state.step}":
+                self._save()
+        finally:
+            logger.close()
+            if acc.log_with:
+                acc.end_training()
+        if status == "interrupted":
+            logger.write(f"stopped at step {state.step}; resume with --resume auto "
+                         f"(checkpoint {self.last_checkpoint})")
+        return TrainResult(step=state.step, tokens_seen=state.tokens_seen, status=status,
+                           last_checkpoint=self.last_checkpoint, last_eval=self.last_eval,
+                           skipped_steps=state.skipped_steps, elapsed_seconds=state.elapsed_seconds)
+
+    # --------------------------------------------------------------------------- helpers
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every process when any process got a stop signal (all stop at the same step)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        return self._global_sum([float(flag)])[0] > 0
+
+    def _evaluate(self, logger: MetricsLogger) -> None:
+        if self.evaluate_fn is None:
+            return
+        self.last_eval = self.evaluate_fn(self.model)
+        logger.log({"step": self.state.step, **{f"eval_{k}": v for k, v in self.last_eval.items()}})
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items() if isinstance(v, float))
+        logger.write(f"step {self.state.step}: eval {shown}")
+        self.model.train()
+
+    def _save(self) -> Path:
+        self.last_checkpoint = save_checkpoint(self.accelerator, self.run_dir, self.state, self.config.keep_last)
+        return self.last_checkpoint
+
+    def _stop_on_nonfinite(self, loss: float, grad_norm: float, before: tuple[dict, int],
+                           logger: MetricsLogger) -> None:
+        """Save the state before the bad step (weights are untouched) and stop with the step number."""
+        data, step = before
+        self.state.data = data
+        self.state.step = step
+        if self.last_checkpoint is None or self.last_checkpoint.name != f"step_{step}":
+            self._save()
+        logger.close()
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        raise NonFiniteLossError(
+            f"the {what} became {loss if what == 'loss' else grad_norm} at step {step + 1}; training stopped. "
+            f"The last good state (step {step}) is in {self.last_checkpoint}. Lower optim.lr, check the "
+            f"data, or set train.skip_nonfinite=true to skip such steps.")
+
+
+class _Clock:
+    """Wall time of the run (across resumes) and the time budget: after 10% and 50% of the budget,
+    fit the number of steps to the measured speed (decided on the main process, broadcast)."""
+
+    def __init__(self, elapsed: float, max_minutes: float | None, step: int):
+        self.offset = elapsed
+        self.start = time.perf_counter()
+        self.budget = max_minutes * 60 if max_minutes else None
+        self.marks = [0.1, 0.5]
+        self.first = (step, elapsed)
+
+    def elapsed(self) -> float:
+        return self.offset + time.perf_counter() - self.start
+
+    def refit(self, step: int, max_steps: int, accelerator: Any) -> int | None:
+        if self.budget is None or not self.marks or self.elapsed() < self.marks[0] * self.budget:
+            return None
+        self.marks.pop(0)
+        done_steps, done_time = step - self.first[0], self.elapsed() - self.first[1]
+        rate = done_steps / max(done_time, 1e-9)
+        total = min(max_steps, step + max(1, int(rate * (self.budget - self.elapsed()))))
+        return int(_broadcast(accelerator, float(total)))
+
+    def over_budget(self, accelerator: Any) -> bool:
+        if self.budget is None:
+            return False
+        return bool(_broadcast(accelerator, float(self.elapsed() > 1.1 * self.budget)))
+
+
+def _broadcast(accelerator: Any, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast
+
+    return broadcast(torch.tensor([value], device=accelerator.device)).item()
