@@ -90,6 +90,9 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
 def check_compatible(state: TrainerState, *, world_size: int, micro_batch_size: int,
                      grad_accum_steps: int, checkpoint: Path) -> None:
     """Refuse a resume whose batch geometry differs: the data position would no longer match."""
+    from lmforge.train.distributed import check_resume_world_size
+
+    check_resume_world_size(str(checkpoint), state.world_size, world_size)
     old = (state.world_size, state.micro_batch_size, state.grad_accum_steps)
     new = (world_size, micro_batch_size, grad_accum_steps)
     if old == new:

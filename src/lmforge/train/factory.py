@@ -1,0 +1,128 @@
+"""Build the model to pretrain from a preset (configs/model/*.yaml) or a saved model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge.errors import LmforgeError
+
+_AUTO_CLASS = {"causal": "AutoModelForCausalLM", "mlm": "AutoModelForMaskedLM"}
+
+
+def preset_dirs() -> list[Path]:
+    """Where preset names are looked up: ./configs/model, then the repository's configs/model."""
+    here = Path(__file__).resolve().parents[3] / "configs" / "model"
+    return [Path.cwd() / "configs" / "model", here]
+
+
+def available_presets() -> list[str]:
+    return sorted({p.stem for d in preset_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+
+
+def resolve_preset(preset: str) -> Path:
+    """A preset name (``gpt-small``), a YAML path, or a saved model directory -> its path."""
+    path = Path(preset)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    for folder in preset_dirs():
+        candidate = folder / f"{preset}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise LmforgeError(f"model.preset: {preset!r} is neither a preset name ({', '.join(available_presets())}), "
+                       "a YAML file nor a saved model directory (with config.json)")
+
+
+def load_preset(preset: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The preset's config keys (with ``model_type``) with ``overrides`` applied."""
+    path = resolve_preset(preset)
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict) or "model_type" not in values:
+        raise LmforgeError(f"{path}: a model preset is a mapping of config keys including model_type "
+                           "(lmforge_gpt, lmforge_bert or lmforge_mamba)")
+    return {**values, **(overrides or {})}
+
+
+def _special_ids(tokenizer: Any) -> dict[str, int]:
+    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def build_model(objective: str, preset: str, tokenizer: Any, *, overrides: dict[str, Any] | None = None,
+                block_size: int | None = None, seed: int = 0):
+    """A freshly initialised (or loaded) model for ``objective`` ("causal" or "mlm").
+
+    The vocabulary follows the tokenizer unless ``overrides`` sets ``vocab_size`` (then it must hold
+    every token id). ``block_size`` is checked against the model's positions. Raises
+    ``LmforgeError`` naming the field for every mismatch.
+    """
+    import torch
+    import transformers
+
+    import lmforge.models  # noqa: F401  (registers the lmforge families with the Auto classes)
+
+    auto = getattr(transformers, _AUTO_CLASS[objective])
+    path = resolve_preset(preset)
+    n_tokens = len(tokenizer)
+    if path.is_dir():
+        if overrides:
+            raise LmforgeError(f"model.overrides cannot change a saved model ({path}); use a preset")
+        model = auto.from_pretrained(path)
+        source = f"model.preset {path}"
+    else:
+        values = load_preset(preset, overrides)
+        explicit_vocab = "vocab_size" in (overrides or {})
+        if not explicit_vocab:
+            values["vocab_size"] = n_tokens
+        values = {**values, **{k: v for k, v in _special_ids(tokenizer).items() if k not in (overrides or {})}}
+        model_type = values.pop("model_type")
+        try:
+            config = transformers.AutoConfig.for_model(model_type, **values)
+        except ValueError as e:
+            raise LmforgeError(f"model preset {path}: {e}") from None
+        torch.manual_seed(seed)
+        try:
+            model = auto.from_config(config)
+        except ValueError as e:
+            raise LmforgeError(f"model preset {path} ({model_type}) cannot be trained with objective "
+                               f"{objective!r}: {str(e).splitlines()[0]}") from None
+        source = "model.overrides.vocab_size" if explicit_vocab else f"model preset {path}"
+    check_model_fits(model, tokenizer, block_size, source=source)
+    return model
+
+
+def check_model_fits(model: Any, tokenizer: Any, block_size: int | None, *, source: str) -> None:
+    """Refuse a tokenizer larger than the embedding and a block longer than the positions."""
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise LmforgeError(f"{source}: the model's vocabulary has {vocab} entries but the tokenizer has "
+                           f"{len(tokenizer)} tokens (ids up to {len(tokenizer) - 1}); use a tokenizer of at "
+                           f"most {vocab} tokens or a model with vocab_size >= {len(tokenizer)}")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if block_size is not None and max_pos is not None and block_size > max_pos:
+        raise LmforgeError(f"data.block_size {block_size} is longer than the model's positions "
+                           f"(max_position_embeddings {max_pos} in {source}); lower data.block_size or "
+                           f"set model.overrides.max_position_embeddings >= {block_size}")
+
+
+def count_parameters(model: Any, *, exclude_embeddings: bool = False) -> int:
+    """Trainable parameters (tied weights counted once), optionally without embedding tables."""
+    from torch import nn
+
+    skip = set()
+    if exclude_embeddings:
+        for m in model.modules():
+            if isinstance(m, nn.Embedding):
+                skip.update(id(p) for p in m.parameters(recurse=False))
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or id(p) in skip:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total

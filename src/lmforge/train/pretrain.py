@@ -1,0 +1,219 @@
+"""``lmforge pretrain``: tokenizer + preset model + packed corpus -> the training loop -> a
+``save_pretrained`` folder with a model card.
+
+Run directory layout::
+
+    run_dir/config.yaml        the resolved configuration (every key, after flags)
+    run_dir/metrics.jsonl      one JSON object per log/eval line
+    run_dir/checkpoints/step_N accelerate state + trainer_state.json (the last K)
+    run_dir/loss.png           the loss curve
+    run_dir/final/             model, tokenizer, generation config, README.md (model card)
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge.config import to_dict
+from lmforge.errors import LmforgeError
+from lmforge.train.batches import BatchStream, eval_batches
+from lmforge.train.checkpoint import resolve_resume
+from lmforge.train.config import PretrainConfig
+from lmforge.train.factory import build_model, count_parameters
+from lmforge.train.loop import Trainer, TrainResult, make_accelerator
+from lmforge.train.tracking import flops_per_token, read_metrics
+
+CONFIG_FILE = "config.yaml"
+_RUN_FILES = (CONFIG_FILE, "metrics.jsonl", "checkpoints", "final", "loss.png")
+
+
+@dataclass
+class PretrainResult:
+    """Where things are after ``pretrain``."""
+
+    run_dir: Path
+    final_dir: Path | None
+    train: TrainResult
+    strategy: str
+
+
+# ----------------------------------------------------------------------------------- run dir
+
+
+def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool, is_main: bool) -> None:
+    """Refuse to mix two runs in one folder unless resuming or told to overwrite."""
+    existing = [name for name in _RUN_FILES if (run_dir / name).exists()]
+    if existing and not resuming and not overwrite:
+        raise LmforgeError(
+            f"output_dir {run_dir} already holds a run ({', '.join(existing)}); pass --resume auto to "
+            "continue it, --overwrite to replace it, or choose another --output-dir")
+    if existing and overwrite and not resuming and is_main:
+        for name in existing:
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    if not path:
+        raise LmforgeError("data.tokenizer is required: a folder written by 'lmforge tokenizer train "
+                           "... --output-dir DIR' (or any saved transformers tokenizer)")
+    if not Path(path).is_dir():
+        raise LmforgeError(f"data.tokenizer: {path} is not a directory with a saved tokenizer")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _model_inputs_filter(model: Any, collate: Any) -> Any:
+    """Drop batch columns the model's forward does not name (seq_idx for GPT, position_ids for Mamba)."""
+    names = set(inspect.signature(model.forward).parameters) | {"labels"}
+
+    def collate_for_model(rows: list[dict]) -> dict:
+        return {k: v for k, v in collate(rows).items() if k in names}
+
+    if hasattr(collate, "set_epoch"):
+        collate_for_model.set_epoch = collate.set_epoch  # dynamic masking per epoch
+    return collate_for_model
+
+
+def _collator(objective: str, tokenizer: Any, config: PretrainConfig) -> Any:
+    from lmforge.data.collators import CausalLMCollator, MLMCollator
+
+    if objective == "mlm":
+        return MLMCollator(tokenizer, mlm_probability=config.data.mlm_probability,
+                           whole_word=config.data.whole_word_masking, seed=config.train.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return CausalLMCollator(pad if pad is not None else 0)
+
+
+def _distributed(accelerator: Any, model: Any, strategy: str) -> tuple[Any, str]:
+    """Refuse a misconfigured launch, shard when asked, and name what really runs."""
+    from lmforge.train import distributed
+
+    distributed.check_launch(accelerator)
+    model = distributed.shard_model(accelerator, model, strategy)
+    return model, distributed.strategy_name(accelerator, model)
+
+
+# ----------------------------------------------------------------------------------- the task
+
+
+def pretrain(config: PretrainConfig) -> PretrainResult:
+    """Pretrain a model as described by ``config`` (see ``PretrainConfig``); usable from Python."""
+    from lmforge.data.pipeline import build_lm_dataset
+    from lmforge.eval.perplexity import evaluate_lm, token_byte_lengths
+
+    run_dir = Path(config.output_dir)
+    accelerator = make_accelerator(run_dir, config.train.mixed_precision)
+    checkpoint = resolve_resume(config.resume, run_dir)
+    prepare_run_dir(run_dir, resuming=config.resume is not None, overwrite=config.overwrite,
+                    is_main=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    model = build_model(config.objective, config.model.preset, tokenizer, overrides=config.model.overrides,
+                        block_size=config.data.block_size, seed=config.train.seed)
+    model, strategy = _distributed(accelerator, model, config.distributed)
+
+    data = config.data
+    common = dict(streaming=data.streaming, document_masks=data.document_masks, text_column=data.text_column,
+                  seed=config.train.seed, process_index=accelerator.process_index,
+                  num_processes=accelerator.num_processes)
+    train_ds = build_lm_dataset(data.source, tokenizer, data.block_size, split=data.train_split, **common)
+    if not data.streaming and len(train_ds) < config.train.micro_batch_size:
+        raise LmforgeError(f"{data.source} ({data.train_split}) packs into {len(train_ds)} rows of "
+                           f"{data.block_size} tokens on this process, fewer than train.micro_batch_size "
+                           f"{config.train.micro_batch_size}; lower one of them or use more data")
+    collate = _model_inputs_filter(model, _collator(config.objective, tokenizer, config))
+    train_data = BatchStream(train_ds, config.train.micro_batch_size, collate, seed=config.train.seed)
+
+    evaluate = None
+    if data.eval_split:
+        eval_ds = build_lm_dataset(data.source, tokenizer, data.block_size, split=data.eval_split, **common)
+        byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size) if config.objective == "causal" else None
+
+        def evaluate(prepared_model: Any) -> dict[str, float]:
+            batches = eval_batches(eval_ds, config.train.micro_batch_size, collate, config.train.eval_batches)
+            return evaluate_lm(prepared_model, batches, byte_lengths=byte_lengths, accelerator=accelerator)
+
+    n_params = count_parameters(model)
+    fpt = flops_per_token(count_parameters(model, exclude_embeddings=True),
+                          getattr(model.config, "num_hidden_layers", 0),
+                          getattr(model.config, "hidden_size", 0), data.block_size)
+    trainer = Trainer(model, train_data, config.train, config.optim, run_dir, accelerator=accelerator,
+                      evaluate=evaluate, flops_per_token=fpt)
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
+    if accelerator.is_main_process:
+        print(f"lmforge pretrain: {type(model).__name__} {n_params / 1e6:.2f}M params, strategy {strategy}, "
+              f"{accelerator.num_processes} process(es), run dir {run_dir}"
+              + (f", resuming from {checkpoint}" if checkpoint else ""), flush=True)
+    result = trainer.fit()
+
+    final_dir = None
+    if result.status != "interrupted":
+        final_dir = save_final(trainer, tokenizer, config, result, n_params)
+    accelerator.wait_for_everyone()
+    return PretrainResult(run_dir=run_dir, final_dir=final_dir, train=result, strategy=strategy)
+
+
+def save_final(trainer: Trainer, tokenizer: Any, config: PretrainConfig, result: TrainResult,
+               n_params: int) -> Path | None:
+    """``save_pretrained`` model + tokenizer + generation config, loss plot and model card."""
+    from lmforge.eval.report import plot_loss_curve, write_model_card
+    from lmforge.train.distributed import full_state_dict
+
+    accelerator = trainer.accelerator
+    run_dir = Path(config.output_dir)
+    final = run_dir / "final"
+    state_dict = full_state_dict(trainer.model)  # collective when sharded: every process calls it
+    if not accelerator.is_main_process:
+        return final
+    model = accelerator.unwrap_model(trainer.model)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(tokenizer, key, None)
+            if value is not None:
+                setattr(generation, key, value)
+    model.save_pretrained(final, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(final)
+    plot = plot_loss_curve(read_metrics(run_dir), run_dir / "loss.png",
+                           title=f"{model.config.model_type} on {config.data.source}")
+    if plot is not None:
+        shutil.copy(plot, final / "loss.png")
+    write_model_card(final, model_type=model.config.model_type, objective=config.objective,
+                     config=to_dict(config), data=f"{config.data.source} (train split "
+                     f"'{config.data.train_split}', eval split '{config.data.eval_split}')",
+                     steps=result.step, tokens_seen=result.tokens_seen, metrics=result.last_eval,
+                     n_params=n_params, plot="loss.png" if plot else None, status=result.status)
+    return final
+
+
+def pretrain_command(config: PretrainConfig) -> int:
+    """Pretrain a language model (causal LM for GPT/Mamba, masked LM for BERT).
+
+    Reads a YAML config (``--config configs/pretrain/<preset>.yaml``) and dotted flags that
+    override it (``--train.max-steps 200``). Runs on one process, or many under
+    ``accelerate launch -m lmforge.cli pretrain ...``. Ctrl-C saves a checkpoint; continue with
+    ``--resume auto``.
+
+    Args:
+        config: the run configuration (see the settings below).
+    """
+    result = pretrain(config)
+    if result.final_dir is not None:
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.train.last_eval.items() if isinstance(v, float))
+        print(f"done: {result.train.step} steps ({result.train.status}), {metrics}\n"
+              f"model: {result.final_dir}  (AutoModel*.from_pretrained(path, trust_remote_code=True))")
+    return 0
