@@ -61,6 +61,7 @@ def run_isolated(code: str, *, path: str | Path = "", timeout: float = 300.0) ->
         "LMFORGE_EXPORT_PATH": str(path),
         "PYTHONNOUSERSITE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",  # tiny models; avoids thread spinning on a loaded machine
     }
     env.pop("PYTHONPATH", None)
     program = _PRELUDE + "\n" + textwrap.dedent(code)

@@ -5,6 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 from lmforge.models import GPTConfig, GPTForCausalLM, GPTForSequenceClassification, GPTModel
+from tests.torch_threads import single_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 POSITIONS = ["rope", "rope-linear", "rope-dynamic", "alibi", "learned", "sinusoidal", "none"]
 

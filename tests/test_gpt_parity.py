@@ -8,6 +8,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from lmforge.models import GPTConfig, GPTForCausalLM
 from lmforge.models.convert import from_hf, to_hf
+from tests.torch_threads import single_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 ATOL = 1e-5
 
