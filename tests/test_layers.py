@@ -1,0 +1,197 @@
+"""Shared blocks in lmforge.models.layers against reference formulas and transformers modules."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import BertLayer
+from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from lmforge.models import GPTConfig
+from lmforge.models.layers import (
+    MLP,
+    Attention,
+    DyT,
+    RMSNorm,
+    SinusoidalPositionalEmbedding,
+    TransformerBlock,
+    alibi_bias,
+    alibi_slopes,
+    build_norm,
+    deepnorm_alpha,
+    deepnorm_beta,
+    init_weights,
+)
+from tests.torch_threads import single_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _config(**overrides) -> GPTConfig:
+    cfg = dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2)
+    cfg.update(overrides)
+    return GPTConfig(**cfg)
+
+
+def test_rmsnorm_matches_llama():
+    x = torch.randn(2, 5, 16)
+    ours, ref = RMSNorm(16, eps=1e-5), LlamaRMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ref.weight.copy_(ours.weight)
+    torch.testing.assert_close(ours(x), ref(x), atol=0, rtol=0)
+
+
+def test_dyt_formula_and_build_norm_switches():
+    norm = DyT(8, bias=True, init_alpha=0.7)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    torch.testing.assert_close(norm(x), norm.weight * torch.tanh(0.7 * x) + norm.bias)
+    assert isinstance(build_norm(_config(norm_type="rmsnorm")), RMSNorm)
+    ln = build_norm(_config(norm_type="layernorm", norm_bias=True, norm_eps=1e-12))
+    assert isinstance(ln, nn.LayerNorm) and ln.bias is not None and ln.eps == 1e-12
+    assert build_norm(_config(norm_type="layernorm", norm_bias=False)).bias is None
+    assert build_norm(_config(norm_type="dyt", norm_bias=False), dim=12).weight.shape == (12,)
+    bad = _config()
+    bad.norm_type = "batchnorm"
+    with pytest.raises(ValueError, match="norm_type='batchnorm'"):
+        build_norm(bad)
+
+
+@pytest.mark.parametrize("heads", [4, 6, 8, 12])
+def test_alibi_slopes_match_bloom_and_paper(heads):
+    torch.testing.assert_close(alibi_slopes(heads), _get_alibi_slopes(heads, torch.device("cpu")).float())
+    if heads == 8:
+        torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0**-i for i in range(1, 9)]))
+
+
+def test_alibi_bias_is_minus_slope_times_distance():
+    bias = alibi_bias(2, q_len=2, kv_len=5, q_offset=3, causal=True)  # queries at 3, 4
+    slopes = alibi_slopes(2)
+    assert bias.shape == (1, 2, 2, 5)
+    torch.testing.assert_close(bias[0, 1, 1], -slopes[1] * torch.tensor([4.0, 3, 2, 1, 0]))
+    bidir = alibi_bias(2, q_len=3, kv_len=3, q_offset=0, causal=False)
+    torch.testing.assert_close(bidir[0, 0, 0], -slopes[0] * torch.tensor([0.0, 1, 2]))
+
+
+def test_sinusoidal_table_matches_vaswani():
+    emb = SinusoidalPositionalEmbedding(6)(torch.tensor([[0, 3]]))
+    assert emb.shape == (1, 2, 6)
+    expected = [f(3 / 10000 ** (2 * i / 6)) for i in range(3) for f in (math.sin, math.cos)]
+    torch.testing.assert_close(emb[0, 1], torch.tensor(expected))
+    torch.testing.assert_close(emb[0, 0], torch.tensor([0.0, 1, 0, 1, 0, 1]))
+
+
+@pytest.mark.parametrize("act,gated", [("swiglu", True), ("geglu", True), ("gelu", False), ("relu", False)])
+def test_mlp_variants(act, gated):
+    mlp = MLP(_config(hidden_act=act, mlp_bias=True))
+    x = torch.randn(2, 3, 32)
+    fn = {"swiglu": nn.functional.silu, "geglu": nn.functional.gelu, "gelu": nn.functional.gelu,
+          "relu": torch.relu}[act]
+    if gated:
+        expected = mlp.down_proj(fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+    else:
+        assert mlp.gate_proj is None
+        expected = mlp.down_proj(fn(mlp.up_proj(x)))
+    torch.testing.assert_close(mlp(x), expected)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_eager_equals_sdpa(kv_heads, causal):
+    torch.manual_seed(0)
+    config = _config(num_key_value_heads=kv_heads, is_causal=causal, position_embedding_type="none")
+    attn = Attention(config, layer_idx=0).eval()
+    x = torch.randn(2, 7, 32)
+    config._attn_implementation = "sdpa"
+    sdpa, _ = attn(x)
+    config._attn_implementation = "eager"
+    eager, weights = attn(x)
+    torch.testing.assert_close(sdpa, eager, atol=1e-6, rtol=0)
+    future = weights[:, :, 0, 1:].abs().sum()
+    assert (future == 0) if causal else (future > 0)
+
+
+def _bert_and_block(hidden_dropout: float):
+    """A BertLayer and a post-norm bidirectional TransformerBlock holding the same weights."""
+    torch.manual_seed(0)
+    bert_cfg = BertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=48, hidden_act="gelu",
+                          layer_norm_eps=1e-12, hidden_dropout_prob=hidden_dropout, attention_probs_dropout_prob=0.0)
+    bert_cfg._attn_implementation = "eager"
+    bert = BertLayer(bert_cfg)
+    config = _config(num_key_value_heads=4, is_causal=False, norm_position="post", norm_type="layernorm",
+                     norm_bias=True, norm_eps=1e-12, hidden_act="gelu", attention_bias=True, mlp_bias=True,
+                     hidden_dropout=hidden_dropout, position_embedding_type="learned")
+    config._attn_implementation = "eager"
+    block = TransformerBlock(config, layer_idx=0)
+    pairs = {
+        "self_attn.q_proj": bert.attention.self.query, "self_attn.k_proj": bert.attention.self.key,
+        "self_attn.v_proj": bert.attention.self.value, "self_attn.o_proj": bert.attention.output.dense,
+        "attn_norm": bert.attention.output.LayerNorm, "mlp.up_proj": bert.intermediate.dense,
+        "mlp.down_proj": bert.output.dense, "mlp_norm": bert.output.LayerNorm,
+    }
+    with torch.no_grad():
+        for name, ref in pairs.items():
+            mine = block.get_submodule(name)
+            mine.weight.copy_(ref.weight.data.normal_(0, 0.2) if "norm" not in name else ref.weight)
+            mine.bias.copy_(ref.bias.data.normal_(0, 0.1))
+    return bert, block
+
+
+def test_post_norm_block_equals_bert_layer():
+    bert, block = _bert_and_block(hidden_dropout=0.0)
+    x = torch.randn(2, 6, 32)
+    ref = bert.eval()(x)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    torch.testing.assert_close(block.eval()(x), ref, atol=1e-5, rtol=0)
+
+
+def test_post_norm_block_dropout_order_equals_bert_layer():
+    """LN(x + dropout(attn)), LN(h + dropout(mlp)): same dropout calls in the same order as BertLayer."""
+    bert, block = _bert_and_block(hidden_dropout=0.3)
+    x = torch.randn(2, 6, 32)
+    torch.manual_seed(5)
+    ref = bert.train()(x)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    torch.manual_seed(5)
+    got = block.train()(x)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_deepnorm_residual_scale_and_init_gain():
+    n = 6
+    assert deepnorm_alpha(n) == pytest.approx((2 * n) ** 0.25)
+    assert deepnorm_beta(n) == pytest.approx((8 * n) ** -0.25)
+    config = _config(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=8,
+                     num_hidden_layers=n, norm_position="deepnorm", norm_type="layernorm")
+    torch.manual_seed(0)
+    block = TransformerBlock(config, layer_idx=0).eval()
+    for module in block.modules():
+        init_weights(module, config)
+    xavier = math.sqrt(2 / (256 + 256))
+    assert block.self_attn.v_proj.weight.std().item() == pytest.approx(deepnorm_beta(n) * xavier, rel=0.05)
+    assert block.self_attn.q_proj.weight.std().item() == pytest.approx(xavier, rel=0.05)
+    up_xavier = math.sqrt(2 / (256 + 512))
+    assert block.mlp.up_proj.weight.std().item() == pytest.approx(deepnorm_beta(n) * up_xavier, rel=0.05)
+
+    x = torch.randn(2, 5, 256)
+    alpha = deepnorm_alpha(n)
+    h = block.attn_norm(alpha * x + block.self_attn(x)[0])
+    expected = block.mlp_norm(alpha * h + block.mlp(h))
+    torch.testing.assert_close(block(x), expected)
+
+
+def test_pre_norm_block_formula():
+    torch.manual_seed(0)
+    config = _config()
+    config._attn_implementation = "eager"
+    block = TransformerBlock(config, layer_idx=0).eval()
+    x = torch.randn(2, 5, 32)
+    h = x + block.self_attn(block.attn_norm(x))[0]
+    torch.testing.assert_close(block(x), h + block.mlp(block.mlp_norm(h)))
