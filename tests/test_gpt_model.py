@@ -215,3 +215,32 @@ def test_absolute_positions_refuse_long_inputs(position):
 def test_relative_positions_run_past_max_positions(position):
     model = _model(position)
     assert model(_ids(b=1, t=50)).logits.shape == (1, 50, 61)
+
+
+def _preset(name: str) -> GPTConfig:
+    from pathlib import Path
+
+    import yaml
+    from transformers import AutoConfig
+
+    fields = yaml.safe_load((Path(__file__).parents[1] / "configs" / "model" / f"{name}.yaml").read_text())
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+@pytest.mark.parametrize("name", ["gpt-debug", "gpt-small", "gpt2-small"])
+def test_presets_build(name):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = _preset(name)
+    assert isinstance(config, GPTConfig)
+    if name == "gpt-debug":
+        model = GPTForCausalLM(config)
+        assert model(torch.randint(0, config.vocab_size, (1, 8))).logits.shape == (1, 8, config.vocab_size)
+        return
+    with torch.device("meta"):
+        model = GPTForCausalLM(config)
+        n_params = sum(p.numel() for p in model.parameters())
+        if name == "gpt2-small":  # same parameter count as the real GPT-2 small (124M)
+            assert n_params == sum(p.numel() for p in GPT2LMHeadModel(GPT2Config()).parameters())
+        else:
+            assert 100e6 < n_params < 130e6
