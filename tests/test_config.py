@@ -1,0 +1,114 @@
+"""lmforge.config: typed functions and dataclasses as CLI flags and YAML keys."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from lmforge.config import (
+    add_function_arguments,
+    build_dataclass,
+    call_with_namespace,
+    coerce,
+    docstring_args,
+    load_config,
+)
+from lmforge.errors import LmforgeError
+
+
+@dataclass
+class Optim:
+    """Optimiser.
+
+    Args:
+        lr: learning rate.
+        betas: Adam betas.
+    """
+
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+
+
+@dataclass
+class Job:
+    """A job.
+
+    Args:
+        name: the run name.
+        steps: how many steps.
+        optim: optimiser settings.
+    """
+
+    name: str
+    steps: int = 10
+    precision: Literal["fp32", "bf16"] = "fp32"
+    optim: Optim = field(default_factory=Optim)
+
+
+def test_unknown_key_is_refused_with_the_closest_suggestion():
+    with pytest.raises(LmforgeError, match="unknown key 'stpes'; did you mean 'steps'"):
+        build_dataclass(Job, {"name": "x", "stpes": 3})
+    with pytest.raises(LmforgeError, match="unknown key 'optim.learning_rat'"):
+        build_dataclass(Job, {"name": "x", "optim": {"learning_rat": 1.0}})
+    with pytest.raises(LmforgeError, match="missing required key.*name"):
+        build_dataclass(Job, {})
+
+
+def test_yaml_with_dotted_overrides(tmp_path: Path):
+    path = tmp_path / "job.yaml"
+    path.write_text("name: demo\nsteps: '20'\noptim:\n  lr: 1e-3\n", encoding="utf-8")
+    job = load_config(Job, path, {"optim.betas": ["0.8", "0.9"], "precision": "bf16"})
+    assert job == Job(name="demo", steps=20, precision="bf16", optim=Optim(lr=1e-3, betas=[0.8, 0.9]))
+    path.write_text("- a list\n", encoding="utf-8")
+    with pytest.raises(LmforgeError, match="top level must be a mapping"):
+        load_config(Job, path)
+    with pytest.raises(LmforgeError, match="config file not found"):
+        load_config(Job, tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("value, tp, expected", [
+    ("3", int, 3), ("1e3", int, 1000), ("yes", bool, True), ("off", bool, False), ("2.5", float, 2.5),
+    ("none", int | None, None), ("bf16", Literal["fp32", "bf16"], "bf16"), ("a", list[str], ["a"]),
+])
+def test_coerce(value, tp, expected):
+    assert coerce(value, tp, name="x") == expected
+
+
+@pytest.mark.parametrize("value, tp, message", [
+    ("2.5", int, "expected int"), ("maybe", bool, "expected true/false"),
+    ("fp8", Literal["fp32", "bf16"], "not one of fp32, bf16"), (None, int, "a value is required"),
+])
+def test_coerce_errors_name_the_field(value, tp, message):
+    with pytest.raises(LmforgeError, match=f"--flag: .*{message}|--flag: {message}"):
+        coerce(value, tp, name="--flag")
+
+
+def command(data: str, *, vocab_size: int = 8, lower: bool = False, tags: list[str] | None = None,
+            mode: Literal["a", "b"] = "a", job: Job | None = None) -> dict:
+    """A command.
+
+    Args:
+        data: the corpus.
+        vocab_size: how many tokens.
+        lower: lowercase it.
+        tags: extra tags.
+        mode: which mode.
+    """
+    return {"data": data, "vocab_size": vocab_size, "lower": lower, "tags": tags, "mode": mode}
+
+
+def test_function_signature_becomes_flags():
+    assert docstring_args(command)["vocab_size"] == "how many tokens."
+    parser = argparse.ArgumentParser()
+    add_function_arguments(parser, command)
+    ns = parser.parse_args(["corpus.txt", "--vocab-size", "300", "--lower", "--tags", "x", "y", "--mode", "b"])
+    assert call_with_namespace(command, ns) == {"data": "corpus.txt", "vocab_size": 300, "lower": True,
+                                                "tags": ["x", "y"], "mode": "b"}
+    assert call_with_namespace(command, parser.parse_args(["c"]))["vocab_size"] == 8  # defaults kept
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(["c", "--mode", "z"])
+    assert info.value.code == 2
