@@ -73,8 +73,8 @@ def selective_state_step(
 
 
 def default_chunk_size(length: int) -> int:
-    """Chunk length near sqrt(L) (a power of two, 8..64): few sequential steps, small tensors."""
-    return int(min(64, max(8, 2 ** round(math.log2(max(length, 1)) / 2))))
+    """Chunk length near sqrt(L) (a power of two, 16..64): few sequential steps, small tensors."""
+    return int(min(64, max(16, 2 ** round(math.log2(max(length, 1)) / 2))))
 
 
 def _to_chunks(v: torch.Tensor, k: int, t: int) -> torch.Tensor:
@@ -93,32 +93,36 @@ def _from_chunks(v: torch.Tensor, length: int) -> torch.Tensor:
 
 
 class _Chunks:
-    """The scan inputs in chunked, time-major layout, with the decay of any step on demand."""
+    """The scan inputs in chunked, time-major layout; builds the inputs of a block of S steps."""
 
-    def __init__(self, x, dt, A, B, C, keep, chunk_size):
+    def __init__(self, x, dt, A, B, C, keep, chunk_size: int, block: int):
         self.length = x.shape[1]
         self.t = chunk_size
         self.k = -(-self.length // chunk_size)
+        self.s = max(1, min(block, chunk_size))
         self.x, self.dt = _to_chunks(x, self.k, self.t), _to_chunks(dt, self.k, self.t)  # (T, B, K, D)
         self.B, self.C = _to_chunks(B, self.k, self.t), _to_chunks(C, self.k, self.t)  # (T, B, K, N)
         self.dtx = self.dt * self.x
-        # keep: (T, B, K) 0. where the state is zeroed before the step; padded steps keep (1.)
+        # keep: (T, B, K), 0. where the state is zeroed before the step; padded steps keep (1.)
         self.keep = None if keep is None else _to_chunks(keep, self.k, self.t)
         if self.keep is not None and self.k * self.t > self.length:
             self.keep[(self.length % self.t) :, :, -1] = 1.0
         self.A = A
 
-    def decay(self, t: int) -> torch.Tensor:
-        """exp(dt_t * A), zeroed at document starts: (B, K, D, N)."""
-        a = torch.exp(self.dt[t].unsqueeze(-1) * self.A)
+    def blocks(self) -> list[tuple[int, int]]:
+        """[lo, hi) step ranges of the blocks that are vectorised together."""
+        return [(lo, min(lo + self.s, self.t)) for lo in range(0, self.t, self.s)]
+
+    def decays(self, lo: int, hi: int) -> torch.Tensor:
+        """exp(dt * A) for steps lo..hi-1, zeroed at document starts: (S, B, K, D, N)."""
+        a = torch.exp(self.dt[lo:hi].unsqueeze(-1) * self.A)
         if self.keep is not None:
-            a.mul_(self.keep[t][:, :, None, None])
+            a.mul_(self.keep[lo:hi, :, :, None, None])
         return a
 
-    def step(self, h: torch.Tensor, t: int, a: torch.Tensor | None = None) -> torch.Tensor:
-        """In place: h <- a_t * h + dt_t * x_t * B_t; returns h."""
-        h.mul_(self.decay(t) if a is None else a)
-        return h.addcmul_(self.dtx[t].unsqueeze(-1), self.B[t].unsqueeze(-2))
+    def inputs(self, lo: int, hi: int) -> torch.Tensor:
+        """dt * x * B for steps lo..hi-1: (S, B, K, D, N)."""
+        return self.dtx[lo:hi].unsqueeze(-1) * self.B[lo:hi].unsqueeze(-2)
 
     def chunk_decay(self) -> torch.Tensor:
         """Product of the decays over each chunk: (B, K, D, N)."""
@@ -127,21 +131,38 @@ class _Chunks:
             p.mul_(self.keep.prod(0)[:, :, None, None])
         return p
 
-    def state_shape(self) -> tuple[int, ...]:
+    def state_shape(self) -> tuple[int, int, int, int]:
         return (self.x.shape[1], self.k, self.x.shape[3], self.A.shape[1])
 
 
-def _chunk_start_states(ch: _Chunks, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _recur(a: torch.Tensor, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """States of one block, in place in u: u[j] <- a[j] * u[j-1] + u[j] with u[-1] = h. One op per step."""
+    for j in range(a.shape[0]):
+        u[j].addcmul_(a[j], u[j - 1] if j else h)
+    return u
+
+
+def _sweep(ch: _Chunks, h: torch.Tensor, ys: torch.Tensor | None = None, checkpoints: list | None = None):
+    """Run every chunk from its start state h (B, K, D, N); optionally emit y and block-start states."""
+    for lo, hi in ch.blocks():
+        if checkpoints is not None:
+            checkpoints.append(h)
+        states = _recur(ch.decays(lo, hi), ch.inputs(lo, hi), h)  # (S, B, K, D, N)
+        if ys is not None:
+            torch.matmul(states, ch.C[lo:hi].unsqueeze(-1), out=ys[lo:hi].unsqueeze(-1))
+        h = states[-1].clone()
+    return h
+
+
+def _chunk_start_states(ch: _Chunks, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward pass 1 and the boundary recurrence: start state of each chunk (B, K, D, N), final state."""
     b, k, d, n = ch.state_shape()
-    h = ch.x.new_zeros(b, d, n) if h0 is None else h0.to(ch.x.dtype)
+    h = ch.x.new_zeros(b, d, n) if h0 is None else h0
     starts = ch.x.new_empty(b, k, d, n)
     if k == 1:
         starts[:, 0] = h
         return starts, None
-    local = ch.x.new_zeros(b, k, d, n)
-    for t in range(ch.t):
-        ch.step(local, t)
+    local = _sweep(ch, ch.x.new_zeros(b, k, d, n))
     decay = ch.chunk_decay()
     for c in range(k):
         starts[:, c] = h
@@ -149,94 +170,91 @@ def _chunk_start_states(ch: _Chunks, h0: torch.Tensor | None) -> tuple[torch.Ten
     return starts, h
 
 
-def _chunk_end_adjoints(ch: _Chunks, gy: torch.Tensor, g_last: torch.Tensor | None):
-    """Backward pass 1: adjoint flowing into each chunk's last step (B, K, D, N), and dL/dh0 (if K > 1)."""
+def _adjoint_block(a: torch.Tensor, g: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
+    """Adjoints of one block in place in g (reverse recurrence): g[j] <- g[j] + a[j+1] * g[j+1]."""
+    g[-1].add_(carry)
+    for j in reversed(range(g.shape[0] - 1)):
+        g[j].addcmul_(a[j + 1], g[j + 1])
+    return g
+
+
+def _chunk_end_adjoints(ch: _Chunks, gy: torch.Tensor, g_last: torch.Tensor):
+    """Backward pass 1: adjoint flowing into each chunk's last step (B, K, D, N), and dL/dh0 (K > 1)."""
     b, k, d, n = ch.state_shape()
-    r = ch.x.new_zeros(b, d, n) if g_last is None else g_last.to(ch.x.dtype)
+    r = g_last
     ends = ch.x.new_empty(b, k, d, n)
     if k == 1:
         ends[:, 0] = r
         return ends, None
-    lam = ch.x.new_zeros(b, k, d, n)
-    for t in reversed(range(ch.t)):
-        lam.addcmul_(gy[t].unsqueeze(-1), ch.C[t].unsqueeze(-2)).mul_(ch.decay(t))
+    carry = ch.x.new_zeros(b, k, d, n)
+    for lo, hi in reversed(ch.blocks()):
+        a = ch.decays(lo, hi)
+        lam = _adjoint_block(a, gy[lo:hi].unsqueeze(-1) * ch.C[lo:hi].unsqueeze(-2), carry)
+        carry = a[0] * lam[0]
     decay = ch.chunk_decay()
     for c in reversed(range(k)):
         ends[:, c] = r
-        r = lam[:, c] + decay[:, c] * r
+        r = carry[:, c] + decay[:, c] * r
     return ends, r
+
+
+def _chunk_backward(ch: _Chunks, gy: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor):
+    """Backward pass 2: reverse sweep inside every chunk with the true boundary adjoints.
+
+    A forward sweep from the chunk starts keeps one state per block; each block (from the last)
+    then recomputes its S states, runs the adjoint recurrence through them and forms the gradients
+    with batched products. Returns dx, ddt, dB, dC (chunked), dA, and a_0 * lambda_0 per chunk.
+    """
+    checkpoints: list[torch.Tensor] = []
+    _sweep(ch, starts, checkpoints=checkpoints)
+    ddtx, ddt, dB, dC = (torch.empty_like(v) for v in (ch.x, ch.x, ch.B, ch.C))
+    dA = torch.zeros_like(ch.A)
+    carry = ends
+    for (lo, hi), h_start in zip(reversed(ch.blocks()), reversed(checkpoints), strict=True):
+        a = ch.decays(lo, hi)
+        states = _recur(a, ch.inputs(lo, hi), h_start)  # h_t, (S, B, K, D, N)
+        lam = _adjoint_block(a, gy[lo:hi].unsqueeze(-1) * ch.C[lo:hi].unsqueeze(-2), carry)
+        torch.matmul(gy[lo:hi].unsqueeze(-2), states, out=dC[lo:hi].unsqueeze(-2))  # sum_d gy h
+        torch.matmul(lam, ch.B[lo:hi].unsqueeze(-1), out=ddtx[lo:hi].unsqueeze(-1))  # sum_n lam B
+        torch.matmul(ch.dtx[lo:hi].unsqueeze(-2), lam, out=dB[lo:hi].unsqueeze(-2))  # sum_d lam dtx
+        q = lam.mul_(a)  # a_t * lambda_t (lam is not needed any more)
+        carry = q[0].clone()
+        q[1:].mul_(states[:-1])
+        q[0].mul_(h_start)  # q_t = dL/d(log a_t) = lambda_t * a_t * h_{t-1}
+        ddt[lo:hi] = (q * ch.A).sum(-1)
+        dA += torch.einsum("sbkdn,sbkd->dn", q, ch.dt[lo:hi])
+    dx = ddtx * ch.dt
+    ddt.add_(ddtx * ch.x)
+    return dx, ddt, dB, dC, dA, carry
 
 
 class _ChunkedScan(torch.autograd.Function):
     """Chunked selective scan with recomputation inside chunks in backward (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, h0, keep, chunk_size, sub_block):
-        ch = _Chunks(x, dt, A, B, C, keep, chunk_size)
+    def forward(ctx, x, dt, A, B, C, h0, keep, chunk_size, block):
+        ch = _Chunks(x, dt, A, B, C, keep, chunk_size, block)
         starts, h_last = _chunk_start_states(ch, h0)
-        h = starts.clone()
         ys = ch.x.new_empty(ch.x.shape)  # (T, B, K, D)
-        for t in range(ch.t):
-            ch.step(h, t)
-            torch.matmul(h, ch.C[t].unsqueeze(-1), out=ys[t].unsqueeze(-1))
-        if h_last is None:  # one chunk: the last step of pass 2 is the final state (padding keeps it)
+        h = _sweep(ch, starts, ys=ys)
+        if h_last is None:  # one chunk: the end of pass 2 is the final state (padding keeps it)
             h_last = h[:, -1]
         ctx.save_for_backward(x, dt, A, B, C, h0, keep, starts)
-        ctx.chunk_size, ctx.sub_block = chunk_size, sub_block
+        ctx.chunk_size, ctx.block = chunk_size, block
         return _from_chunks(ys, ch.length), h_last
 
     @staticmethod
     def backward(ctx, gy, g_last):
         x, dt, A, B, C, h0, keep, starts = ctx.saved_tensors
-        ch = _Chunks(x, dt, A, B, C, keep, ctx.chunk_size)
+        ch = _Chunks(x, dt, A, B, C, keep, ctx.chunk_size, ctx.block)
         gy = _to_chunks(gy.to(x.dtype), ch.k, ch.t)  # (T, B, K, D)
-        ends, dh0 = _chunk_end_adjoints(ch, gy, g_last)
-        grads = _chunk_backward(ch, gy, starts, ends, ctx.sub_block)
-        dx, ddt, dB, dC, dA, lam0 = grads
+        ends, dh0 = _chunk_end_adjoints(ch, gy, g_last.to(x.dtype))
+        dx, ddt, dB, dC, dA, first = _chunk_backward(ch, gy, starts, ends)
         if dh0 is None:
-            dh0 = lam0[:, 0]
-        return dx, ddt, dA, dB, dC, (dh0 if h0 is not None else None), None, None, None
-
-
-def _chunk_backward(ch: _Chunks, gy, starts, ends, sub_block: int):
-    """Backward pass 2: reverse sweep inside every chunk with the true boundary adjoints.
-
-    States are recomputed from the chunk starts: a forward sweep keeps one checkpoint per sub-block,
-    then each sub-block (from the last) recomputes its S states and walks back through them.
-    """
-    s = max(1, min(sub_block, ch.t))
-    checkpoints = []
-    h = starts.clone()
-    for t in range(ch.t):
-        if t % s == 0:
-            checkpoints.append(h.clone())
-        ch.step(h, t)
-    ddtx, ddt, dB, dC = (torch.empty_like(v) for v in (ch.x, ch.x, ch.B, ch.C))
-    dA_acc = torch.zeros_like(starts)  # (B, K, D, N): sum over steps of q * dt
-    lam = ends.clone()  # adjoint carried from step t+1: a_{t+1} * lambda_{t+1}
-    for i in reversed(range(len(checkpoints))):
-        lo, hi = i * s, min((i + 1) * s, ch.t)
-        prev, decays, states = checkpoints[i], [], []
-        for t in range(lo, hi):  # recompute: states[j] = h_{lo+j}, decays[j] = a_{lo+j}
-            decays.append(ch.decay(t))
-            states.append(ch.step((states[-1] if states else prev).clone(), t, decays[-1]))
-        for j in reversed(range(hi - lo)):
-            t = lo + j
-            h_prev = states[j - 1] if j else prev
-            lam.addcmul_(gy[t].unsqueeze(-1), ch.C[t].unsqueeze(-2))  # lambda_t
-            torch.matmul(gy[t].unsqueeze(-2), states[j], out=dC[t].unsqueeze(-2))
-            torch.matmul(lam, ch.B[t].unsqueeze(-1), out=ddtx[t].unsqueeze(-1))
-            torch.matmul(ch.dtx[t].unsqueeze(-2), lam, out=dB[t].unsqueeze(-2))
-            q = lam * h_prev
-            q.mul_(decays[j])  # dL/d(log a_t) = lambda_t * a_t * h_{t-1}
-            ddt[t] = (q * ch.A).sum(-1)
-            dA_acc.addcmul_(q, ch.dt[t].unsqueeze(-1))
-            lam.mul_(decays[j])
-    dx = ddtx * ch.dt
-    ddt.add_(ddtx * ch.x)
-    dA = dA_acc.sum((0, 1))
-    n = ch.length
-    return (_from_chunks(dx, n), _from_chunks(ddt, n), _from_chunks(dB, n), _from_chunks(dC, n), dA, lam)
+            dh0 = first[:, 0]
+        n = ch.length
+        grads = [_from_chunks(v, n) for v in (dx, ddt)] + [dA] + [_from_chunks(v, n) for v in (dB, dC)]
+        return (*grads, dh0 if h0 is not None else None, None, None, None)
 
 
 # ---------------------------------------------------------------------------- public API
@@ -251,7 +269,7 @@ def selective_scan(
     h0: torch.Tensor | None = None,
     reset: torch.Tensor | None = None,
     chunk_size: int | None = None,
-    sub_block: int | None = None,
+    block: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fast selective scan; same arguments and results as :func:`selective_scan_ref`.
 
@@ -259,15 +277,15 @@ def selective_scan(
 
     Args:
         chunk_size: chunk length T (default: :func:`default_chunk_size`).
-        sub_block: steps recomputed together in backward (default: about sqrt(T)).
+        block: steps whose inputs are built and reduced together (S); the working memory is
+            about 4 * S * (B, K, D, N) for K = L / T chunks.
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     t = chunk_size or default_chunk_size(x.shape[1])
-    s = sub_block or max(1, int(round(math.sqrt(t))))
     keep = None if reset is None else (~reset).to(dtype)
     args = (v.to(dtype) for v in (x, dt, A, B, C))
     h0 = None if h0 is None else h0.to(dtype)
-    return _ChunkedScan.apply(*args, h0, keep, int(t), int(s))
+    return _ChunkedScan.apply(*args, h0, keep, int(t), int(block))
 
 
 def seq_idx_to_reset(seq_idx: torch.Tensor) -> torch.Tensor:
