@@ -207,13 +207,31 @@ def _fingerprint(source_fp: str, tokenizer: PreTrainedTokenizerBase, block_size:
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+def _shard_stream(ds: IterableDataset, process_index: int, num_processes: int) -> IterableDataset:
+    """Distinct documents per process: whole files when they divide evenly, else every
+    ``num_processes``-th document. (``split_dataset_by_node`` alone would, in the second case,
+    apply its per-example filter after our map: every process would tokenize everything and
+    keep every n-th packed row.)"""
+    if num_processes == 1 or ds.n_shards % num_processes == 0:
+        return _shard(ds, process_index, num_processes)
+    if not 0 <= process_index < num_processes:
+        raise LmforgeError(f"process_index {process_index} is not in [0, {num_processes})")
+    return ds.filter(_every_nth, with_indices=True, fn_kwargs={"n": num_processes, "k": process_index})
+
+
+def _every_nth(_example: dict, index: int, n: int, k: int) -> bool:
+    return index % n == k
+
+
 def _build_streaming(ds: IterableDataset | IterableDatasetDict, fn: Any, features: Any, column: str,
                      batch_size: int, process_index: int, num_processes: int,
                      source: Any) -> IterableDataset:
-    ds = _shard(ds, process_index, num_processes)
+    ds = _shard_stream(ds, process_index, num_processes)
     if ds.column_names is not None:
         ds = ds.select_columns([column])
     packed = ds.map(fn, batched=True, batch_size=batch_size, remove_columns=[column], features=features)
-    if next(iter(packed.take(1)), None) is None:
+    # not packed.take(1): on a dataset split by example (n_shards % num_processes != 0) datasets
+    # applies take before the node filter, and ranks > 0 see nothing
+    if next(iter(packed), None) is None:
         raise LmforgeError(f"{source}: no tokens left after dropping empty documents (streaming)")
     return packed

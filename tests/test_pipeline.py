@@ -1,0 +1,157 @@
+"""build_lm_dataset: exact packing of a real file source, separators, cache reuse across runs,
+streaming == non-streaming, distinct and complete shards, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from lmforge.data import pipeline
+from lmforge.data.packing import unpack
+from lmforge.data.pipeline import build_lm_dataset, tokenizer_hash
+from lmforge.errors import LmforgeError
+from tests.pipeline_fixtures import bert_tokenizer, gpt_tokenizer, make_corpus
+
+BLOCK = 48
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return gpt_tokenizer()
+
+
+@pytest.fixture()
+def corpus_file(tmp_path) -> tuple[Path, list[str]]:
+    docs = make_corpus(250, seed=4)
+    docs[5] = ""  # empty documents are skipped
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    return path, docs
+
+
+def _rows(ds) -> dict[str, np.ndarray]:
+    ds = ds.with_format("numpy") if isinstance(ds, Dataset) else ds
+    rows = list(ds)
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _documents(rows: dict[str, np.ndarray], sep: int) -> list[tuple[int, ...]]:
+    stream = unpack(rows).tolist()
+    docs, cur = [], []
+    for t in stream:
+        if t == sep:
+            docs.append(tuple(cur))
+            cur = []
+        else:
+            cur.append(t)
+    assert not cur  # the stream ends with a separator
+    return docs
+
+
+def test_packs_every_token_of_every_document(tok, corpus_file):
+    path, docs = corpus_file
+    ds = build_lm_dataset(str(path), tok, BLOCK, batch_size=64)
+    assert set(ds.column_names) == {"input_ids", "attention_mask", "position_ids", "seq_idx"}
+    rows = _rows(ds)
+    assert rows["input_ids"].shape[1] == BLOCK
+    expected = [tuple(tok(d, add_special_tokens=False)["input_ids"]) for d in docs if d]
+    assert _documents(rows, tok.eos_token_id) == expected
+    # one padded row at most per batch of 64 documents
+    assert (rows["attention_mask"] == 0).any(axis=1).sum() <= -(-len(docs) // 64)
+
+
+def test_bert_style_tokenizer_separates_with_sep(corpus_file):
+    path, docs = corpus_file
+    bert = bert_tokenizer()
+    ds = build_lm_dataset(str(path), bert, BLOCK, document_masks=False)
+    assert ds.column_names == ["input_ids", "attention_mask"]
+    rows = _rows(ds)
+    assert (rows["input_ids"] == bert.sep_token_id).sum() == sum(1 for d in docs if d)
+    assert not np.isin(rows["input_ids"], [bert.cls_token_id, bert.mask_token_id]).any()
+
+
+_FIRST_RUN = """
+import sys
+from transformers import AutoTokenizer
+from lmforge.data.pipeline import build_lm_dataset
+ds = build_lm_dataset(sys.argv[1], AutoTokenizer.from_pretrained(sys.argv[2]), {block})
+print(ds.cache_files[0]["filename"])
+"""
+
+
+def test_second_run_reuses_the_cache(tok, corpus_file, tmp_path, monkeypatch):
+    path, _ = corpus_file
+    tok.save_pretrained(tmp_path / "tok")
+    first = subprocess.run([sys.executable, "-c", _FIRST_RUN.format(block=BLOCK), str(path), str(tmp_path / "tok")],
+                           capture_output=True, text=True, check=True)
+    cache_file = Path(first.stdout.strip().splitlines()[-1])
+    mtime = cache_file.stat().st_mtime_ns
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("tokenized again instead of loading the cache")
+
+    monkeypatch.setattr(pipeline, "_tokenize_and_pack", must_not_run)
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert tokenizer_hash(reloaded) == tokenizer_hash(tok)
+    ds = build_lm_dataset(str(path), reloaded, BLOCK)
+    assert Path(ds.cache_files[0]["filename"]) == cache_file
+    assert cache_file.stat().st_mtime_ns == mtime
+    # a different block size is a different dataset: it must tokenize (and here, fail loudly)
+    with pytest.raises(AssertionError, match="tokenized again"):
+        build_lm_dataset(str(path), reloaded, BLOCK + 1)
+
+
+def test_streaming_yields_the_same_rows(tok, corpus_file):
+    path, _ = corpus_file
+    eager = _rows(build_lm_dataset(str(path), tok, BLOCK, batch_size=100))
+    streamed = _rows(build_lm_dataset(str(path), tok, BLOCK, batch_size=100, streaming=True))
+    assert eager.keys() == streamed.keys()
+    for k in eager:
+        np.testing.assert_array_equal(eager[k], streamed[k])
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streaming"])
+def test_shards_are_distinct_and_cover_the_data(tok, corpus_file, streaming):
+    path, _ = corpus_file
+    full = _documents(_rows(build_lm_dataset(str(path), tok, BLOCK)), tok.eos_token_id)
+    shards = [_rows(build_lm_dataset(str(path), tok, BLOCK, streaming=streaming, process_index=r,
+                                     num_processes=3)) for r in range(3)]
+    if not streaming:  # contiguous ranges of the same packed rows
+        whole = _rows(build_lm_dataset(str(path), tok, BLOCK))["input_ids"]
+        np.testing.assert_array_equal(np.concatenate([s["input_ids"] for s in shards]), whole)
+        assert all(len(s["input_ids"]) > 0 for s in shards)
+    else:  # every 3rd document per process, packed per process
+        per_shard = [Counter(_documents(s, tok.eos_token_id)) for s in shards]
+        assert sum(per_shard, Counter()) == Counter(full)
+        assert all(sum(c.values()) >= len(full) // 3 - 1 for c in per_shard)  # one doc is empty
+
+
+def test_empty_after_filtering_is_an_error(tok):
+    empty = Dataset.from_dict({"text": ["", "", ""]})
+    with pytest.raises(LmforgeError, match="no tokens left"):
+        build_lm_dataset(empty, tok, BLOCK)
+    with pytest.raises(LmforgeError, match="no tokens left"):
+        build_lm_dataset(empty.to_iterable_dataset(), tok, BLOCK, streaming=True)
+
+
+def test_bad_inputs(tok, corpus_file):
+    path, _ = corpus_file
+    with pytest.raises(LmforgeError, match="block_size"):
+        build_lm_dataset(str(path), tok, 1)
+    with pytest.raises(LmforgeError, match="column"):
+        build_lm_dataset(str(path), tok, BLOCK, text_column="body")
+    with pytest.raises(LmforgeError, match="process_index"):
+        build_lm_dataset(str(path), tok, BLOCK, process_index=2, num_processes=2)
+    no_sep = gpt_tokenizer()
+    no_sep.eos_token = None
+    with pytest.raises(LmforgeError, match="eos_token"):
+        build_lm_dataset(str(path), no_sep, BLOCK)
