@@ -112,8 +112,11 @@ class BatchStream:
         raise ValueError("the training data yields no full batch: it holds fewer rows than micro_batch_size")
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        """The next collated micro-batch."""
-        return self.collate_fn(self.next_rows())
+        """The next collated micro-batch (a collator with ``set_epoch`` learns the rows' epoch)."""
+        rows = self.next_rows()
+        if hasattr(self.collate_fn, "set_epoch"):
+            self.collate_fn.set_epoch(self.position.epoch)  # dynamic MLM masking per pass
+        return self.collate_fn(rows)
 
     # --------------------------------------------------------------------------- state
 

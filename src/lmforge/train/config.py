@@ -59,7 +59,8 @@ class LoopConfig:
         seed: base seed; step s runs under torch.manual_seed(seed + s) so resume is exact.
         log_every: log training metrics every N steps.
         eval_every: evaluate every N steps (0: only at the end).
-        eval_batches: evaluate on at most this many batches (null: the whole eval split).
+        eval_batches: periodic evaluations use at most this many batches (null: all); the last
+            evaluation always uses the whole eval split.
         save_every: checkpoint every N steps (0: only at the end and on interrupt).
         keep_last: keep this many most recent checkpoints.
         skip_nonfinite: skip optimizer steps whose loss is NaN/inf instead of stopping.

@@ -115,13 +115,14 @@ class Trainer:
         optim: optimizer and schedule settings.
         run_dir: where metrics.jsonl and checkpoints/ go.
         accelerator: from ``make_accelerator`` (one is created when None).
-        evaluate: called with the (prepared) model, returns metrics such as loss and bits_per_byte.
+        evaluate: called with the (prepared) model and ``final`` (True for the last evaluation, which
+            may use the whole eval split); returns metrics such as loss and bits_per_byte.
         flops_per_token: training FLOPs per token for the MFU estimate (None: not reported).
     """
 
     def __init__(self, model: nn.Module, train_data: BatchStream, config: LoopConfig, optim: OptimConfig,
                  run_dir: str | Path, *, accelerator: Any = None,
-                 evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+                 evaluate: Callable[[nn.Module, bool], dict[str, float]] | None = None,
                  flops_per_token: float | None = None):
         self.config = config
         self.run_dir = Path(run_dir)
@@ -275,7 +276,7 @@ class Trainer:
                         status = "time budget"
                         break
             if status != "interrupted":
-                self._evaluate(logger)
+                self._evaluate(logger, final=True)
             if self.last_checkpoint is None or self.last_checkpoint.name != f"step_{state.step}":
                 self._save()
         finally:
@@ -297,10 +298,10 @@ class Trainer:
             return flag
         return self._global_sum([float(flag)])[0] > 0
 
-    def _evaluate(self, logger: MetricsLogger) -> None:
+    def _evaluate(self, logger: MetricsLogger, final: bool = False) -> None:
         if self.evaluate_fn is None:
             return
-        self.last_eval = self.evaluate_fn(self.model)
+        self.last_eval = self.evaluate_fn(self.model, final)
         logger.log({"step": self.state.step, **{f"eval_{k}": v for k, v in self.last_eval.items()}})
         shown = ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items() if isinstance(v, float))
         logger.write(f"step {self.state.step}: eval {shown}")

@@ -142,8 +142,9 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         eval_ds = build_lm_dataset(data.source, tokenizer, data.block_size, split=data.eval_split, **common)
         byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size) if config.objective == "causal" else None
 
-        def evaluate(prepared_model: Any) -> dict[str, float]:
-            batches = eval_batches(eval_ds, config.train.micro_batch_size, collate, config.train.eval_batches)
+        def evaluate(prepared_model: Any, final: bool) -> dict[str, float]:
+            limit = None if final else config.train.eval_batches  # the last evaluation sees everything
+            batches = eval_batches(eval_ds, config.train.micro_batch_size, collate, limit)
             return evaluate_lm(prepared_model, batches, byte_lengths=byte_lengths, accelerator=accelerator)
 
     n_params = count_parameters(model)

@@ -1,0 +1,49 @@
+"""Tiny presets, corpora and tokenizers shared by the tests/test_train*.py files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from tests.pipeline_fixtures import bert_tokenizer, gpt_tokenizer, make_corpus
+
+# 2 layers, hidden 32: each family in its smallest useful form (dropout on, for resume tests)
+PRESETS = {
+    "gpt": {"model_type": "lmforge_gpt", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64,
+            "hidden_dropout": 0.1, "attention_dropout": 0.1},
+    "bert": {"model_type": "lmforge_bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 64, "max_position_embeddings": 64, "hidden_dropout": 0.1},
+    "mamba": {"model_type": "lmforge_mamba", "hidden_size": 32, "num_hidden_layers": 2, "state_size": 8},
+}
+
+
+def write_preset(folder: Path, family: str, **changes) -> Path:
+    path = Path(folder) / f"{family}-tiny.yaml"
+    path.write_text(yaml.safe_dump({**PRESETS[family], **changes}))
+    return path
+
+
+def write_corpus(folder: Path, n_train: int = 160, n_eval: int = 24) -> Path:
+    """A folder with train.jsonl / validation.jsonl of short random documents."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 1), ("validation", n_eval, 2)):
+        rows = [json.dumps({"text": t}) for t in make_corpus(n, seed=seed, max_words=40)]
+        (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def save_tokenizers(folder: Path) -> dict[str, Path]:
+    out = {}
+    for name, make in (("gpt", gpt_tokenizer), ("bert", bert_tokenizer)):
+        path = Path(folder) / f"tok-{name}"
+        make(make_corpus(200)).save_pretrained(path)
+        out[name] = path
+    return out
+
+
+__all__ = ["PRESETS", "bert_tokenizer", "gpt_tokenizer", "make_corpus", "save_tokenizers", "write_corpus",
+           "write_preset"]
