@@ -68,6 +68,8 @@ class LoopConfig:
         compile: wrap the model in torch.compile.
         peak_tflops: hardware peak for MFU (null: measured with a quick matmul on CPU).
         progress_bar: show a tqdm bar on the main process.
+        num_threads: torch CPU threads of this process (null: torch's default). On a shared or
+            busy machine 1 thread can be several times faster than oversubscribed cores.
     """
 
     micro_batch_size: int = 8
@@ -86,6 +88,7 @@ class LoopConfig:
     compile: bool = False
     peak_tflops: float | None = None
     progress_bar: bool = True
+    num_threads: int | None = None
 
     def __post_init__(self):
         for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "keep_last", "log_every"):

@@ -124,6 +124,8 @@ class Trainer:
                  run_dir: str | Path, *, accelerator: Any = None,
                  evaluate: Callable[[nn.Module, bool], dict[str, float]] | None = None,
                  flops_per_token: float | None = None):
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
         self.config = config
         self.run_dir = Path(run_dir)
         self.accelerator = accelerator or make_accelerator(run_dir, config.mixed_precision)
