@@ -94,13 +94,12 @@ def _collator(objective: str, tokenizer: Any, config: PretrainConfig) -> Any:
     return CausalLMCollator(pad if pad is not None else 0)
 
 
-def _distributed(accelerator: Any, model: Any, strategy: str) -> tuple[Any, str]:
-    """Refuse a misconfigured launch, shard when asked, and name what really runs."""
+def _distributed(accelerator: Any, model: Any, strategy: str) -> Any:
+    """Refuse a misconfigured launch and shard when asked (before the optimizer is built)."""
     from lmforge.train import distributed
 
     distributed.check_launch(accelerator)
-    model = distributed.shard_model(accelerator, model, strategy)
-    return model, distributed.strategy_name(accelerator, model)
+    return distributed.shard_model(accelerator, model, strategy)
 
 
 # ----------------------------------------------------------------------------------- the task
@@ -123,7 +122,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     tokenizer = load_tokenizer(config.data.tokenizer)
     model = build_model(config.objective, config.model.preset, tokenizer, overrides=config.model.overrides,
                         block_size=config.data.block_size, seed=config.train.seed)
-    model, strategy = _distributed(accelerator, model, config.distributed)
+    model = _distributed(accelerator, model, config.distributed)
 
     data = config.data
     common = dict(streaming=data.streaming, document_masks=data.document_masks, text_column=data.text_column,
@@ -155,6 +154,9 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
                       evaluate=evaluate, flops_per_token=fpt)
     if checkpoint is not None:
         trainer.resume(checkpoint)
+    from lmforge.train.distributed import strategy_name
+
+    strategy = strategy_name(accelerator, trainer.model)  # what really runs, after prepare
     if accelerator.is_main_process:
         print(f"lmforge pretrain: {type(model).__name__} {n_params / 1e6:.2f}M params, strategy {strategy}, "
               f"{accelerator.num_processes} process(es), run dir {run_dir}"
