@@ -104,17 +104,18 @@ class MambaMixer(nn.Module):
         x = F.silu(self._conv(x.transpose(1, 2), cache_params, seq_idx)).transpose(1, 2)  # (B, L, Di)
         if mask is not None:
             x = x * mask
-        dt, b, c = self._ssm_inputs(x)
-        a = -torch.exp(self.A_log.float())  # (Di, N)
+        f = _at_least_fp32(dtype)  # the SSM runs in float32 (float64 for float64 models)
+        dt, b, c = self._ssm_inputs(x, f)
+        a = -torch.exp(self.A_log.to(f))  # (Di, N)
 
         if ssm_state is not None and conv_state is not None and length == 1:  # O(1) decoding step
-            y, h = selective_state_step(ssm_state.float(), x[:, 0].float(), dt[:, 0], a, b[:, 0], c[:, 0])
+            y, h = selective_state_step(ssm_state.to(f), x[:, 0].to(f), dt[:, 0], a, b[:, 0], c[:, 0])
             y = y[:, None]  # (B, 1, Di)
         else:
-            y, h = self._scan(x, dt, a, b, c, ssm_state, seq_idx, want_state=cache_params is not None)
+            y, h = self._scan(x, dt, a, b, c, ssm_state, seq_idx)
         if cache_params is not None:
             cache_params.update_recurrent_state(h, self.layer_idx)
-        y = (y + x.float() * self.D.float()) * F.silu(z.float())
+        y = (y.to(f) + x.to(f) * self.D.to(f)) * F.silu(z.to(f))
         return self.out_proj(y.to(dtype))
 
     def _conv(self, x: torch.Tensor, cache_params: Cache | None, seq_idx: torch.Tensor | None):
@@ -130,22 +131,26 @@ class MambaMixer(nn.Module):
         out = F.conv1d(x, weight, bias, padding=self.kernel - 1, groups=self.inner)
         return out[..., : x.shape[-1]][..., -length:]
 
-    def _ssm_inputs(self, x: torch.Tensor):
-        """x (B, L, Di) -> dt (B, L, Di) float32 > 0, B and C (B, L, N) float32."""
+    def _ssm_inputs(self, x: torch.Tensor, f: torch.dtype):
+        """x (B, L, Di) -> dt (B, L, Di) > 0, B and C (B, L, N), all in dtype f."""
         dt, b, c = self.x_proj(x).split([self.rank, self.state_size, self.state_size], dim=-1)
-        dt = F.softplus(F.linear(dt.float(), self.dt_proj.weight.float(), self.dt_proj.bias.float()))
-        return dt, b.float(), c.float()
+        dt = F.softplus(F.linear(dt.to(f), self.dt_proj.weight.to(f), self.dt_proj.bias.to(f)))
+        return dt, b.to(f), c.to(f)
 
-    def _scan(self, x, dt, a, b, c, h0, seq_idx, want_state: bool):
+    def _scan(self, x, dt, a, b, c, h0, seq_idx):
         """Full-sequence scan: CUDA kernel when usable, else the chunked PyTorch scan."""
         if h0 is None and seq_idx is None and _use_kernels(x):
             y, h = selective_scan_fn(
                 x.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(), a,
                 b.transpose(1, 2).contiguous(), c.transpose(1, 2).contiguous(), return_last_state=True,
             )
-            return y.transpose(1, 2).float(), h.float()
+            return y.transpose(1, 2).float(), h.float()  # kernels: float32 or lower inputs only
         reset = None if seq_idx is None else seq_idx_to_reset(seq_idx)
         return selective_scan(x, dt, a, b, c, h0=h0, reset=reset, chunk_size=self.config.scan_chunk_size)
+
+
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _use_kernels(x: torch.Tensor) -> bool:
@@ -162,7 +167,7 @@ class MambaBlock(GradientCheckpointingLayer):
         self.mixer = MambaMixer(config, layer_idx)
 
     def forward(self, hidden_states, cache_params=None, attention_mask=None, seq_idx=None):
-        residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
+        residual = hidden_states.to(_at_least_fp32(hidden_states.dtype)) if self.residual_in_fp32 else hidden_states
         hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype))
         return residual + self.mixer(hidden_states, cache_params, attention_mask, seq_idx)
 
@@ -354,7 +359,8 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             attention_mask=attention_mask, seq_idx=seq_idx, output_hidden_states=output_hidden_states,
         )
         hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
+        logits = logits.to(_at_least_fp32(logits.dtype))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
