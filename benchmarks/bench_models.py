@@ -1,0 +1,468 @@
+"""Side-by-side model benchmarks: each lmforge family against its transformers reference.
+
+    python benchmarks/bench_models.py                 # every family
+    python benchmarks/bench_models.py --family gpt    # one family (gpt, and bert / mamba when added)
+    python benchmarks/bench_models.py --quick         # fewer repetitions (smoke run)
+
+Timings interleave the two implementations in one process, alternating which goes first, and
+report medians; ratios > 1 mean lmforge is faster. Each family writes
+benchmarks/results/models_<family>.json. To add a family: write ``bench_<family>(args) -> dict``
+below (use ``interleaved`` and ``report``) and add it to ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ------------------------------------------------------------------------- shared helpers
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Time each callable ``reps`` times, interleaved; the order alternates every repetition.
+
+    Returns seconds per call for each name. ``warmup`` untimed rounds run first.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        order = names if rep % 2 == 0 else names[::-1]
+        for name in order:
+            gc.collect()
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def report(title: str, times: dict[str, list[float]], ours: str, ref: str, unit_work: float = 1.0, unit: str = "s") -> dict:
+    """Print medians and the speed ratio ref/ours (> 1: ours faster); return a JSON-able summary.
+
+    With ``unit_work`` (e.g. tokens per call) the medians are also printed as work per second.
+    """
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    ratio = med[ref] / med[ours]
+    line = f"{title}: " + ", ".join(f"{name} {med[name]:.4f} s" for name in times)
+    if unit_work != 1.0:
+        line += " | " + ", ".join(f"{name} {unit_work / med[name]:.1f} {unit}/s" for name in times)
+    print(f"{line} | speedup {ratio:.3f}x (median of {len(times[ours])} interleaved reps)", flush=True)
+    return {"median_s": med, "speedup": ratio, "reps": len(times[ours]), "all_s": times}
+
+
+def write_results(family: str, results: dict) -> Path:
+    """Write benchmarks/results/models_<family>.json with the machine description."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"models_{family}.json"
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    path.write_text(json.dumps({"meta": meta, **results}, indent=2, default=str))
+    print(f"wrote {path}")
+    return path
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB (Linux reports KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------------------------ GPT
+
+GPT_BENCH = dict(
+    vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+    bos_token_id=None, eos_token_id=None, pad_token_id=0,
+)
+
+
+def _gpt_pair(seed: int = 0):
+    """(lmforge GPTForCausalLM, LlamaForCausalLM) with identical weights (fp32, sdpa)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmforge.models.convert import from_hf
+
+    torch.manual_seed(seed)
+    llama = LlamaForCausalLM(LlamaConfig(**GPT_BENCH))
+    ours = from_hf(llama)
+    for model in (ours, llama):
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = 0
+    return ours, llama
+
+
+def _gpt_train_step(model, opt, ids):
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _gpt_generate(model, prompt, new_tokens: int, use_cache: bool = True):
+    def run():
+        with torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, use_cache=use_cache)
+        assert out.shape[1] == prompt.shape[1] + new_tokens
+        return out
+
+    return run
+
+
+def _gpt_memory_probe(new_tokens: int, batch: int) -> None:
+    """Child process: decode ``new_tokens`` and print peak RSS and RSS samples along the way (JSON)."""
+    ours, _ = _gpt_pair()
+    ours.eval()
+    prompt = torch.randint(1, 8192, (batch, 16), generator=torch.Generator().manual_seed(0))
+    samples = []
+    with torch.no_grad():
+        out = ours(prompt, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for step in range(new_tokens):
+            out = ours(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            if (step + 1) % 256 == 0:
+                gc.collect()
+                rss = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+                samples.append((step + 1, rss))
+    print(json.dumps({"peak_mb": peak_rss_mb(), "samples": samples}))
+
+
+def _gpt_memory(args) -> dict:
+    """Peak memory of decoding 256..2048 tokens (fresh process each) and RSS along one 2048-token decode."""
+    batch = 4
+    cfg = GPT_BENCH
+    kv_bytes_per_token = cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * (
+        cfg["hidden_size"] // cfg["num_attention_heads"]) * 4 * batch
+    lengths = [512, 2048] if args.quick else [256, 512, 1024, 2048]
+    peaks, samples = {}, []
+    for n in lengths:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--_memory-probe", str(n), "--_batch", str(batch)],
+            capture_output=True, text=True, check=True,
+        )
+        probe = json.loads(proc.stdout.strip().splitlines()[-1])
+        peaks[n] = probe["peak_mb"]
+        samples = probe["samples"]  # keep the longest run's samples
+    base = peaks[lengths[0]]
+    print(f"GPT decode memory (batch {batch}; KV cache {kv_bytes_per_token / 1024:.0f} KiB/token):")
+    for n in lengths:
+        expected = (n - lengths[0]) * kv_bytes_per_token / 2**20
+        print(f"  {n:5d} tokens: peak RSS {peaks[n]:.1f} MB (+{peaks[n] - base:.1f} MB; KV cache growth {expected:.1f} MB)")
+    growth = [(s, rss - samples[0][1]) for s, rss in samples]
+    print("  RSS along one 2048-token decode (step, MB above step 256): "
+          + ", ".join(f"{s}:{g:+.1f}" for s, g in growth))
+    return {"batch": batch, "kv_cache_bytes_per_token": kv_bytes_per_token, "peak_rss_mb": peaks,
+            "rss_samples_mb": samples}
+
+
+def bench_gpt(args) -> dict:
+    """lmforge GPT vs LlamaForCausalLM (same weights): train step, greedy generate, cache speedup, memory."""
+    results = {"config": GPT_BENCH}
+    ours, llama = _gpt_pair()
+
+    # 1. training step: fp32, B=8, T=256, AdamW with identical settings on both sides
+    ids = torch.randint(0, 8192, (8, 256), generator=torch.Generator().manual_seed(0))
+    ours.train()
+    llama.train()
+    opt_kw = dict(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
+    steps = {
+        "lmforge": _gpt_train_step(ours, torch.optim.AdamW(ours.parameters(), **opt_kw), ids),
+        "llama": _gpt_train_step(llama, torch.optim.AdamW(llama.parameters(), **opt_kw), ids),
+    }
+    times = interleaved(steps, reps=4 if args.quick else 15, warmup=1)
+    results["train_step"] = report("GPT train step B8 T256", times, "lmforge", "llama", unit_work=8 * 256, unit="tok")
+
+    # 2. greedy generate 256 tokens from a 16-token prompt
+    ours.eval()
+    llama.eval()
+    prompt = torch.randint(1, 8192, (1, 16), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(_gpt_generate(ours, prompt, 32)(), _gpt_generate(llama, prompt, 32)())
+    gens = {"lmforge": _gpt_generate(ours, prompt, 256), "llama": _gpt_generate(llama, prompt, 256)}
+    times = interleaved(gens, reps=3 if args.quick else 9, warmup=1)
+    results["generate_256"] = report("GPT greedy generate 256", times, "lmforge", "llama", unit_work=256, unit="tok")
+
+    # 3. lmforge with vs without the KV cache
+    n_new = 256 if args.quick else 1024
+    cache_runs = {"cache": _gpt_generate(ours, prompt, n_new), "no_cache": _gpt_generate(ours, prompt, n_new, use_cache=False)}
+    times = interleaved(cache_runs, reps=1 if args.quick else 2, warmup=0)
+    results[f"cache_vs_no_cache_{n_new}"] = report(
+        f"GPT generate {n_new}, cache vs no cache", times, "cache", "no_cache", unit_work=n_new, unit="tok")
+
+    # 4. peak memory of long decodes
+    results["decode_memory"] = _gpt_memory(args)
+    return results
+
+
+# ----------------------------------------------------------------------------------- BERT
+
+BERT_BENCH = dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  intermediate_size=1024, max_position_embeddings=512)
+
+
+def _bert_mlm_batch(batch: int = 8, length: int = 256, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random ids with 15% of positions masked ([MASK] = 4) and labelled; the rest -100."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, BERT_BENCH["vocab_size"], (batch, length), generator=g)
+    chosen = torch.rand(ids.shape, generator=g) < 0.15
+    return {"input_ids": ids.masked_fill(chosen, 4), "attention_mask": torch.ones_like(ids),
+            "token_type_ids": torch.zeros_like(ids), "labels": ids.masked_fill(~chosen, -100)}
+
+
+def _bert_mlm_step(model, opt, batch):
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        opt.step()
+
+    return step
+
+
+def bench_bert(args) -> dict:
+    """MLM training step (fp32, B8 T256): lmforge classic vs BertForMaskedLM (same weights), modern beside."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from lmforge.models import LmforgeBertConfig, LmforgeBertForMaskedLM
+    from lmforge.models.convert import from_hf
+
+    torch.manual_seed(0)
+    hf = BertForMaskedLM(BertConfig(**BERT_BENCH, type_vocab_size=2, pad_token_id=0)).train()
+    classic = from_hf(hf).train()  # identical weights, dropout 0.1 on both
+    modern = LmforgeBertForMaskedLM(LmforgeBertConfig.from_preset("modern", **BERT_BENCH)).train()
+    batch = _bert_mlm_batch()
+    with torch.no_grad():  # same weights, same function (dropout off for the check)
+        hf.eval(), classic.eval()
+        torch.testing.assert_close(classic(**batch).loss, hf(**batch).loss, atol=1e-5, rtol=0)
+        hf.train(), classic.train()
+    opt_kw = dict(lr=1e-4, weight_decay=0.01)
+    steps = {
+        "lmforge_classic": _bert_mlm_step(classic, torch.optim.AdamW(classic.parameters(), **opt_kw), batch),
+        "transformers_bert": _bert_mlm_step(hf, torch.optim.AdamW(hf.parameters(), **opt_kw), batch),
+        "lmforge_modern": _bert_mlm_step(modern, torch.optim.AdamW(modern.parameters(), **opt_kw), batch),
+    }
+    times = interleaved(steps, reps=4 if args.quick else 15, warmup=2)
+    tokens = 8 * 256
+    result = report("BERT MLM train step B8 T256", times, "lmforge_classic", "transformers_bert",
+                    unit_work=tokens, unit="tok")
+    med = result["median_s"]
+    result["modern_vs_transformers"] = med["transformers_bert"] / med["lmforge_modern"]
+    result["params"] = {name: sum(p.numel() for p in m.parameters())
+                        for name, m in (("lmforge_classic", classic), ("transformers_bert", hf), ("lmforge_modern", modern))}
+    print(f"  modern preset: {tokens / med['lmforge_modern']:.0f} tok/s "
+          f"({result['modern_vs_transformers']:.3f}x transformers BERT; params {result['params']})", flush=True)
+    return {"config": {**BERT_BENCH, "batch": 8, "seq_len": 256, "mlm_probability": 0.15}, "mlm_train_step": result}
+
+
+# ---------------------------------------------------------------------------------- Mamba
+
+MAMBA_BENCH = dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, state_size=16, expand=2,
+                   pad_token_id=0, bos_token_id=None, eos_token_id=None)
+# lmforge GPT with about the same parameter count (tied embeddings, narrower MLP): 3.81M vs 3.85M
+MAMBA_GPT_PEER = dict(vocab_size=8192, hidden_size=256, intermediate_size=344, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=True, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+
+
+def _mamba_pair(seed: int = 0):
+    """(lmforge MambaForCausalLM, transformers MambaForCausalLM(use_mambapy=False)), same weights."""
+    from lmforge.models import MambaConfig, MambaForCausalLM
+    from lmforge.models.convert import to_hf
+
+    torch.manual_seed(seed)
+    ours = MambaForCausalLM(MambaConfig(**MAMBA_BENCH))
+    ref = to_hf(ours)
+    assert not ref.config.use_mambapy
+    for model in (ours, ref):
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = 0
+    return ours, ref
+
+
+def _mamba_train_step(model, ids):
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+    return step
+
+
+def _mamba_train_memory_probe(kind: str) -> None:
+    """Child process: peak RSS added by one training step of ``kind`` (lmforge or transformers), JSON."""
+    ours, ref = _mamba_pair()
+    model = (ours if kind == "lmforge" else ref).train()
+    del ours, ref
+    ids = torch.randint(0, 8192, (8, 256), generator=torch.Generator().manual_seed(0))
+    gc.collect()
+    before = peak_rss_mb()
+    _mamba_train_step(model, ids)()
+    print(json.dumps({"step_peak_mb": peak_rss_mb() - before}))
+
+
+def _mamba_child(fn: str, *args) -> dict:
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+            f"import bench_models; bench_models.{fn}(*{args!r})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _mamba_train(args) -> dict:
+    """Training step fp32 B8 T256: lmforge (chunked scan) vs transformers' CPU path (~50 s/step)."""
+    ours, ref = _mamba_pair()
+    ours.train()
+    ref.train()
+    ids = torch.randint(0, 8192, (8, 256), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # same function before timing it
+        torch.testing.assert_close(ours(ids, labels=ids).loss, ref(ids, labels=ids).loss, atol=1e-4, rtol=0)
+    steps = {"lmforge": _mamba_train_step(ours, ids), "transformers": _mamba_train_step(ref, ids)}
+    steps["lmforge"]()  # warm-up for lmforge only: one reference step takes ~50 s
+    reps = 1 if args.quick else 2
+    times = interleaved(steps, reps=reps, warmup=0)
+    times["lmforge"] += interleaved({"lmforge": steps["lmforge"]}, reps=4 if args.quick else 8, warmup=0)["lmforge"]
+    times["transformers"] = times["transformers"] * (len(times["lmforge"]) // len(times["transformers"]))
+    result = report("Mamba train step B8 T256", times, "lmforge", "transformers", unit_work=8 * 256, unit="tok")
+    result["note"] = (f"{reps} transformers reps interleaved with lmforge reps, then more lmforge reps; "
+                      "transformers times repeated to equal counts for the median")
+    result["step_peak_rss_mb"] = {kind: _mamba_child("_mamba_train_memory_probe", kind)["step_peak_mb"]
+                                  for kind in ("lmforge", "transformers")}
+    print(f"  peak RSS added by one step: {result['step_peak_rss_mb']}", flush=True)
+    return result
+
+
+def _mamba_decode_step(model, cache, token):
+    def run():
+        with torch.no_grad():
+            return model(token, cache_params=cache, use_cache=True).logits
+
+    return run
+
+
+def _mamba_cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers
+               for t in (*layer.conv_states.values(), *layer.recurrent_states.values()) if t is not None)
+
+
+def _mamba_decode(args) -> dict:
+    """Per-token decode latency after a 64- vs 4096-token prompt; state size and RSS along a long decode."""
+    ours, _ = _mamba_pair()
+    ours.eval()
+    runs, sizes = {}, {}
+    for ctx in (64, 4096):
+        prompt = torch.randint(1, 8192, (1, ctx), generator=torch.Generator().manual_seed(ctx))
+        with torch.no_grad():
+            cache = ours(prompt, use_cache=True).cache_params
+        sizes[ctx] = _mamba_cache_bytes(cache)
+        # each timed call decodes 32 tokens (feeding the same token keeps the state size fixed)
+        step = _mamba_decode_step(ours, cache, prompt[:, -1:])
+        runs[f"ctx{ctx}"] = lambda step=step: [step() for _ in range(32)]
+    times = interleaved(runs, reps=5 if args.quick else 15, warmup=1)
+    times = {name: [t / 32 for t in ts] for name, ts in times.items()}
+    result = report("Mamba decode latency per token, ctx 64 vs 4096", times, "ctx64", "ctx4096")
+    result["ratio_ctx4096_over_ctx64"] = 1 / result["speedup"]
+    result["cache_bytes"] = sizes
+    # RSS along a 2048-token decode from a 64-token prompt
+    prompt = torch.randint(1, 8192, (1, 64), generator=torch.Generator().manual_seed(7))
+    samples = []
+    with torch.no_grad():
+        out = ours(prompt, use_cache=True)
+        for i in range(2048):
+            out = ours(out.logits[:, -1:].argmax(-1), cache_params=out.cache_params, use_cache=True)
+            if (i + 1) % 512 == 0:
+                gc.collect()
+                samples.append((i + 1, int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20))
+    result["rss_mb_along_decode"] = samples
+    print(f"  state bytes after ctx 64 / 4096: {sizes[64]} / {sizes[4096]}; RSS (step, MB) along a 2048-token "
+          f"decode: {', '.join(f'{s}:{r:.1f}' for s, r in samples)}", flush=True)
+    return result
+
+
+def _mamba_generate(model, prompt, new_tokens: int):
+    def run():
+        with torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+        assert out.shape[1] == prompt.shape[1] + new_tokens
+        return out
+
+    return run
+
+
+def _mamba_prefill_generate(args) -> dict:
+    """Prefill 256 + greedy-generate 256 tokens: lmforge Mamba vs transformers Mamba vs lmforge GPT."""
+    from lmforge.models import GPTConfig, GPTForCausalLM
+
+    ours, ref = _mamba_pair()
+    torch.manual_seed(0)
+    gpt = GPTForCausalLM(GPTConfig(**MAMBA_GPT_PEER))
+    gpt.generation_config.eos_token_id, gpt.generation_config.pad_token_id = None, 0
+    models = {"lmforge_mamba": ours.eval(), "transformers_mamba": ref.eval(), "lmforge_gpt": gpt.eval()}
+    prompt = torch.randint(1, 8192, (1, 256), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(_mamba_generate(ours, prompt, 16)(), _mamba_generate(ref, prompt, 16)())
+    gens = {name: _mamba_generate(m, prompt, 256) for name, m in models.items()}
+    times = interleaved(gens, reps=3 if args.quick else 7, warmup=1)
+    result = report("Prefill 256 + generate 256", times, "lmforge_mamba", "transformers_mamba",
+                    unit_work=256, unit="new tok")
+    result["vs_lmforge_gpt"] = result["median_s"]["lmforge_gpt"] / result["median_s"]["lmforge_mamba"]
+    result["params"] = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    print(f"  lmforge Mamba vs lmforge GPT ({result['params']}): {result['vs_lmforge_gpt']:.3f}x", flush=True)
+    return result
+
+
+def bench_mamba(args) -> dict:
+    """lmforge Mamba vs transformers MambaForCausalLM: train step + memory, decode latency, generate."""
+    return {
+        "config": MAMBA_BENCH,
+        "prefill_generate_256": _mamba_prefill_generate(args),
+        "decode": _mamba_decode(args),
+        "train_step": _mamba_train(args),
+    }
+
+
+# --------------------------------------------------------------------------------- driver
+
+# family name -> benchmark function returning a JSON-able dict. BERT and Mamba add theirs here.
+FAMILIES: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "gpt": bench_gpt,
+    "bert": bench_bert,
+    "mamba": bench_mamba,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=sorted(FAMILIES), action="append", help="family to run (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--_memory-probe", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_batch", type=int, default=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._memory_probe is not None:
+        _gpt_memory_probe(args._memory_probe, args._batch)
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of interleaved reps "
+          "(the machine may be shared: expect noise)")
+    for family in args.family or list(FAMILIES):
+        write_results(family, FAMILIES[family](args))
+
+
+if __name__ == "__main__":
+    main()
