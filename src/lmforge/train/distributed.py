@@ -156,7 +156,7 @@ def _save_full_state(accelerator: Any, models: list[nn.Module], weights: list[di
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     for i, model, opts in _sharded_pairs(accelerator, models):
-        weights[i] = get_model_state_dict(model, options=options)  # collective
+        weights[i] = _drop_tied(model, get_model_state_dict(model, options=options))  # collective
         for opt in opts:
             full = get_optimizer_state_dict(model, opt.optimizer, options=options)  # collective
             opt.state_dict = partial(_once, full, opt)  # what accelerate writes next
@@ -268,8 +268,16 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         return inner.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                broadcast_from_rank0=False))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return _drop_tied(model, state)
+
+
+def _drop_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gathering turns tied weights (embeddings = LM head) into separate copies: keep one name,
+    as an unsharded model's checkpoint would."""
+    for name in _tied_keys(model):
+        state.pop(name, None)
+    return state
 
 
 def world_size_mismatch_message(checkpoint: str, saved: int, current: int) -> str:

@@ -1,0 +1,214 @@
+"""Multi-process training on CPU through ``lmforge pretrain``: 2-process DDP equals one process with
+the same global batch, FSDP2 (lmforge's fully_shard) equals DDP with really sharded parameters,
+and a launch where accelerate sees only one of several processes is refused. Plus unit tests of
+lmforge.train.distributed and the shipped accelerate configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lmforge.data.packing import pack
+from lmforge.errors import LmforgeError
+from lmforge.train import distributed as dist_mod
+from tests.pipeline_fixtures import gpt_tokenizer, make_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BLOCK, GLOBAL_BATCH, STEPS = 32, 4, 4
+
+
+# --------------------------------------------------------------------------- units
+
+
+def _acc(n: int = 1, kind: str = "NO") -> SimpleNamespace:
+    return SimpleNamespace(num_processes=n, distributed_type=f"DistributedType.{kind}",
+                           device=torch.device("cpu"), state=SimpleNamespace())
+
+
+def test_check_launch_refuses_processes_accelerate_cannot_see():
+    with pytest.raises(LmforgeError, match="ACCELERATE_USE_CPU=1") as e:
+        dist_mod.check_launch(_acc(1), env={"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})
+    assert "started 2 processes" in str(e.value) and "WORLD_SIZE=2" in str(e.value)
+    dist_mod.check_launch(_acc(1), env={})  # plain single process
+    dist_mod.check_launch(_acc(1), env={"WORLD_SIZE": "1"})
+    dist_mod.check_launch(_acc(2, "MULTI_CPU"), env={"WORLD_SIZE": "2"})
+
+
+def test_shard_model_refuses_what_cannot_run_here():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(LmforgeError, match="DeepSpeed"):
+        dist_mod.shard_model(_acc(2, "MULTI_CPU"), model, "deepspeed")
+    with pytest.raises(LmforgeError, match="valid: ddp, fsdp, deepspeed"):
+        dist_mod.shard_model(_acc(), model, "zero")
+    assert dist_mod.shard_model(_acc(), model, "fsdp") is model  # one process: nothing to shard
+    assert dist_mod.strategy_name(_acc(), model) == "single process (cpu)"
+
+
+def test_world_size_mismatch_on_resume_explains_what_changes():
+    with pytest.raises(LmforgeError) as e:
+        dist_mod.check_resume_world_size("runs/x/checkpoints/step_10", saved=2, current=4)
+    message = str(e.value)
+    assert "2 process(es) but this run has 4" in message and "global batch" in message
+    assert "--num_processes 2" in message
+    dist_mod.check_resume_world_size("ckpt", saved=2, current=2)
+
+
+def test_transformer_blocks_found_from_no_split_modules():
+    from lmforge.models import GPTConfig, GPTForCausalLM
+
+    model = GPTForCausalLM(GPTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2))
+    assert [type(b).__name__ for b in dist_mod.transformer_blocks(model)] == ["TransformerBlock"] * 3
+
+
+@pytest.mark.parametrize("name", ["cpu_multiprocess", "single_gpu", "multi_gpu_ddp", "fsdp2",
+                                  "deepspeed_zero2", "deepspeed_zero3"])
+def test_accelerate_configs_are_valid(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    expected = {"cpu_multiprocess": "MULTI_GPU", "single_gpu": "NO", "multi_gpu_ddp": "MULTI_GPU",
+                "fsdp2": "FSDP", "deepspeed_zero2": "DEEPSPEED", "deepspeed_zero3": "DEEPSPEED"}[name]
+    assert str(config.distributed_type).endswith(expected)
+    if name == "fsdp2":
+        assert str(config.fsdp_config["fsdp_version"]) == "2"
+    if name.startswith("deepspeed"):
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
+
+
+# --------------------------------------------------------------------------- launches
+
+
+@pytest.fixture(scope="module")
+def run_config(tmp_path_factory) -> Path:
+    """A tokenizer, a corpus that packs into exactly GLOBAL_BATCH rows (so one process with batch
+    4 and two with batch 2 each see the same global batch at every step, whatever the shuffling),
+    and a tiny GPT pretraining config."""
+    tmp = tmp_path_factory.mktemp("dist")
+    tok = gpt_tokenizer(make_corpus(100, seed=1))
+    tok.save_pretrained(tmp / "tok")
+    docs, total = [], 0
+    for doc in make_corpus(200, seed=5, max_words=8):
+        n = len(tok(doc, add_special_tokens=False)["input_ids"]) + 1
+        if total + n <= GLOBAL_BATCH * BLOCK:
+            docs.append(doc)
+            total += n
+    ids = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
+    assert len(pack(ids, BLOCK, tok.eos_token_id)["input_ids"]) == GLOBAL_BATCH
+    (tmp / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    config = {
+        "objective": "causal", "overwrite": True,
+        "model": {"preset": "gpt-debug", "overrides": {"hidden_size": 32, "intermediate_size": 64}},
+        "data": {"source": str(tmp / "corpus.jsonl"), "tokenizer": str(tmp / "tok"), "block_size": BLOCK,
+                 "eval_split": None},
+        "train": {"micro_batch_size": GLOBAL_BATCH, "max_steps": STEPS, "log_every": 1, "eval_every": 1000,
+                  "save_every": 2, "progress_bar": False},
+        "optim": {"lr": 3e-3, "warmup_steps": 0},
+    }
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config))
+    return tmp
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1")
+    return env
+
+
+def _launch(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def _pretrain_args(cfg: Path, out: Path, *extra: str) -> list[str]:
+    return ["pretrain", "--config", str(cfg / "config.yaml"), "--output-dir", str(out), *extra]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def _accelerate(cfg: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "cpu_multiprocess.yaml"), "-m", "lmforge.cli",
+           *_pretrain_args(cfg, out, "--train.micro-batch-size", str(GLOBAL_BATCH // 2), *extra)]
+    result = _launch(cmd, {**_env(), "ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def single_run(run_config) -> Path:
+    from lmforge.cli import main
+
+    out = run_config / "single"
+    assert main(_pretrain_args(run_config, out)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_run(run_config) -> tuple[Path, str]:
+    out = run_config / "ddp"
+    return out, _accelerate(run_config, out).stdout
+
+
+def test_two_processes_match_one_process(single_run, ddp_run):
+    ddp_dir, stdout = ddp_run
+    assert "strategy ddp (2 processes, gloo)" in stdout
+    one, two = _losses(single_run), _losses(ddp_dir)
+    assert len(one) == len(two) == STEPS
+    assert two == pytest.approx(one, rel=1e-5)
+    assert one[-1] < one[0]
+
+
+def test_fsdp_matches_ddp_with_sharded_parameters(run_config, ddp_run):
+    ddp_dir, _ = ddp_run
+    out = run_config / "fsdp"
+    stdout = _accelerate(run_config, out, "--distributed", "fsdp").stdout
+    # strategy_name says fsdp2 only when the parameters are torch DTensor shards (is_sharded)
+    assert "strategy fsdp2 (2 processes, gloo, fully_shard by lmforge)" in stdout
+    assert _losses(out) == pytest.approx(_losses(ddp_dir), rel=1e-5)
+    # the checkpoint and the final model hold full tensors, equal to DDP's
+    for rel in ("final/model.safetensors", f"checkpoints/step_{STEPS}/model.safetensors"):
+        sharded, plain = load_file(out / rel), load_file(ddp_dir / rel)
+        assert sharded.keys() == plain.keys()
+        for key in plain:
+            torch.testing.assert_close(sharded[key], plain[key], rtol=1e-5, atol=1e-6)
+
+
+_REFUSED = """
+from accelerate import Accelerator
+from lmforge.errors import LmforgeError
+from lmforge.train.distributed import check_launch
+accelerator = Accelerator()
+print("accelerate sees", accelerator.num_processes, flush=True)
+try:
+    check_launch(accelerator)
+except LmforgeError as e:
+    raise SystemExit(f"refused: {e}")
+print("accepted", flush=True)
+"""
+
+
+def test_launch_accelerate_cannot_see_is_refused(tmp_path):
+    """torchrun starts 2 processes; without ACCELERATE_USE_CPU=1 on this GPU-less machine
+    accelerate sees one per process and check_launch (which `lmforge pretrain` calls before
+    building anything to train) refuses."""
+    script = tmp_path / "launch_check.py"
+    script.write_text(_REFUSED)
+    env = _env()
+    env.pop("ACCELERATE_USE_CPU", None)
+    result = _launch([str(BIN / "torchrun"), "--nproc_per_node", "2", str(script)], env)
+    assert result.returncode != 0
+    assert result.stdout.count("accelerate sees 1") == 2 and "accepted" not in result.stdout
+    assert "the launcher started 2 processes" in result.stderr and "ACCELERATE_USE_CPU=1" in result.stderr
