@@ -13,8 +13,10 @@
    ``Tokenizer.encode_batch`` (and raw plus converting the ids to Python lists, which the
    wrapper has to do).
 
-Repetitions are interleaved and alternate which side goes first; medians are reported. Ratios
-are lmforge time / reference time (> 1 means lmforge is slower). JSON goes to
+Repetitions are interleaved and alternate which side goes first; medians of wall time and of
+process CPU time (all threads; steadier on a shared machine) are reported. Ratios are lmforge
+time / reference time (> 1 means lmforge is slower). Training runs ``--reps`` rounds for
+Unigram and two more for BPE and WordPiece. JSON goes to
 benchmarks/results/bench_tokenizers.json.
 """
 
@@ -35,14 +37,17 @@ VOCAB = 8192
 
 
 def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, ``reps`` rounds, alternating the order every round."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    """Wall seconds per call of each function, ``reps`` rounds, alternating the order every
+    round. CPU seconds of the whole process (all threads) go under ``<name>_cpu``: on a shared,
+    loaded machine they are far less noisy than wall time."""
+    times: dict[str, list[float]] = {}
     names = list(fns)
     for rep in range(reps):
         for name in names if rep % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             fns[name]()
-            times[name].append(time.perf_counter() - start)
+            times.setdefault(name, []).append(time.perf_counter() - start)
+            times.setdefault(f"{name}_cpu", []).append(time.process_time() - cpu)
     return times
 
 
@@ -94,7 +99,7 @@ def raw_tokenizers_pipeline(algorithm: str, texts: list[str], vocab: int, specia
         tok = Tokenizer(models.Unigram())
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated"),
-            pre_tokenizers.Metaspace(prepend_scheme="first")])
+            pre_tokenizers.Metaspace(prepend_scheme="never")])
         trainer = trainers.UnigramTrainer(vocab_size=vocab - 256, special_tokens=specials, unk_token="<unk>",
                                           show_progress=False)
         tok.train_from_iterator(batches(), trainer=trainer, length=len(texts))
@@ -102,8 +107,7 @@ def raw_tokenizers_pipeline(algorithm: str, texts: list[str], vocab: int, specia
         floor = min(s for _, s in state["vocab"]) - 1.0
         tok.model = models.Unigram([tuple(v) for v in state["vocab"]] + [(f"<0x{b:02X}>", floor) for b in range(256)],
                                    unk_id=state["unk_id"], byte_fallback=True)
-        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     return tok
 
 
@@ -145,11 +149,15 @@ def bench_training(train_ds, texts: list[str], valid: list[str], reps: int) -> d
         }
         if algorithm == "unigram":
             fns["sentencepiece"] = lambda: models.__setitem__("sentencepiece", train_sentencepiece(lines, VOCAB))
-        times = interleaved(fns, reps)
+        times = interleaved(fns, reps if algorithm == "unigram" else reps + 2)
         lm, ref = median(times["lmforge"]), median(times["tokenizers"])
-        out[algorithm] = {"lmforge_s": lm, "tokenizers_s": ref, "ratio": lm / ref, "times": times}
-        print(f"train {algorithm:<9} lmforge {lm:7.2f} s  tokenizers {ref:7.2f} s  "
-              f"overhead {100 * (lm / ref - 1):+.1f}%")
+        lm_cpu, ref_cpu = median(times["lmforge_cpu"]), median(times["tokenizers_cpu"])
+        out[algorithm] = {"lmforge_s": lm, "tokenizers_s": ref, "ratio": lm / ref,
+                          "lmforge_cpu_s": lm_cpu, "tokenizers_cpu_s": ref_cpu, "cpu_ratio": lm_cpu / ref_cpu,
+                          "times": times}
+        print(f"train {algorithm:<9} wall: lmforge {lm:7.2f} s  tokenizers {ref:7.2f} s  overhead "
+              f"{100 * (lm / ref - 1):+.1f}%  | cpu: {lm_cpu:7.2f} s vs {ref_cpu:7.2f} s  "
+              f"overhead {100 * (lm_cpu / ref_cpu - 1):+.1f}%")
     out["unigram_vs_sentencepiece"] = compare_sentencepiece(models, times, valid)
     return out
 
@@ -169,8 +177,11 @@ def compare_sentencepiece(models: dict, times: dict[str, list[float]], valid: li
         "docs": len(valid), "times": times,
     }
     res["time_ratio"] = res["lmforge_s"] / res["sentencepiece_s"]
+    res["lmforge_cpu_s"] = median(times["lmforge_cpu"])
+    res["sentencepiece_cpu_s"] = median(times["sentencepiece_cpu"])
+    res["cpu_ratio"] = res["lmforge_cpu_s"] / res["sentencepiece_cpu_s"]
     print(f"unigram   lmforge {res['lmforge_s']:7.2f} s  sentencepiece {res['sentencepiece_s']:7.2f} s  "
-          f"ratio {res['time_ratio']:.2f}; bytes/token {res['lmforge_bytes_per_token']:.3f} vs "
+          f"ratio {res['time_ratio']:.2f} (cpu {res['cpu_ratio']:.2f}); bytes/token {res['lmforge_bytes_per_token']:.3f} vs "
           f"{res['sentencepiece_bytes_per_token']:.3f}; exact docs {res['lmforge_exact_docs']} vs "
           f"{res['sentencepiece_exact_docs']} of {len(valid)}")
     return res

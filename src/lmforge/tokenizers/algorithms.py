@@ -7,11 +7,12 @@ trained model into the final one. ``post_processor`` adds the preset's template.
   256 byte symbols are in the vocabulary; without it unseen bytes are silently dropped.
 - WordPiece: BERT-style normalizer (lowercase / accent stripping optional), BERT
   pre-tokenizer, ``##`` continuation pieces and the WordPiece decoder.
-- Unigram: SentencePiece-style Metaspace, with newlines split off as their own pieces. The
-  ``UnigramTrainer`` has no byte-fallback flag, so it trains ``vocab_size - 256`` pieces and the
-  model is rebuilt with the 256 ``<0x00>``..``<0xFF>`` byte pieces and ``byte_fallback=True``.
-  The decoder is ``Replace("▁", " ") -> ByteFallback -> Fuse -> Strip(1 leading space)``
-  (a Metaspace decoder placed after ByteFallback would remove all spaces).
+- Unigram: SentencePiece-style Metaspace (spaces become "▁"), with newline runs split off as
+  their own pieces and no dummy prefix. The ``UnigramTrainer`` has no byte-fallback flag, so it
+  trains ``vocab_size - 256`` pieces and the model is rebuilt with the 256
+  ``<0x00>``..``<0xFF>`` byte pieces and ``byte_fallback=True``. The decoder is
+  ``Replace("▁", " ") -> ByteFallback -> Fuse`` (a Metaspace decoder placed after ByteFallback
+  would remove all spaces). Round trip is exact except for a literal "▁" in the input.
 """
 
 from __future__ import annotations
@@ -71,11 +72,13 @@ def build_wordpiece(vocab_size: int, tokens: SpecialTokens, min_frequency: int, 
 
 
 def _unigram_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    # Newline runs become their own pieces; words after a newline get no "▁" (prepend "first"),
-    # so decoding restores line breaks exactly.
+    # Newline runs become their own pieces. No dummy "▁" prefix (prepend "never"): a word at the
+    # start of a text is treated like one at the start of a line, and since nothing is added
+    # the decoder strips nothing, so leading and repeated spaces round-trip exactly (with
+    # SentencePiece's dummy prefix a text starting with a space loses it on decode).
     return pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated"),
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),
     ])
 
 
@@ -97,8 +100,7 @@ def finish_unigram(tok: Tokenizer) -> Tokenizer:
     floor = min(score for _, score in vocab) - 1.0  # bytes only where nothing else matches
     vocab += [(f"<0x{b:02X}>", floor) for b in range(N_BYTES) if f"<0x{b:02X}>" not in have]
     tok.model = models.Unigram(vocab, unk_id=state["unk_id"], byte_fallback=True)
-    tok.decoder = decoders.Sequence([
-        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     return tok
 
 
