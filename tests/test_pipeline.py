@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from datasets import Dataset
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmforge.data import pipeline
 from lmforge.data.packing import unpack
-from lmforge.data.pipeline import build_lm_dataset, tokenizer_hash
+from lmforge.data.pipeline import DocumentEncoder, build_lm_dataset, tokenizer_hash
 from lmforge.errors import LmforgeError
 from tests.pipeline_fixtures import bert_tokenizer, gpt_tokenizer, make_corpus
 
@@ -155,3 +157,57 @@ def test_bad_inputs(tok, corpus_file):
     no_sep.eos_token = None
     with pytest.raises(LmforgeError, match="eos_token"):
         build_lm_dataset(str(path), no_sep, BLOCK)
+
+
+# --------------------------------------------------------------------------- DocumentEncoder
+
+_PIECES = [*"ab Z9'.,!-\n\t ", "  ", "é", "世", "🤗", "'s", "'ll", "<|endoftext|>", "\u00a0", "\r\n", " the"]
+_TEXT = st.lists(st.sampled_from(_PIECES), max_size=40).map("".join)
+
+
+def _bpe_on_pieces(add_prefix_space: bool):
+    """A byte-level BPE trained on random mixes of the test pieces, so it has merges for
+    whitespace runs ("ĠĠ", "ĊĠ", ...) and contractions: a wrong cut would change its output."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    corpus = ["".join(rng.choices(_PIECES, k=40)) for _ in range(3000)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tok.add_tokens(["Z9"])  # a plain added token (no stripping) keeps the memoised path
+    return tok
+
+
+@pytest.fixture(scope="module")
+def piece_tokenizers():
+    toks = [_bpe_on_pieces(False), _bpe_on_pieces(True)]
+    assert all(t.convert_tokens_to_ids("ĠĠ") != t.unk_token_id and "ĠĠ" in t.get_vocab() for t in toks)
+    return toks
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(_TEXT, min_size=1, max_size=8))
+def test_document_encoder_equals_the_tokenizer(tok, piece_tokenizers, texts):
+    texts = [t for t in texts if t]
+    for tokenizer in (tok, *piece_tokenizers):
+        encoder = DocumentEncoder(tokenizer)
+        assert encoder.memo is not None  # the memoised path is the one under test
+        plain = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+        assert encoder(texts) == plain
+        assert encoder(texts[::-1]) == plain[::-1]  # and again, from the memo
+
+
+def test_document_encoder_falls_back_when_cutting_could_change_tokens():
+    from tokenizers import AddedToken
+
+    assert DocumentEncoder(bert_tokenizer()).memo is None  # not byte-level
+    stripping = gpt_tokenizer()
+    stripping.add_special_tokens({"mask_token": AddedToken("<mask>", lstrip=True, rstrip=True)})
+    assert DocumentEncoder(stripping).memo is None

@@ -1,9 +1,10 @@
 """From a text source to packed ``block_size`` rows: ``build_lm_dataset``.
 
 One pass does the work: the fast (Rust) tokenizer encodes a large batch of documents at once
-(``encode_batch_fast``: no offsets, no attention masks, no per-call Python padding logic; the
-batch is spread over the cores by the Rust side) and ``lmforge.data.packing.pack`` cuts the token
-stream into rows as numpy arrays, so Arrow receives only the packed rows.
+(``encode_batch_fast``: no offsets, no attention masks, no per-call Python padding logic), with
+byte-level BPE tokenizers through a memo of repeated text pieces that gives exactly the same ids
+(``DocumentEncoder``), and ``lmforge.data.packing.pack`` cuts the token stream into rows as numpy
+arrays, so Arrow receives only the packed rows.
 
 Caching: the map runs with an explicit fingerprint made of the source dataset's fingerprint, a
 hash of the tokenizer (its full ``tokenizer.json`` plus the separator and pad ids), ``block_size``
@@ -24,7 +25,10 @@ packing.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from functools import partial
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -84,12 +88,61 @@ def _private_backend(tokenizer: PreTrainedTokenizerBase) -> Any:
     return backend
 
 
-def _tokenize_and_pack(batch: dict[str, list], *, backend: Any, text_column: str, block_size: int,
-                       sep: int, pad: int, document_masks: bool) -> dict[str, np.ndarray]:
+# Splitting points for memoised byte-level BPE: a single space between two printable ASCII
+# non-space characters. GPT-2's pre-tokenizer regex always starts a new pre-token at such a
+# space (" word", " 123", " ,") and none of its alternatives crosses it, so the text on either
+# side is tokenized exactly as in the whole document.
+_PIECE_SPLIT = re.compile(r"(?<=[!-~])(?= [!-~])")
+_MEMO_LIMIT = 2_000_000
+
+
+class DocumentEncoder:
+    """Token ids of documents, identical to ``encode_batch_fast(texts, add_special_tokens=False)``
+    of the tokenizer, computed faster when that is provably the same thing.
+
+    For byte-level BPE tokenizers (GPT-2 style: ByteLevel pre-tokenizer with its regex, no
+    normalizer, no BPE dropout, no added token that strips neighbouring spaces or contains
+    whitespace) the documents are cut at spaces where the pre-tokenizer always cuts too (see
+    ``_PIECE_SPLIT``); each distinct piece is encoded once by the Rust tokenizer and remembered,
+    and a document's ids are the concatenation of its pieces' ids. Natural text repeats its
+    pieces (" the", " and", ...), so most of the regex and BPE work is skipped. Any other
+    tokenizer is encoded directly.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.backend = _private_backend(tokenizer)
+        self.memo: dict[str, list[int]] | None = {} if _memoisable(self.backend) else None
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        if self.memo is None:
+            return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        if len(self.memo) > _MEMO_LIMIT:
+            self.memo.clear()
+        memo = self.memo
+        pieces = [_PIECE_SPLIT.split(t) for t in texts]
+        new = list({p for doc in pieces for p in doc if p not in memo})
+        for piece, enc in zip(new, self.backend.encode_batch_fast(new, add_special_tokens=False), strict=True):
+            memo[piece] = enc.ids
+        return [list(chain.from_iterable(map(memo.__getitem__, doc))) for doc in pieces]
+
+
+def _memoisable(backend: Any) -> bool:
+    """Whether cutting at ``_PIECE_SPLIT`` provably leaves the tokenization unchanged."""
+    spec = json.loads(backend.to_str())
+    pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
+    if spec.get("normalizer") is not None or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+        return False
+    if model.get("type") != "BPE" or model.get("dropout"):
+        return False
+    return all(not (t.get("lstrip") or t.get("rstrip") or t.get("single_word"))
+               and not any(c.isspace() for c in t.get("content", ""))
+               for t in spec.get("added_tokens") or [])
+
+
+def _tokenize_and_pack(batch: dict[str, list], *, encoder: DocumentEncoder, text_column: str,
+                       block_size: int, sep: int, pad: int, document_masks: bool) -> dict[str, np.ndarray]:
     texts = [t for t in batch[text_column] if t]
-    encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
-    return pack([e.ids for e in encodings], block_size, sep, pad_id=pad,
-                document_masks=document_masks, remainder="pad")
+    return pack(encoder(texts), block_size, sep, pad_id=pad, document_masks=document_masks, remainder="pad")
 
 
 def _features(block_size: int, document_masks: bool) -> Any:
@@ -182,7 +235,7 @@ def build_lm_dataset(
     column = "text"  # load_corpus renames text_column to "text"
     sep = separator_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep
-    fn = partial(_tokenize_and_pack, backend=_private_backend(tokenizer), text_column=column,
+    fn = partial(_tokenize_and_pack, encoder=DocumentEncoder(tokenizer), text_column=column,
                  block_size=block_size, sep=sep, pad=pad, document_masks=document_masks)
     features = _features(block_size, document_masks)
     if streaming:
