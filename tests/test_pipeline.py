@@ -198,16 +198,16 @@ def test_document_encoder_equals_the_tokenizer(tok, piece_tokenizers, texts):
     texts = [t for t in texts if t]
     for tokenizer in (tok, *piece_tokenizers):
         encoder = DocumentEncoder(tokenizer)
-        assert encoder.memo is not None  # the memoised path is the one under test
+        assert encoder.memoised  # the memoised path is the one under test
         plain = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
-        assert encoder(texts) == plain
-        assert encoder(texts[::-1]) == plain[::-1]  # and again, from the memo
+        assert encoder.ids(texts) == plain
+        assert encoder.ids(texts[::-1]) == plain[::-1]  # and again, from the memo
 
 
 def test_document_encoder_falls_back_when_cutting_could_change_tokens():
     from tokenizers import AddedToken
 
-    assert DocumentEncoder(bert_tokenizer()).memo is None  # not byte-level
+    assert not DocumentEncoder(bert_tokenizer()).memoised  # not byte-level
     stripping = gpt_tokenizer()
     stripping.add_special_tokens({"mask_token": AddedToken("<mask>", lstrip=True, rstrip=True)})
-    assert DocumentEncoder(stripping).memo is None
+    assert not DocumentEncoder(stripping).memoised

@@ -56,14 +56,30 @@ def pack(
         ``input_ids`` and ``attention_mask`` (1 = real token, 0 = padding), plus ``position_ids``
         and ``seq_idx`` when ``document_masks``; each int32 of shape (rows, block_size).
     """
+    lengths = np.fromiter((len(d) for d in documents), dtype=np.int64, count=len(documents))
+    tokens = np.fromiter(chain.from_iterable(documents), dtype=np.int32, count=int(lengths.sum()))
+    return pack_flat(tokens, lengths, block_size, separator_id, pad_id=pad_id,
+                     document_masks=document_masks, remainder=remainder)
+
+
+def pack_flat(
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    block_size: int,
+    separator_id: int,
+    *,
+    pad_id: int | None = None,
+    document_masks: bool = True,
+    remainder: Remainder = "pad",
+) -> dict[str, np.ndarray]:
+    """``pack`` for documents given as one flat token array and their lengths (same result)."""
     if block_size < 1:
         raise LmforgeError(f"block_size must be a positive integer, got {block_size}")
     if remainder not in ("pad", "drop"):
         raise LmforgeError(f"remainder must be 'pad' or 'drop', got {remainder!r}")
     pad_id = separator_id if pad_id is None else pad_id
-
-    lengths = np.fromiter((len(d) for d in documents), dtype=np.int64, count=len(documents))
-    tokens = np.fromiter(chain.from_iterable(documents), dtype=np.int32, count=int(lengths.sum()))
+    tokens = np.asarray(tokens, dtype=np.int32)
+    lengths = np.asarray(lengths, dtype=np.int64)
     lengths = lengths[lengths > 0]  # empty documents contribute nothing (not even a separator)
     stream = np.insert(tokens, np.cumsum(lengths), separator_id)  # separator after each doc
     seg_lengths = lengths + 1  # (D,) document + its separator

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmforge.data.packing import pack
+from lmforge.data.packing import pack_flat
 from lmforge.errors import LmforgeError
 
 if TYPE_CHECKING:
@@ -88,11 +88,14 @@ def _private_backend(tokenizer: PreTrainedTokenizerBase) -> Any:
     return backend
 
 
-# Splitting points for memoised byte-level BPE: a single space between two printable ASCII
-# non-space characters. GPT-2's pre-tokenizer regex always starts a new pre-token at such a
-# space (" word", " 123", " ,") and none of its alternatives crosses it, so the text on either
-# side is tokenized exactly as in the whole document.
-_PIECE_SPLIT = re.compile(r"(?<=[!-~])(?= [!-~])")
+# Where memoised byte-level BPE cuts a document: before a whitespace character that follows a
+# printable ASCII (so certainly non-whitespace) character. GPT-2's pre-tokenizer regex ends a
+# pre-token there (no alternative continues from a non-space into whitespace) and looks ahead
+# only from whitespace, so both sides are tokenized exactly as inside the whole document. With
+# add_prefix_space the cut must be before a space: a piece starting with another character
+# would get a prefix space.
+_CUT = re.compile(r"(?<=[!-~])(?=[ \t\n\r])")
+_CUT_BEFORE_SPACE = re.compile(r"(?<=[!-~])(?= )")
 _MEMO_LIMIT = 2_000_000
 
 
@@ -102,32 +105,83 @@ class DocumentEncoder:
 
     For byte-level BPE tokenizers (GPT-2 style: ByteLevel pre-tokenizer with its regex, no
     normalizer, no BPE dropout, no added token that strips neighbouring spaces or contains
-    whitespace) the documents are cut at spaces where the pre-tokenizer always cuts too (see
-    ``_PIECE_SPLIT``); each distinct piece is encoded once by the Rust tokenizer and remembered,
-    and a document's ids are the concatenation of its pieces' ids. Natural text repeats its
-    pieces (" the", " and", ...), so most of the regex and BPE work is skipped. Any other
-    tokenizer is encoded directly.
+    whitespace) documents are cut where the pre-tokenizer always cuts too (see ``_CUT``); each
+    distinct piece is encoded once by the Rust tokenizer and remembered, and a document's ids are
+    the concatenation of its pieces' ids. Natural text repeats its pieces (" the", " and", ...),
+    so most of the regex and BPE work is skipped. Other tokenizers are encoded directly.
+
+    Calling it returns ``(tokens, lengths)``: every document's ids concatenated (int32) and the
+    number of ids per document; ``ids(texts)`` returns one list per document.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.backend = _private_backend(tokenizer)
-        self.memo: dict[str, list[int]] | None = {} if _memoisable(self.backend) else None
+        self.cut = _cut_pattern(self.backend)
+        self._reset()
 
-    def __call__(self, texts: list[str]) -> list[list[int]]:
-        if self.memo is None:
-            return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+    @property
+    def memoised(self) -> bool:
+        return self.cut is not None
+
+    def _reset(self) -> None:
+        self.memo: dict[str, int] = {}  # piece -> index into the piece table
+        self._table = np.zeros(0, dtype=np.int32)  # the pieces' ids, concatenated
+        self._starts = np.zeros(0, dtype=np.int64)
+        self._lens = np.zeros(0, dtype=np.int64)
+
+    def ids(self, texts: list[str]) -> list[list[int]]:
+        tokens, lengths = self(texts)
+        return [a.tolist() for a in np.split(tokens, np.cumsum(lengths)[:-1])] if texts else []
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if self.cut is None:
+            return _flatten([e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)])
         if len(self.memo) > _MEMO_LIMIT:
-            self.memo.clear()
-        memo = self.memo
-        pieces = [_PIECE_SPLIT.split(t) for t in texts]
-        new = list({p for doc in pieces for p in doc if p not in memo})
-        for piece, enc in zip(new, self.backend.encode_batch_fast(new, add_special_tokens=False), strict=True):
-            memo[piece] = enc.ids
-        return [list(chain.from_iterable(map(memo.__getitem__, doc))) for doc in pieces]
+            self._reset()
+        memo, new, seq = self.memo, [], []
+        pieces_per_doc = np.empty(len(texts), dtype=np.int64)
+        for d, text in enumerate(texts):
+            pieces = self.cut.split(text)
+            pieces_per_doc[d] = len(pieces)
+            for piece in pieces:
+                index = memo.get(piece)
+                if index is None:
+                    index = memo[piece] = len(memo)
+                    new.append(piece)
+                seq.append(index)
+        if new:
+            self._remember(self.backend.encode_batch_fast(new, add_special_tokens=False))
+        seq_a = np.asarray(seq, dtype=np.int64)  # (P,) piece indices of the whole batch
+        lens, starts = self._lens[seq_a], self._starts[seq_a]
+        ends = np.cumsum(lens)
+        # token k of the batch is table[starts[p] + (k - first token of its piece p)]
+        tokens = self._table[np.arange(ends[-1] if lens.size else 0) + np.repeat(starts - (ends - lens), lens)]
+        doc_end = np.concatenate([[0], ends])[np.cumsum(pieces_per_doc)]
+        lengths = np.diff(np.concatenate([[0], doc_end]))
+        return tokens, lengths
+
+    def _remember(self, encodings: list) -> None:
+        tokens, lengths = _flatten([e.ids for e in encodings])
+        self._starts = np.concatenate([self._starts, self._table.size + np.cumsum(lengths) - lengths])
+        self._lens = np.concatenate([self._lens, lengths])
+        self._table = np.concatenate([self._table, tokens])
+
+
+def _flatten(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    return np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum())), lengths
+
+
+def _cut_pattern(backend: Any) -> re.Pattern | None:
+    """The cut pattern when cutting provably leaves the tokenization unchanged, else None."""
+    if not _memoisable(backend):
+        return None
+    add_prefix_space = json.loads(backend.to_str())["pre_tokenizer"].get("add_prefix_space", False)
+    return _CUT_BEFORE_SPACE if add_prefix_space else _CUT
 
 
 def _memoisable(backend: Any) -> bool:
-    """Whether cutting at ``_PIECE_SPLIT`` provably leaves the tokenization unchanged."""
+    """Whether the tokenizer is GPT-2-style byte-level BPE with nothing that looks across a cut."""
     spec = json.loads(backend.to_str())
     pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
     if spec.get("normalizer") is not None or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
@@ -141,8 +195,8 @@ def _memoisable(backend: Any) -> bool:
 
 def _tokenize_and_pack(batch: dict[str, list], *, encoder: DocumentEncoder, text_column: str,
                        block_size: int, sep: int, pad: int, document_masks: bool) -> dict[str, np.ndarray]:
-    texts = [t for t in batch[text_column] if t]
-    return pack(encoder(texts), block_size, sep, pad_id=pad, document_masks=document_masks, remainder="pad")
+    tokens, lengths = encoder([t for t in batch[text_column] if t])
+    return pack_flat(tokens, lengths, block_size, sep, pad_id=pad, document_masks=document_masks, remainder="pad")
 
 
 def _features(block_size: int, document_masks: bool) -> Any:
