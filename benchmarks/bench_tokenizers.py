@@ -176,13 +176,20 @@ def compare_sentencepiece(models: dict, times: dict[str, list[float]], valid: li
         "sentencepiece_exact_docs": sum(sp.decode(i) == t for i, t in zip(sp_ids, valid, strict=True)),
         "docs": len(valid), "times": times,
     }
+    # sentencepiece trains on lines (its unit) and so never learns "\n": compare on lines too
+    lines = [line for t in valid for line in t.split("\n") if line.strip()]
+    line_bytes = sum(len(x.encode("utf-8")) for x in lines)
+    res["lmforge_bytes_per_token_lines"] = line_bytes / sum(
+        map(len, lm_tok(lines, add_special_tokens=False)["input_ids"]))
+    res["sentencepiece_bytes_per_token_lines"] = line_bytes / sum(map(len, sp.encode(lines)))
     res["time_ratio"] = res["lmforge_s"] / res["sentencepiece_s"]
     res["lmforge_cpu_s"] = median(times["lmforge_cpu"])
     res["sentencepiece_cpu_s"] = median(times["sentencepiece_cpu"])
     res["cpu_ratio"] = res["lmforge_cpu_s"] / res["sentencepiece_cpu_s"]
     print(f"unigram   lmforge {res['lmforge_s']:7.2f} s  sentencepiece {res['sentencepiece_s']:7.2f} s  "
           f"ratio {res['time_ratio']:.2f} (cpu {res['cpu_ratio']:.2f}); bytes/token {res['lmforge_bytes_per_token']:.3f} vs "
-          f"{res['sentencepiece_bytes_per_token']:.3f}; exact docs {res['lmforge_exact_docs']} vs "
+          f"{res['sentencepiece_bytes_per_token']:.3f} (per line {res['lmforge_bytes_per_token_lines']:.3f} vs "
+          f"{res['sentencepiece_bytes_per_token_lines']:.3f}); exact docs {res['lmforge_exact_docs']} vs "
           f"{res['sentencepiece_exact_docs']} of {len(valid)}")
     return res
 
