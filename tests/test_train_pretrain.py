@@ -56,9 +56,13 @@ def train_losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
+# each family also exercises one loop option: streaming data (mamba), gradient checkpointing (bert)
+OPTIONS = {"gpt": {}, "mamba": {"data": {"streaming": True}}, "bert": {"train": {"gradient_checkpointing": True}}}
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_learns_and_final_folder_loads(ws, family):
-    config = make_config(ws, family, f"run-{family}")
+    config = make_config(ws, family, f"run-{family}", **OPTIONS[family])
     result = pretrain(config)
     assert result.train.status == "completed" and result.train.step == 12
     losses = list(train_losses(result.run_dir).values())
