@@ -1,18 +1,9 @@
 """A saved lmforge BERT loads with trust_remote_code where lmforge cannot be imported, and serves
-``pipeline("fill-mask")`` with a WordPiece tokenizer."""
+``pipeline("fill-mask")`` with a WordPiece tokenizer trained by lmforge."""
 
 import json
 
 import torch
-from tokenizers import (
-    Tokenizer,
-    decoders,
-    models,
-    normalizers,
-    pre_tokenizers,
-    processors,
-    trainers,
-)
 from transformers import PreTrainedTokenizerFast
 
 from lmforge.models import (
@@ -20,6 +11,7 @@ from lmforge.models import (
     LmforgeBertForMaskedLM,
     LmforgeBertForSequenceClassification,
 )
+from lmforge.tokenizers import train_tokenizer
 from tests.export_utils import run_isolated
 
 TEXT = ["to be , or not to be , that is the question .",
@@ -27,20 +19,9 @@ TEXT = ["to be , or not to be , that is the question .",
 
 
 def wordpiece_tokenizer() -> PreTrainedTokenizerFast:
-    """A tiny uncased WordPiece tokenizer with BERT's specials and [CLS] A [SEP] (B [SEP]) templates."""
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(TEXT * 5, trainers.WordPieceTrainer(vocab_size=120, special_tokens=specials))
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=64,
-        model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    """lmforge's WordPiece trainer with the BERT preset ([CLS] A [SEP], [MASK], token types), uncased."""
+    return train_tokenizer(TEXT * 5, algorithm="wordpiece", vocab_size=120, preset="bert", lowercase=True,
+                           min_frequency=1, model_max_length=128, show_progress=False)
 
 
 def _train_mlm(model: LmforgeBertForMaskedLM, tok: PreTrainedTokenizerFast, steps: int = 30) -> None:
