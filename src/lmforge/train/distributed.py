@@ -127,89 +127,6 @@ def _fully_shard(model: nn.Module, accelerator: Any) -> nn.Module:
     return model
 
 
-# accelerate's save_state/load_state know FSDP only when accelerate itself runs it: for a model
-# sharded here they would pickle each rank's DTensor shards as if they were whole tensors. These
-# hooks make checkpoints hold FULL model and optimizer states instead (gathered on every
-# process, written by the main one as usual; every process re-shards its part on load), so a
-# checkpoint looks like a DDP one and resumes exactly.
-
-
-def _sharded_pairs(accelerator: Any, models: list[nn.Module]) -> list[tuple[int, nn.Module, list[Any]]]:
-    """(index, sharded model, its accelerate optimizers) for each sharded model in ``models``."""
-    out = []
-    for i, model in enumerate(models):
-        if not is_sharded(model):
-            continue
-        params = {id(p) for p in model.parameters()}
-        opts = [o for o in accelerator._optimizers
-                if all(id(p) in params for g in o.param_groups for p in g["params"])]
-        out.append((i, model, opts))
-    return out
-
-
-def _save_full_state(accelerator: Any, models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    for i, model, opts in _sharded_pairs(accelerator, models):
-        weights[i] = _drop_tied(model, get_model_state_dict(model, options=options))  # collective
-        for opt in opts:
-            full = get_optimizer_state_dict(model, opt.optimizer, options=options)  # collective
-            opt.state_dict = partial(_once, full, opt)  # what accelerate writes next
-
-
-def _once(value: dict, opt: Any) -> dict:
-    del opt.state_dict  # back to the class method after this save
-    return value
-
-
-def _load_full_state(accelerator: Any, models: list[nn.Module], input_dir: str) -> None:
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True)
-    for i, model, opts in reversed(_sharded_pairs(accelerator, models)):
-        name = "model.safetensors" if i == 0 else f"model_{i}.safetensors"
-        path = Path(input_dir) / name
-        if not path.is_file():
-            raise LmforgeError(f"{input_dir}: no {name}; was this checkpoint written with the fsdp strategy?")
-        state = load_file(path)
-        missing = set(set_model_state_dict(model, state, options=StateDictOptions(
-            full_state_dict=True, strict=False)).missing_keys)
-        if missing - _tied_keys(model):
-            raise LmforgeError(f"{path}: missing weights {sorted(missing - _tied_keys(model))}")
-        del models[i]  # loaded here: accelerate must not load it again
-        for opt in opts:
-            opt.load_state_dict = partial(_load_optimizer, model, opt, options)
-
-
-def _load_optimizer(model: nn.Module, opt: Any, options: Any, full: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-    del opt.load_state_dict
-    set_optimizer_state_dict(model, opt.optimizer, full, options=options)
-
-
-def _tied_keys(model: nn.Module) -> set[str]:
-    """Names under which an already-named parameter appears again (tied embeddings)."""
-    seen: set[int] = set()
-    tied: set[str] = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            tied.add(name)
-        seen.add(id(p))
-    return tied
-
-
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a model: modules named in ``_no_split_modules`` (transformers'
     list of blocks that must stay whole), else the members of the longest ``nn.ModuleList``."""
@@ -297,3 +214,87 @@ def check_resume_world_size(checkpoint: str, saved: int, current: int) -> None:
     """Raise ``LmforgeError(world_size_mismatch_message(...))`` when the process counts differ."""
     if int(saved) != int(current):
         raise LmforgeError(world_size_mismatch_message(checkpoint, int(saved), int(current)))
+
+
+# --------------------------------------------------------------------------- checkpoints of self-sharded models
+# accelerate's save_state/load_state know FSDP only when accelerate itself runs it: for a model
+# sharded here they would pickle each rank's DTensor shards as if they were whole tensors. These
+# hooks make checkpoints hold FULL model and optimizer states instead (gathered on every
+# process, written by the main one as usual; every process re-shards its part on load), so a
+# checkpoint looks like a DDP one and resumes exactly.
+
+
+def _sharded_pairs(accelerator: Any, models: list[nn.Module]) -> list[tuple[int, nn.Module, list[Any]]]:
+    """(index, sharded model, its accelerate optimizers) for each sharded model in ``models``."""
+    out = []
+    for i, model in enumerate(models):
+        if not is_sharded(model):
+            continue
+        params = {id(p) for p in model.parameters()}
+        opts = [o for o in accelerator._optimizers
+                if all(id(p) in params for g in o.param_groups for p in g["params"])]
+        out.append((i, model, opts))
+    return out
+
+
+def _save_full_state(accelerator: Any, models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    for i, model, opts in _sharded_pairs(accelerator, models):
+        weights[i] = _drop_tied(model, get_model_state_dict(model, options=options))  # collective
+        for opt in opts:
+            full = get_optimizer_state_dict(model, opt.optimizer, options=options)  # collective
+            opt.state_dict = partial(_once, full, opt)  # what accelerate writes next
+
+
+def _once(value: dict, opt: Any) -> dict:
+    del opt.state_dict  # back to the class method after this save
+    return value
+
+
+def _load_full_state(accelerator: Any, models: list[nn.Module], input_dir: str) -> None:
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    for i, model, opts in reversed(_sharded_pairs(accelerator, models)):
+        name = "model.safetensors" if i == 0 else f"model_{i}.safetensors"
+        path = Path(input_dir) / name
+        if not path.is_file():
+            raise LmforgeError(f"{input_dir}: no {name}; was this checkpoint written with the fsdp strategy?")
+        state = load_file(path)
+        missing = set(set_model_state_dict(model, state, options=StateDictOptions(
+            full_state_dict=True, strict=False)).missing_keys)
+        if missing - _tied_keys(model):
+            raise LmforgeError(f"{path}: missing weights {sorted(missing - _tied_keys(model))}")
+        del models[i]  # loaded here: accelerate must not load it again
+        for opt in opts:
+            opt.load_state_dict = partial(_load_optimizer, model, opt, options)
+
+
+def _load_optimizer(model: nn.Module, opt: Any, options: Any, full: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    del opt.load_state_dict
+    set_optimizer_state_dict(model, opt.optimizer, full, options=options)
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    """Names under which an already-named parameter appears again (tied embeddings)."""
+    seen: set[int] = set()
+    tied: set[str] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.add(id(p))
+    return tied
