@@ -212,3 +212,16 @@ def test_launch_accelerate_cannot_see_is_refused(tmp_path):
     assert result.returncode != 0
     assert result.stdout.count("accelerate sees 1") == 2 and "accepted" not in result.stdout
     assert "the launcher started 2 processes" in result.stderr and "ACCELERATE_USE_CPU=1" in result.stderr
+
+
+def test_self_sharded_checkpoint_resumes_exactly():
+    """save_state/load_state of a fully_shard-ed model (1-rank gloo group, one process): the
+    checkpoint holds full tensors and FQN-keyed optimizer state, and resuming continues exactly
+    (first loss after loading checks the weights, the second the optimizer state)."""
+    result = _launch([sys.executable, str(ROOT / "tests" / "fsdp_resume_script.py")], _env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["sharded"] and out["saved_types"] == ["Tensor"]
+    assert "lm_head.weight" not in out["saved_keys"]  # tied to the embeddings: saved once
+    assert out["optimizer_state_keys"] == out["saved_keys"]
+    assert out["resumed"] == out["reference"]
