@@ -240,8 +240,15 @@ def _bert_mlm_step(model, opt, batch):
     return step
 
 
+def _paired_ratios(times: dict[str, list[float]], ref: str) -> dict[str, float]:
+    """Median over repetitions of ref_time / time, each rep's runs adjacent (robust to load drifts)."""
+    return {name: statistics.median(r / t for r, t in zip(times[ref], ts, strict=True))
+            for name, ts in times.items() if name != ref}
+
+
 def bench_bert(args) -> dict:
-    """MLM training step (fp32, B8 T256): lmforge classic vs BertForMaskedLM (same weights), modern beside."""
+    """MLM training step (fp32, B8 T256, 15% masked): lmforge classic vs BertForMaskedLM (same
+    weights); classic with sparse prediction (same loss) and the modern preset beside it."""
     from transformers import BertConfig, BertForMaskedLM
 
     from lmforge.models import LmforgeBertConfig, LmforgeBertForMaskedLM
@@ -250,28 +257,33 @@ def bench_bert(args) -> dict:
     torch.manual_seed(0)
     hf = BertForMaskedLM(BertConfig(**BERT_BENCH, type_vocab_size=2, pad_token_id=0)).train()
     classic = from_hf(hf).train()  # identical weights, dropout 0.1 on both
+    sparse = from_hf(hf).train()
+    sparse.config.sparse_prediction = True
     modern = LmforgeBertForMaskedLM(LmforgeBertConfig.from_preset("modern", **BERT_BENCH)).train()
     batch = _bert_mlm_batch()
-    with torch.no_grad():  # same weights, same function (dropout off for the check)
-        hf.eval(), classic.eval()
-        torch.testing.assert_close(classic(**batch).loss, hf(**batch).loss, atol=1e-5, rtol=0)
-        hf.train(), classic.train()
+    with torch.no_grad():  # same weights, same loss (dropout off for the check)
+        for model in (hf, classic, sparse):
+            model.eval()
+        want = hf(**batch).loss
+        torch.testing.assert_close(classic(**batch).loss, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(sparse(**batch).loss, want, atol=1e-5, rtol=0)
+        for model in (hf, classic, sparse):
+            model.train()
     opt_kw = dict(lr=1e-4, weight_decay=0.01)
-    steps = {
-        "lmforge_classic": _bert_mlm_step(classic, torch.optim.AdamW(classic.parameters(), **opt_kw), batch),
-        "transformers_bert": _bert_mlm_step(hf, torch.optim.AdamW(hf.parameters(), **opt_kw), batch),
-        "lmforge_modern": _bert_mlm_step(modern, torch.optim.AdamW(modern.parameters(), **opt_kw), batch),
-    }
-    times = interleaved(steps, reps=4 if args.quick else 15, warmup=2)
+    models = {"lmforge_classic": classic, "transformers_bert": hf, "lmforge_classic_sparse": sparse,
+              "lmforge_modern": modern}
+    steps = {name: _bert_mlm_step(m, torch.optim.AdamW(m.parameters(), **opt_kw), batch) for name, m in models.items()}
+    times = interleaved(steps, reps=4 if args.quick else 12, warmup=2)
     tokens = 8 * 256
     result = report("BERT MLM train step B8 T256", times, "lmforge_classic", "transformers_bert",
                     unit_work=tokens, unit="tok")
+    result["paired_speedup_vs_transformers"] = _paired_ratios(times, "transformers_bert")
+    result["params"] = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     med = result["median_s"]
-    result["modern_vs_transformers"] = med["transformers_bert"] / med["lmforge_modern"]
-    result["params"] = {name: sum(p.numel() for p in m.parameters())
-                        for name, m in (("lmforge_classic", classic), ("transformers_bert", hf), ("lmforge_modern", modern))}
-    print(f"  modern preset: {tokens / med['lmforge_modern']:.0f} tok/s "
-          f"({result['modern_vs_transformers']:.3f}x transformers BERT; params {result['params']})", flush=True)
+    for name in ("lmforge_classic", "lmforge_classic_sparse", "lmforge_modern"):
+        print(f"  {name}: {tokens / med[name]:.0f} tok/s, {med['transformers_bert'] / med[name]:.3f}x transformers "
+              f"(median of paired ratios {result['paired_speedup_vs_transformers'][name]:.3f}x; "
+              f"{result['params'][name] / 1e6:.2f}M params)", flush=True)
     return {"config": {**BERT_BENCH, "batch": 8, "seq_len": 256, "mlm_probability": 0.15}, "mlm_train_step": result}
 
 

@@ -318,3 +318,21 @@ def test_learned_positions_refuse_too_long_inputs():
     model = LmforgeBertModel(tiny(position_embedding_type="learned", max_position_embeddings=16))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(input_ids=_ids(1, 17))
+
+
+def test_sparse_prediction_same_loss_and_gradients():
+    batch = _mlm_batch()
+    results = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = LmforgeBertForMaskedLM(tiny(sparse_prediction=sparse)).train()
+        out = model(**batch)
+        out.loss.backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    (dense, dense_grads), (sparse, sparse_grads) = results
+    labelled = batch["labels"] != -100
+    assert sparse.logits.shape == (int(labelled.sum()), VOCAB)
+    torch.testing.assert_close(sparse.logits, dense.logits[labelled], atol=1e-6, rtol=0)
+    torch.testing.assert_close(sparse.loss, dense.loss, atol=1e-6, rtol=0)
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, atol=1e-6, rtol=0, msg=name)

@@ -99,6 +99,8 @@ class LmforgeBertConfig(PreTrainedConfig):
         initializer_range: Standard deviation of the normal initialisation.
         type_vocab_size: Number of token types (segments); 0 disables token-type embeddings.
         embedding_norm: Normalise the embeddings (classic BERT's embedding LayerNorm).
+        sparse_prediction: In masked-LM training (``labels`` given), run the MLM head on the
+            labelled tokens only (ModernBERT's trick): the same loss, ``logits`` shaped (N, V).
         classifier_dropout: Dropout before classification heads. Default: ``hidden_dropout``.
         pad_token_id: Padding token id (its word embedding row is kept at zero at init).
         tie_word_embeddings: Share the MLM decoder weight with the word embedding.
@@ -133,6 +135,7 @@ class LmforgeBertConfig(PreTrainedConfig):
         initializer_range: float = 0.02,
         type_vocab_size: int = 2,
         embedding_norm: bool = True,
+        sparse_prediction: bool = False,
         classifier_dropout: float | None = None,
         pad_token_id: int | None = 0,
         tie_word_embeddings: bool = True,
@@ -162,6 +165,7 @@ class LmforgeBertConfig(PreTrainedConfig):
         self.initializer_range = initializer_range
         self.type_vocab_size = type_vocab_size
         self.embedding_norm = embedding_norm
+        self.sparse_prediction = sparse_prediction
         self.classifier_dropout = classifier_dropout
         self.pad_token_id = pad_token_id
         self.tie_word_embeddings = tie_word_embeddings

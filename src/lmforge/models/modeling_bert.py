@@ -239,9 +239,17 @@ class LmforgeBertForMaskedLM(LmforgeBertPreTrainedModel):
         labels: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MaskedLMOutput:
-        """Logits (B, T, V); the loss is the mean over labelled tokens (or per ``num_items_in_batch``)."""
+        """Logits (B, T, V); the loss is the mean over labelled tokens (or per ``num_items_in_batch``).
+
+        With ``config.sparse_prediction`` and ``labels``, the head runs on labelled tokens only and
+        ``logits`` is (N, V) for the N labelled tokens in row-major order: same loss, less compute.
+        """
         outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
-        logits = self.lm_head(outputs.last_hidden_state)
+        hidden = outputs.last_hidden_state  # (B, T, D)
+        if labels is not None and self.config.sparse_prediction:
+            keep = labels != -100
+            hidden, labels = hidden[keep], labels[keep]  # (N, D), (N,)
+        logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
