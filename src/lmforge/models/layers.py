@@ -181,17 +181,18 @@ def apply_rotary_pos_emb(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (B, H, T, hd) and k (B, Hkv, T, hd) by cos/sin (B, T, hd) from ``RotaryEmbedding``.
 
-    Equal to Llama's ``q * cos + rotate_half(q) * sin``, computed on the half-split directly
-    (cos/sin repeat their first half, so only that half is read): about half the memory traffic.
+    Equal to Llama's ``q * cos + rotate_half(q) * sin``: ``rotate_half(x) * sin`` is
+    ``roll(x, hd/2) * cat(-sin1, sin2)``, which takes half the kernel launches (it matters on
+    CPU, where each small op pays a thread-pool round trip).
     """
     half = cos.shape[-1] // 2
-    cos, sin = cos[..., :half].unsqueeze(1), sin[..., :half].unsqueeze(1)  # (B, 1, T, hd/2)
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)  # (B, 1, T, hd)
+    cos = cos.unsqueeze(1)
+    return _rotate(q, cos, sin, half), _rotate(k, cos, sin, half)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, hd/2) each
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, half: int) -> torch.Tensor:
+    return torch.addcmul(x * cos, x.roll(half, dims=-1), signed_sin)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
