@@ -425,9 +425,12 @@ class TransformerBlock(GradientCheckpointingLayer):
             h = x + self.dropout(attn)
             return h + self.dropout(self.mlp(self.mlp_norm(h)))
         attn, _ = self.self_attn(x, attention_mask, position_embeddings, past_key_values, **kwargs)
-        h = self.attn_norm(self.alpha * x + self.dropout(attn)) if self.alpha != 1.0 else self.attn_norm(x + self.dropout(attn))
-        mlp = self.dropout(self.mlp(h))
-        return self.mlp_norm(self.alpha * h + mlp) if self.alpha != 1.0 else self.mlp_norm(h + mlp)
+        h = self.attn_norm(self._scaled(x) + self.dropout(attn))
+        return self.mlp_norm(self._scaled(h) + self.dropout(self.mlp(h)))
+
+    def _scaled(self, residual: torch.Tensor) -> torch.Tensor:
+        """The residual branch scaled by DeepNorm's alpha (1 for post-norm: no extra op)."""
+        return residual if self.alpha == 1.0 else self.alpha * residual
 
 
 # ------------------------------------------------------------------------- masks and init
