@@ -101,14 +101,15 @@ class MambaMixer(nn.Module):
         if mask is not None:  # after in_proj (it may have a bias): padding stays exactly zero in the conv
             xz = xz * mask
         x, z = xz.chunk(2, dim=-1)  # (B, L, Di) each
-        x = F.silu(self._conv(x.transpose(1, 2), cache_params, seq_idx)).transpose(1, 2)  # (B, L, Di)
+        stepping = ssm_state is not None and conv_state is not None and length == 1  # O(1) decoding
+        x = F.silu(self._conv(x.transpose(1, 2), cache_params, seq_idx, stepping)).transpose(1, 2)  # (B, L, Di)
         if mask is not None:
             x = x * mask
         f = _at_least_fp32(dtype)  # the SSM runs in float32 (float64 for float64 models)
         dt, b, c = self._ssm_inputs(x, f)
         a = -torch.exp(self.A_log.to(f))  # (Di, N)
 
-        if ssm_state is not None and conv_state is not None and length == 1:  # O(1) decoding step
+        if stepping:
             y, h = selective_state_step(ssm_state.to(f), x[:, 0].to(f), dt[:, 0], a, b[:, 0], c[:, 0])
             y = y[:, None]  # (B, 1, Di)
         else:
@@ -118,10 +119,14 @@ class MambaMixer(nn.Module):
         y = (y.to(f) + x.to(f) * self.D.to(f)) * F.silu(z.to(f))
         return self.out_proj(y.to(dtype))
 
-    def _conv(self, x: torch.Tensor, cache_params: Cache | None, seq_idx: torch.Tensor | None):
+    def _conv(self, x: torch.Tensor, cache_params: Cache | None, seq_idx: torch.Tensor | None, stepping: bool):
         """Causal depthwise conv of x (B, Di, L); with a cache, prepends the cached last K inputs."""
         length = x.shape[-1]
         weight, bias = self.conv1d.weight, self.conv1d.bias  # (Di, 1, K), (Di,)
+        if stepping:  # one new column: a dot product with the last K inputs, cheaper than conv1d
+            window = cache_params.update_conv_state(x, self.layer_idx, conv_kernel_size=self.kernel)
+            out = (window[..., -self.kernel :] * weight[:, 0]).sum(-1, keepdim=True)  # (B, Di, 1)
+            return out if bias is None else out + bias[:, None]
         if seq_idx is not None:
             return causal_conv_docs(x, weight, bias, seq_idx)
         if cache_params is None and _use_kernels(x) and 2 <= self.kernel <= 4:
@@ -140,8 +145,8 @@ class MambaMixer(nn.Module):
     def _scan(self, x, dt, a, b, c, h0, seq_idx):
         """Full-sequence scan: CUDA kernel when usable, else the chunked PyTorch scan."""
         if h0 is None and seq_idx is None and _use_kernels(x):
-            y, h = selective_scan_fn(
-                x.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(), a,
+            y, h = selective_scan_fn(  # the kernel wants u, delta, B, C in one dtype
+                x.to(dt.dtype).transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(), a,
                 b.transpose(1, 2).contiguous(), c.transpose(1, 2).contiguous(), return_last_state=True,
             )
             return y.transpose(1, 2).float(), h.float()  # kernels: float32 or lower inputs only
