@@ -107,14 +107,6 @@ def test_bad_arguments():
 # --------------------------------------------------------------------------- attention masks
 
 
-def _llama(vocab: int) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=64))
-
-
 def _lmforge_gpt(vocab: int) -> torch.nn.Module:
     from lmforge.models import GPTConfig, GPTForCausalLM
 
@@ -129,7 +121,7 @@ def _lmforge_mamba(vocab: int) -> torch.nn.Module:
     return MambaForCausalLM(MambaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, state_size=4))
 
 
-@pytest.mark.parametrize("build", [_llama, _lmforge_gpt, _lmforge_mamba], ids=["llama", "gpt", "mamba"])
+@pytest.mark.parametrize("build", [_lmforge_gpt, _lmforge_mamba], ids=["gpt", "mamba"])
 def test_document_masks_block_cross_document_attention(build):
     """Logits of each document inside a packed training batch equal its logits alone."""
     torch.manual_seed(0)

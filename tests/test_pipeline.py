@@ -192,7 +192,7 @@ def piece_tokenizers():
     return toks
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(texts=st.lists(_TEXT, min_size=1, max_size=8))
 def test_document_encoder_equals_the_tokenizer(tok, piece_tokenizers, texts):
     texts = [t for t in texts if t]
