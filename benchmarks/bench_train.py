@@ -4,7 +4,8 @@
   rows, batch and optimizer; interleaved repetitions in one process. Target: overhead <= 10%.
 - ``tokenize_pack``: the data-pipeline section (tokenize + pack throughput).
 
-Run ``python benchmarks/bench_train.py [loop|tokenize_pack ...]`` (default: every section).
+Run ``python benchmarks/bench_train.py [loop|tokenize_pack ...]`` (or ``--section NAME``; default:
+every section).
 Each section updates only its own key of the JSON file.
 """
 
@@ -219,7 +220,7 @@ SECTIONS = {"loop": bench_loop, "tokenize_pack": bench_tokenize_pack}
 
 
 def main(argv: list[str]) -> int:
-    names = argv or list(SECTIONS)
+    names = [a.removeprefix("--section=") for a in argv if a != "--section"] or list(SECTIONS)  # --section X too
     for name in names:
         if name not in SECTIONS:
             print(f"unknown section {name!r}; known: {', '.join(SECTIONS)}")
