@@ -96,7 +96,7 @@ def _private_backend(tokenizer: PreTrainedTokenizerBase) -> Any:
 # would get a prefix space.
 _CUT = re.compile(r"(?<=[!-~])(?=[ \t\n\r])")
 _CUT_BEFORE_SPACE = re.compile(r"(?<=[!-~])(?= )")
-_MEMO_LIMIT = 2_000_000
+_MEMO_LIMIT = 1_000_000  # distinct pieces kept (~100 MB); the memo restarts beyond
 
 
 class DocumentEncoder:
