@@ -112,6 +112,25 @@ def test_sequence_classification_converts_with_pooler_and_classifier():
     torch.testing.assert_close(again(**batch).logits, ref.logits, atol=1e-6, rtol=0)
 
 
+@torch.no_grad()
+def test_token_classification_and_poolerless_encoder_convert_both_ways():
+    from transformers import BertForTokenClassification
+
+    torch.manual_seed(0)
+    batch = _batch()
+    mask = batch["attention_mask"]
+    for hf in (BertForTokenClassification(_hf_config(num_labels=4)), BertModel(_hf_config(), add_pooling_layer=False)):
+        hf.eval()
+        _randomize(hf, seed=7)
+        ours = from_hf(hf).eval()
+        ref, got = hf(**batch)[0], ours(**batch)[0]  # logits / last hidden state
+        torch.testing.assert_close(_real(got, mask), _real(ref, mask), atol=1e-5, rtol=0)
+        back = to_hf(ours).eval()
+        assert type(back) is type(hf)
+        assert back.state_dict().keys() == hf.state_dict().keys()
+        torch.testing.assert_close(_real(back(**batch)[0], mask), _real(ref, mask), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("overrides", "switch"),
     [
