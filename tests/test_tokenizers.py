@@ -241,6 +241,14 @@ def test_replace_errors_trains_and_empty_iterables_fail(tmp_path):
         train_tokenizer(["", ""], "bpe", 300, show_progress=False)
 
 
+def test_trains_streaming_from_a_jsonl_file(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"body": f"document {i} about kings and queens"}) + "\n"
+                            for i in range(300)), encoding="utf-8")
+    tok = train_tokenizer(str(path), "wordpiece", 200, text_column="body", streaming=True, show_progress=False)
+    assert tok.convert_ids_to_tokens(_ids(tok, "kings"))[0] == "kings"
+
+
 def test_trains_from_a_generator_without_length():
     def lines():
         for i in range(200):

@@ -72,13 +72,13 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
             (path / name).unlink(missing_ok=True)
 
 
-def _text_batches(data: Any, *, split: str, text_column: str, errors: str,
+def _text_batches(data: Any, *, split: str, text_column: str, errors: str, streaming: bool,
                   batch_size: int, counter: dict[str, int]) -> tuple[Iterator[list[str]], int | None]:
     """A batch iterator over the training text and (when known) the number of rows."""
     from lmforge.data.sources import iter_text_batches, load_corpus
 
     if isinstance(data, (str, Path)) or hasattr(data, "column_names"):
-        data = load_corpus(data, split=split, text_column=text_column, errors=errors)
+        data = load_corpus(data, split=split, text_column=text_column, errors=errors, streaming=streaming)
     rows = len(data) if hasattr(data, "__len__") and not isinstance(data, (str, Path)) else None
 
     def counted() -> Iterator[list[str]]:
@@ -137,6 +137,7 @@ def train_tokenizer(
     split: str = "train",
     text_column: str = "text",
     errors: Literal["strict", "replace"] = "strict",
+    streaming: bool = False,
     batch_size: int = 1000,
     output_dir: str | Path | None = None,
     overwrite: bool = False,
@@ -163,6 +164,8 @@ def train_tokenizer(
         split: the split to train on when ``data`` names a corpus.
         text_column: the column holding the text.
         errors: ``strict`` refuses non-UTF-8 input files; ``replace`` decodes with U+FFFD.
+        streaming: read ``data`` lazily as an IterableDataset (e.g. a large Hub dataset);
+            local files are memory-mapped Arrow either way.
         batch_size: texts per batch streamed to the trainer.
         output_dir: save the tokenizer here (``save_pretrained``).
         overwrite: replace the tokenizer in a non-empty ``output_dir``.
@@ -197,7 +200,7 @@ def train_tokenizer(
     counter = {"texts": 0, "bytes": 0}
     start = time.perf_counter()
     batches, rows = _text_batches(data, split=split, text_column=text_column, errors=errors,
-                                  batch_size=batch_size, counter=counter)
+                                  streaming=streaming, batch_size=batch_size, counter=counter)
     _train(tok, trainer, batches, rows, algorithm, vocab_size, n_special)
     seconds = time.perf_counter() - start
     if counter["texts"] == 0:
@@ -244,6 +247,7 @@ def train_command(
     split: str = "train",
     text_column: str = "text",
     errors: Literal["strict", "replace"] = "strict",
+    streaming: bool = False,
     overwrite: bool = False,
 ) -> None:
     """Train a BPE, WordPiece or Unigram tokenizer on a corpus and save it to a folder.
@@ -268,6 +272,7 @@ def train_command(
         split: which split of the corpus to train on.
         text_column: the column holding the text.
         errors: strict refuses non-UTF-8 bytes; replace decodes them as U+FFFD.
+        streaming: read the corpus lazily (useful for large Hub datasets).
         overwrite: replace the tokenizer in a non-empty output folder.
     """
     start = time.perf_counter()
@@ -275,5 +280,5 @@ def train_command(
         data, algorithm, vocab_size, preset, special_tokens=special_tokens, chat_template=chat_template,
         model_max_length=model_max_length, lowercase=lowercase, strip_accents=strip_accents,
         min_frequency=min_frequency, split=split, text_column=text_column, errors=errors,
-        output_dir=output, overwrite=overwrite)
+        streaming=streaming, output_dir=output, overwrite=overwrite)
     print(f"{algorithm}: vocabulary {len(hf)} -> {output} ({time.perf_counter() - start:.1f} s)")
