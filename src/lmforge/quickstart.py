@@ -5,13 +5,20 @@ evaluation, ...) can be appended to ``quickstart`` without touching the earlier 
 
 1. ``fetch_step``: the corpus into the lmforge cache (no-op when already there);
 2. ``tokenizers_step``: BPE, WordPiece and Unigram trained on the TRAIN split only;
-3. ``tokenizer_report_step``: their comparison table on the VALIDATION split.
+3. ``tokenizer_report_step``: their comparison table on the VALIDATION split;
+4. ``model_tokenizer_step``: the small byte-level BPE the model uses (train split only);
+5. ``pretrain_step``: a small GPT pretrained for about 5 minutes (configs/pretrain/quickstart.yaml);
+6. ``heldout_step``: bits per byte on the held-out TEST plays, from the saved folder;
+7. ``generate_step``: a sample, from ``AutoModelForCausalLM.from_pretrained``;
+8. ``where_step``: where the model is and how to load it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from lmforge.errors import LmforgeError
 
@@ -60,15 +67,114 @@ def tokenizer_report_step(paths: dict[str, Path], texts: Any, label: str) -> lis
     return rows
 
 
+def model_tokenizer_step(train_texts: Any, out_dir: Path, *, vocab_size: int, model_max_length: int) -> Path:
+    """The byte-level BPE the model uses (train split only), sized for a small model."""
+    from lmforge.tokenizers import train_tokenizer
+
+    path = out_dir / f"bpe-{vocab_size}"
+    print(f"\ntraining the model's tokenizer: byte-level BPE (vocab {vocab_size}) -> {path}")
+    train_tokenizer(train_texts, "bpe", vocab_size, model_max_length=model_max_length, output_dir=path,
+                    overwrite=True, show_progress=False)
+    return path
+
+
+def pretrain_step(config_path: Path, tokenizer: Path, out_dir: Path, *, minutes: float,
+                  threads: int | None) -> Any:
+    """Pretrain the small GPT of ``config_path`` for about ``minutes`` (a fresh run in ``out_dir``)."""
+    from lmforge.config import load_config
+    from lmforge.train import PretrainConfig
+    from lmforge.train.pretrain import pretrain
+
+    overrides = {"output_dir": str(out_dir), "overwrite": True, "data.tokenizer": str(tokenizer),
+                 "train.max_minutes": minutes, "train.num_threads": threads}
+    config = load_config(PretrainConfig, config_path, overrides)
+    print(f"\npretraining {config.model.preset} {config.model.overrides} for ~{minutes:g} min "
+          f"({threads or 'default'} thread(s)) -> {out_dir}")
+    return pretrain(config)
+
+
+def heldout_step(model_dir: Path, corpus: str, split: str, *, block_size: int, batch_size: int = 16,
+                 cache_dir: Path | None = None) -> dict[str, float]:
+    """Loss, perplexity and bits per byte of the saved model on the held-out plays of ``split``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmforge.data.collators import CausalLMCollator
+    from lmforge.data.pipeline import build_lm_dataset
+    from lmforge.data.sources import load_corpus
+    from lmforge.eval.perplexity import evaluate_lm, token_byte_lengths
+    from lmforge.train.batches import eval_batches
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
+    texts = load_corpus(corpus, split, cache_dir=cache_dir)
+    rows = build_lm_dataset(texts, tokenizer, block_size, split=split)
+    collate = CausalLMCollator(tokenizer.pad_token_id)
+    batches = ({k: v for k, v in b.items() if k != "seq_idx"} for b in eval_batches(rows, batch_size, collate))
+    metrics = evaluate_lm(model, batches, byte_lengths=token_byte_lengths(tokenizer, model.config.vocab_size))
+    titles = ", ".join(texts["title"]) if "title" in texts.column_names else f"{len(texts)} documents"
+    print(f"\nheld-out {split} plays ({titles}): {metrics['bytes']:,} bytes, loss {metrics['loss']:.4f}, "
+          f"perplexity {metrics['perplexity']:.2f}, bits per byte {metrics['bits_per_byte']:.4f}")
+    return metrics
+
+
+def generate_step(model_dir: Path, prompt: str = "ROMEO:\n", *, max_new_tokens: int = 120, seed: int = 0) -> str:
+    """Load the saved model the way anyone would and sample a continuation of ``prompt``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
+    torch.manual_seed(seed)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, top_k=40, temperature=0.8,
+                         pad_token_id=tokenizer.pad_token_id)
+    text = tokenizer.decode(out[0], skip_special_tokens=True)
+    print(f"\nsample (prompt {prompt!r}, top-k 40, temperature 0.8):\n\n{text}\n")
+    return text
+
+
+def where_step(model_dir: Path) -> None:
+    """Say where the model is and how to load it."""
+    print(f"the model is in {model_dir.resolve()} (model card: {model_dir / 'README.md'}). Load it with:\n\n"
+          "    from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+          f"    tokenizer = AutoTokenizer.from_pretrained(\"{model_dir}\")\n"
+          f"    model = AutoModelForCausalLM.from_pretrained(\"{model_dir}\", trust_remote_code=True)\n")
+
+
+def auto_threads() -> int | None:
+    """1 thread when the machine is already busy (oversubscribed cores make torch several times
+    slower), else torch's default."""
+    import os
+
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    return 1 if load > (os.cpu_count() or 1) - 0.5 else None
+
+
+def default_pretrain_config() -> Path:
+    """configs/pretrain/quickstart.yaml of the current folder, else of the lmforge repository."""
+    local = Path("configs/pretrain/quickstart.yaml")
+    return local if local.is_file() else Path(__file__).resolve().parents[2] / local
+
+
 def quickstart(
     run_dir: Path = Path("runs/quickstart"),
     corpus: str = "shakespeare",
     vocab_size: int = 8192,
     model_max_length: int = 1024,
     cache_dir: Path | None = None,
+    minutes: float = 5.0,
+    model_vocab_size: int = 2048,
+    pretrain_config: Path | None = None,
+    threads: int | None = None,
+    prompt: str = "ROMEO:\n",
 ) -> int:
     """Run the default job on a built-in corpus: fetch it, train BPE, WordPiece and Unigram
-    tokenizers on its train split, and compare them on its validation split.
+    tokenizers on its train split and compare them on its validation split, then pretrain a small
+    GPT for about ``minutes``, measure bits per byte on the held-out test split, sample from it
+    and say how to load it.
 
     Args:
         run_dir: folder for everything this run writes (tokenizers under tokenizers/<algorithm>).
@@ -76,6 +182,12 @@ def quickstart(
         vocab_size: vocabulary size of each tokenizer.
         model_max_length: context length saved in the tokenizers.
         cache_dir: the lmforge data cache (default: $LMFORGE_CACHE or ~/.cache/lmforge).
+        minutes: wall-clock budget of the pretraining (the schedule is fitted to it).
+        model_vocab_size: vocabulary of the byte-level BPE the model uses.
+        pretrain_config: the pretraining YAML (default: configs/pretrain/quickstart.yaml).
+        threads: torch threads for training (default: 1 when the machine is already busy, else
+            torch's default).
+        prompt: the start of the generated sample.
     """
     from lmforge.data import BUILTIN_CORPORA
     from lmforge.data.sources import load_corpus
@@ -88,4 +200,19 @@ def quickstart(
     paths = tokenizers_step(train, Path(run_dir) / "tokenizers", vocab_size=vocab_size,
                             model_max_length=model_max_length)
     tokenizer_report_step(paths, validation, f"{corpus} validation (trained on {corpus} train)")
+
+    run_dir = Path(run_dir)
+    config_path = Path(pretrain_config) if pretrain_config else default_pretrain_config()
+    model_tok = model_tokenizer_step(train, run_dir / "tokenizers", vocab_size=model_vocab_size,
+                                     model_max_length=model_max_length)
+    result = pretrain_step(config_path, model_tok, run_dir / "model", minutes=minutes,
+                           threads=threads if threads is not None else auto_threads())
+    if result.final_dir is None:
+        print(f"pretraining stopped early ({result.train.status}); resume it with: lmforge pretrain "
+              f"--config {result.run_dir / 'config.yaml'} --resume auto")
+        return 1
+    block_size = int(yaml.safe_load((result.run_dir / "config.yaml").read_text())["data"]["block_size"])
+    heldout_step(result.final_dir, corpus, "test", block_size=block_size, cache_dir=cache_dir)
+    generate_step(result.final_dir, prompt)
+    where_step(result.final_dir)
     return 0

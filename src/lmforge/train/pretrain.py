@@ -115,6 +115,8 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     checkpoint = resolve_resume(config.resume, run_dir)
     prepare_run_dir(run_dir, resuming=config.resume is not None, overwrite=config.overwrite,
                     is_main=accelerator.is_main_process)
+    if checkpoint is None and config.resume is not None and accelerator.is_main_process:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # --resume auto before any checkpoint: restart
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
