@@ -130,9 +130,14 @@ def ascii_unigram(trained):
     return AutoTokenizer.from_pretrained(trained["unigram"])
 
 
-def _unseen_text(training: list[str]):
-    seen = sorted(set("".join(training)))
+@pytest.fixture(scope="module")
+def training_chars(shakespeare_slice) -> str:
+    seen = "".join(sorted(set("".join(shakespeare_slice))))
     assert all(ord(c) < 128 for c in seen)  # the slice is English/ASCII only
+    return seen
+
+
+def _unseen_text(seen: str):
     chars = st.characters(blacklist_categories=("Cs",), blacklist_characters=seen)
     extra = st.sampled_from(["🤗", "😀", "世界", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "\u200d", "é", "ﬁ"])
     return st.lists(st.one_of(st.text(chars, min_size=1, max_size=8), extra), max_size=8).map("".join)
@@ -140,8 +145,8 @@ def _unseen_text(training: list[str]):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_byte_level_bpe_is_lossless_on_unseen_unicode(ascii_bpe, shakespeare_slice, data):
-    text = data.draw(_unseen_text(shakespeare_slice))
+def test_byte_level_bpe_is_lossless_on_unseen_unicode(ascii_bpe, training_chars, data):
+    text = data.draw(_unseen_text(training_chars))
     ids = _ids(ascii_bpe, text)
     assert ascii_bpe.unk_token_id is None and None not in ascii_bpe.convert_ids_to_tokens(ids)
     assert ascii_bpe.decode(ids) == text
@@ -149,11 +154,12 @@ def test_byte_level_bpe_is_lossless_on_unseen_unicode(ascii_bpe, shakespeare_sli
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_unigram_never_produces_unk_on_unseen_scripts(ascii_unigram, shakespeare_slice, data):
-    text = data.draw(_unseen_text(shakespeare_slice))
+def test_unigram_never_produces_unk_on_unseen_scripts(ascii_unigram, training_chars, data):
+    text = data.draw(_unseen_text(training_chars))
     ids = _ids(ascii_unigram, text)
     assert ascii_unigram.unk_token_id not in ids
-    assert ascii_unigram.decode(ids) == text
+    # the one documented exception to exact decoding: a literal "▁" (U+2581) comes back as a space
+    assert ascii_unigram.decode(ids) == text.replace("▁", " ")
 
 
 # --------------------------------------------------------------------------- presets
