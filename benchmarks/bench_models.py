@@ -179,12 +179,9 @@ def _gpt_memory(args) -> dict:
             "rss_samples_mb": samples}
 
 
-def bench_gpt(args) -> dict:
-    """lmforge GPT vs LlamaForCausalLM (same weights): train step, greedy generate, cache speedup, memory."""
-    results = {"config": GPT_BENCH}
+def _gpt_bench_train(args) -> dict:
+    """Training step: fp32, B=8, T=256, AdamW with identical settings on both sides."""
     ours, llama = _gpt_pair()
-
-    # 1. training step: fp32, B=8, T=256, AdamW with identical settings on both sides
     ids = torch.randint(0, 8192, (8, 256), generator=torch.Generator().manual_seed(0))
     ours.train()
     llama.train()
@@ -194,28 +191,57 @@ def bench_gpt(args) -> dict:
         "llama": _gpt_train_step(llama, torch.optim.AdamW(llama.parameters(), **opt_kw), ids),
     }
     times = interleaved(steps, reps=4 if args.quick else 15, warmup=1)
-    results["train_step"] = report("GPT train step B8 T256", times, "lmforge", "llama", unit_work=8 * 256, unit="tok")
+    return report("GPT train step B8 T256", times, "lmforge", "llama", unit_work=8 * 256, unit="tok")
 
-    # 2. greedy generate 256 tokens from a 16-token prompt (fresh identical weights: the training
-    #    steps above leave the two models ~1e-7 apart, enough to flip near-tied argmaxes)
+
+def _gpt_prompt() -> torch.Tensor:
+    return torch.randint(1, 8192, (1, 16), generator=torch.Generator().manual_seed(1))
+
+
+def _gpt_bench_generate(args) -> dict:
+    """Greedy generate of 256 tokens from a 16-token prompt (identical weights, identical tokens)."""
     ours, llama = _gpt_pair()
     ours.eval()
     llama.eval()
-    prompt = torch.randint(1, 8192, (1, 16), generator=torch.Generator().manual_seed(1))
+    prompt = _gpt_prompt()
     assert torch.equal(_gpt_generate(ours, prompt, 32)(), _gpt_generate(llama, prompt, 32)())
     gens = {"lmforge": _gpt_generate(ours, prompt, 256), "llama": _gpt_generate(llama, prompt, 256)}
     times = interleaved(gens, reps=3 if args.quick else 9, warmup=1)
-    results["generate_256"] = report("GPT greedy generate 256", times, "lmforge", "llama", unit_work=256, unit="tok")
+    return report("GPT greedy generate 256", times, "lmforge", "llama", unit_work=256, unit="tok")
 
-    # 3. lmforge with vs without the KV cache
-    n_new = 256 if args.quick else 1024
-    cache_runs = {"cache": _gpt_generate(ours, prompt, n_new), "no_cache": _gpt_generate(ours, prompt, n_new, use_cache=False)}
-    times = interleaved(cache_runs, reps=1 if args.quick else 2, warmup=0)
-    results[f"cache_vs_no_cache_{n_new}"] = report(
-        f"GPT generate {n_new}, cache vs no cache", times, "cache", "no_cache", unit_work=n_new, unit="tok")
 
-    # 4. peak memory of long decodes
-    results["decode_memory"] = _gpt_memory(args)
+def _gpt_bench_cache(args) -> dict:
+    """lmforge generate with vs without the KV cache at ``--gpt-cache-tokens`` new tokens."""
+    ours, _ = _gpt_pair()
+    ours.eval()
+    n_new = 256 if args.quick else args.gpt_cache_tokens
+    prompt = _gpt_prompt()
+    runs = {"cache": _gpt_generate(ours, prompt, n_new), "no_cache": _gpt_generate(ours, prompt, n_new, use_cache=False)}
+    times = interleaved(runs, reps=1, warmup=0)  # one rep: the no-cache side is quadratic and slow
+    out = report(f"GPT generate {n_new}, cache vs no cache", times, "cache", "no_cache", unit_work=n_new, unit="tok")
+    return {**out, "new_tokens": n_new}
+
+
+GPT_PARTS = {"train": _gpt_bench_train, "generate": _gpt_bench_generate, "cache": _gpt_bench_cache,
+             "memory": lambda args: _gpt_memory(args)}
+
+
+def bench_gpt(args) -> dict:
+    """lmforge GPT vs LlamaForCausalLM (same weights): train step, greedy generate, cache speedup, memory.
+
+    ``--gpt-parts`` runs a subset; its results update the existing JSON's other parts.
+    """
+    parts = args.gpt_parts.split(",") if args.gpt_parts else list(GPT_PARTS)
+    unknown = set(parts) - set(GPT_PARTS)
+    if unknown:
+        raise SystemExit(f"--gpt-parts: unknown {sorted(unknown)}; choose from {sorted(GPT_PARTS)}")
+    previous = RESULTS / "models_gpt.json"
+    results = {}
+    if set(parts) != set(GPT_PARTS) and previous.is_file():
+        results = {k: v for k, v in json.loads(previous.read_text()).items() if k != "meta"}
+    results["config"] = GPT_BENCH
+    for part in parts:
+        results[part] = GPT_PARTS[part](args)
     return results
 
 
@@ -388,11 +414,11 @@ def _mamba_decode(args) -> dict:
         with torch.no_grad():
             cache = ours(prompt, use_cache=True).cache_params
         sizes[ctx] = _mamba_cache_bytes(cache)
-        # each timed call decodes 32 tokens (feeding the same token keeps the state size fixed)
+        # each timed call decodes 64 tokens (feeding the same token keeps the state size fixed)
         step = _mamba_decode_step(ours, cache, prompt[:, -1:])
-        runs[f"ctx{ctx}"] = lambda step=step: [step() for _ in range(32)]
-    times = interleaved(runs, reps=5 if args.quick else 15, warmup=1)
-    times = {name: [t / 32 for t in ts] for name, ts in times.items()}
+        runs[f"ctx{ctx}"] = lambda step=step: [step() for _ in range(64)]
+    times = interleaved(runs, reps=5 if args.quick else 21, warmup=1)
+    times = {name: [t / 64 for t in ts] for name, ts in times.items()}
     result = report("Mamba decode latency per token, ctx 64 vs 4096", times, "ctx64", "ctx4096")
     result["ratio_ctx4096_over_ctx64"] = 1 / result["speedup"]
     result["cache_bytes"] = sizes
@@ -444,13 +470,21 @@ def _mamba_prefill_generate(args) -> dict:
 
 
 def bench_mamba(args) -> dict:
-    """lmforge Mamba vs transformers MambaForCausalLM: train step + memory, decode latency, generate."""
-    return {
-        "config": MAMBA_BENCH,
-        "prefill_generate_256": _mamba_prefill_generate(args),
-        "decode": _mamba_decode(args),
-        "train_step": _mamba_train(args),
-    }
+    """lmforge Mamba vs transformers MambaForCausalLM: train step + memory, decode latency, generate.
+
+    Batch-1 decoding is many tiny ops: it runs single-threaded (on a shared 2-core machine, OpenMP
+    threads spinning on tiny ops dominate otherwise); the training step uses the default threads.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = {"config": MAMBA_BENCH, "decode_threads": 1,
+                   "prefill_generate_256": _mamba_prefill_generate(args), "decode": _mamba_decode(args)}
+    finally:
+        torch.set_num_threads(threads)
+    results["train_step"] = _mamba_train(args)
+    results["train_threads"] = threads
+    return results
 
 
 # --------------------------------------------------------------------------------- driver
@@ -467,6 +501,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=sorted(FAMILIES), action="append", help="family to run (repeatable)")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--gpt-parts", default="", help="GPT: comma list of train,generate,cache,memory (default all)")
+    parser.add_argument("--gpt-cache-tokens", type=int, default=1024, help="GPT: new tokens for cache vs no cache")
     parser.add_argument("--_memory-probe", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_batch", type=int, default=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
