@@ -131,52 +131,66 @@ def _gpt_generate(model, prompt, new_tokens: int, use_cache: bool = True):
     return run
 
 
-def _gpt_memory_probe(new_tokens: int, batch: int) -> None:
-    """Child process: decode ``new_tokens`` and print peak RSS and RSS samples along the way (JSON)."""
-    torch.set_num_threads(1)  # memory, not speed, is measured here; one thread keeps it quick on a busy machine
-    ours, _ = _gpt_pair()
-    ours.eval()
-    prompt = torch.randint(1, 8192, (batch, 16), generator=torch.Generator().manual_seed(0))
+def _rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _gpt_decode_rss(model, prompt, new_tokens: int) -> list[tuple[int, float]]:
+    """Greedy decode step by step with a DynamicCache; RSS (MB) every 128 steps."""
     samples = []
-    with torch.no_grad():
-        out = ours(prompt, use_cache=True)
+    out = model(prompt, use_cache=True)
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    for step in range(new_tokens):
+        out = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        for step in range(new_tokens):
-            out = ours(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            if (step + 1) % 256 == 0:
-                gc.collect()
-                rss = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
-                samples.append((step + 1, rss))
-    print(json.dumps({"peak_mb": peak_rss_mb(), "samples": samples}))
+        if (step + 1) % 128 == 0:
+            gc.collect()
+            samples.append((step + 1, _rss_mb()))
+    return samples
+
+
+def _gpt_memory_probe(new_tokens: int, batch: int) -> None:
+    """Child process: decode ``new_tokens`` twice (fresh cache each time); print RSS samples (JSON).
+
+    If memory leaked per step, the second pass would end higher than the first.
+    """
+    from lmforge.models import GPTConfig, GPTForCausalLM
+
+    torch.set_num_threads(1)  # memory, not speed, is measured here; one thread keeps it quick on a busy machine
+    torch.manual_seed(0)
+    model = GPTForCausalLM(GPTConfig(**GPT_BENCH)).eval()
+    prompt = torch.randint(1, 8192, (batch, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(prompt)  # warm-up
+        gc.collect()
+        base = _rss_mb()
+        first = _gpt_decode_rss(model, prompt, new_tokens)
+        gc.collect()
+        second = _gpt_decode_rss(model, prompt, new_tokens)
+    print(json.dumps({"base_mb": base, "first": first, "second": second, "peak_mb": peak_rss_mb()}))
 
 
 def _gpt_memory(args) -> dict:
-    """Peak memory of decoding 256..2048 tokens (fresh process each) and RSS along one 2048-token decode."""
-    batch = 4
+    """RSS while decoding 2,048 tokens (batch 4) in a fresh process, twice, against the KV cache size."""
+    batch, n = 4, 1024 if args.quick else 2048
     cfg = GPT_BENCH
     kv_bytes_per_token = cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * (
         cfg["hidden_size"] // cfg["num_attention_heads"]) * 4 * batch
-    lengths = [1024, 2048] if args.quick else [512, 1024, 2048]
-    peaks, samples = {}, []
-    for n in lengths:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--_memory-probe", str(n), "--_batch", str(batch)],
-            capture_output=True, text=True, check=True,
-        )
-        probe = json.loads(proc.stdout.strip().splitlines()[-1])
-        peaks[n] = probe["peak_mb"]
-        samples = probe["samples"]  # keep the longest run's samples
-    base = peaks[lengths[0]]
-    print(f"GPT decode memory (batch {batch}; KV cache {kv_bytes_per_token / 1024:.0f} KiB/token):")
-    for n in lengths:
-        expected = (n - lengths[0]) * kv_bytes_per_token / 2**20
-        print(f"  {n:5d} tokens: peak RSS {peaks[n]:.1f} MB (+{peaks[n] - base:.1f} MB; KV cache growth {expected:.1f} MB)")
-    growth = [(s, rss - samples[0][1]) for s, rss in samples]
-    print("  RSS along one 2048-token decode (step, MB above step 256): "
-          + ", ".join(f"{s}:{g:+.1f}" for s, g in growth))
-    return {"batch": batch, "kv_cache_bytes_per_token": kv_bytes_per_token, "peak_rss_mb": peaks,
-            "rss_samples_mb": samples}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--_memory-probe", str(n), "--_batch", str(batch)],
+        capture_output=True, text=True, check=True,
+    )
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    base = probe["base_mb"]
+    print(f"GPT decode memory, {n} tokens, batch {batch} (KV cache {kv_bytes_per_token / 1024:.0f} KiB/token), "
+          f"RSS above the loaded model ({base:.0f} MB):")
+    for name in ("first", "second"):
+        print(f"  {name} pass: " + ", ".join(f"{s}:{rss - base:+.1f}" for s, rss in probe[name][::2]))
+    growth = (probe["first"][-1][1] - probe["first"][0][1]) / (probe["first"][-1][0] - probe["first"][0][0])
+    print(f"  growth {growth * 1024:.1f} KiB/token (KV cache {kv_bytes_per_token / 1024:.0f} KiB/token); "
+          f"second pass ends {probe['second'][-1][1] - probe['first'][-1][1]:+.1f} MB vs the first")
+    return {"batch": batch, "new_tokens": n, "kv_cache_bytes_per_token": kv_bytes_per_token,
+            "growth_kib_per_token": growth * 1024, **probe}
 
 
 def _gpt_bench_train(args) -> dict:
@@ -235,14 +249,12 @@ def bench_gpt(args) -> dict:
     unknown = set(parts) - set(GPT_PARTS)
     if unknown:
         raise SystemExit(f"--gpt-parts: unknown {sorted(unknown)}; choose from {sorted(GPT_PARTS)}")
-    previous = RESULTS / "models_gpt.json"
-    results = {}
+    results = {part: GPT_PARTS[part](args) for part in parts}
+    previous = RESULTS / "models_gpt.json"  # read at the end: another run may have written meanwhile
     if set(parts) != set(GPT_PARTS) and previous.is_file():
-        results = {k: v for k, v in json.loads(previous.read_text()).items() if k != "meta"}
-    results["config"] = GPT_BENCH
-    for part in parts:
-        results[part] = GPT_PARTS[part](args)
-    return results
+        old = {k: v for k, v in json.loads(previous.read_text()).items() if k not in ("meta", *parts)}
+        results = {**old, **results}
+    return {**results, "config": GPT_BENCH}
 
 
 # ----------------------------------------------------------------------------------- BERT
