@@ -346,14 +346,14 @@ class Trainer:
 
 
 class _Clock:
-    """Wall time of the run (across resumes) and the time budget: after 10% and 50% of the budget,
+    """Wall time of the run (across resumes) and the time budget: after 10%, 50% and 80% of the budget,
     fit the number of steps to the measured speed (decided on the main process, broadcast)."""
 
     def __init__(self, elapsed: float, max_minutes: float | None, step: int):
         self.offset = elapsed
         self.start = time.perf_counter()
         self.budget = max_minutes * 60 if max_minutes else None
-        self.marks = [0.1, 0.5]
+        self.marks = [0.1, 0.5, 0.8]
         self.first = (step, elapsed)
 
     def elapsed(self) -> float:
