@@ -184,7 +184,7 @@ def save_final(trainer: Trainer, tokenizer: Any, config: PretrainConfig, result:
     state_dict = full_state_dict(trainer.model)  # collective when sharded: every process calls it
     if not accelerator.is_main_process:
         return final
-    model = accelerator.unwrap_model(trainer.model)
+    model = _unsharded(accelerator.unwrap_model(trainer.model), state_dict)
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -205,6 +205,21 @@ def save_final(trainer: Trainer, tokenizer: Any, config: PretrainConfig, result:
     return final
 
 
+def _unsharded(model: Any, state_dict: dict) -> Any:
+    """A plain copy of an FSDP2-sharded model (whose class torch renamed ``FSDP<Name>``), so that
+    ``save_pretrained`` writes the model's own class and code, not torch's FSDP modules."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return model
+    base = next(c for c in type(model).__mro__[1:]
+                if not issubclass(c, FSDPModule) and hasattr(c, "save_pretrained"))
+    plain = base(model.config)
+    plain.load_state_dict(state_dict)
+    plain.generation_config = model.generation_config
+    return plain
+
+
 def pretrain_command(config: PretrainConfig) -> int:
     """Pretrain a language model (causal LM for GPT/Mamba, masked LM for BERT).
 
@@ -216,8 +231,10 @@ def pretrain_command(config: PretrainConfig) -> int:
     Args:
         config: the run configuration (see the settings below).
     """
+    from accelerate import PartialState
+
     result = pretrain(config)
-    if result.final_dir is not None:
+    if result.final_dir is not None and PartialState().is_main_process:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.train.last_eval.items() if isinstance(v, float))
         print(f"done: {result.train.step} steps ({result.train.status}), {metrics}\n"
               f"model: {result.final_dir}  (AutoModel*.from_pretrained(path, trust_remote_code=True))")
