@@ -149,7 +149,11 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
             return evaluate_lm(prepared_model, batches, byte_lengths=byte_lengths, accelerator=accelerator)
 
     n_params = count_parameters(model)
-    fpt = flops_per_token(count_parameters(model, exclude_embeddings=True),
+    matmul_params = count_parameters(model, exclude_embeddings=True)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        matmul_params += head.weight.numel()  # a tied head is still a matmul per token
+    fpt = flops_per_token(matmul_params,
                           getattr(model.config, "num_hidden_layers", 0),
                           getattr(model.config, "hidden_size", 0), data.block_size)
     trainer = Trainer(model, train_data, config.train, config.optim, run_dir, accelerator=accelerator,
