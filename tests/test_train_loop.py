@@ -230,3 +230,25 @@ def test_bits_per_byte_counts_the_bytes_of_the_text():
     covered = len(tok.decode(ids[1:]).encode("utf-8"))
     assert out["bits_per_byte"] == pytest.approx(nll / math.log(2) / covered, rel=1e-6)
     assert out["perplexity"] == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-6)
+
+
+# ------------------------------------------------------------------------- time budget
+
+
+def test_time_budget_fits_the_number_of_steps(monkeypatch):
+    from lmforge.train import loop
+
+    now = [1000.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    clock = loop._Clock(elapsed=0.0, max_minutes=10, step=0)
+    acc = SimpleNamespace(num_processes=1)
+    now[0] += 30  # 5% of the budget: too early to measure
+    assert clock.refit(15, 5000, acc) is None
+    now[0] += 30  # 10%: 30 steps in 60 s -> 0.5 step/s for the remaining 540 s
+    assert clock.refit(30, 5000, acc) == 30 + 270
+    assert clock.refit(31, 5000, acc) is None  # next fit at 50%
+    now[0] += 240  # 50%: it slowed down to 100 steps in 300 s -> 1/3 step/s for 300 s
+    assert clock.refit(100, 5000, acc) == 100 + 100
+    assert clock.refit(100, 150, acc) is None and not clock.over_budget(acc)
+    now[0] += 370  # past 110% of the budget
+    assert clock.over_budget(acc)
