@@ -145,7 +145,7 @@ def test_switch_combination_trains_and_round_trips(row, tmp_path):
 
     model.eval()
     model.save_pretrained(tmp_path)
-    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path, attn_implementation=row["attn_implementation"]).eval()
     assert isinstance(loaded, LmforgeBertForMaskedLM)
     assert loaded.lm_head.decoder.weight.data_ptr() == loaded.bert.embeddings.word_embeddings.weight.data_ptr()
     with torch.no_grad():

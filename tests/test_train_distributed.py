@@ -187,16 +187,20 @@ def test_fsdp_matches_ddp_with_sharded_parameters(run_config, ddp_run):
 
 
 _REFUSED = """
+import sys
+
 from accelerate import Accelerator
 from lmforge.errors import LmforgeError
 from lmforge.train.distributed import check_launch
 accelerator = Accelerator()
-print("accelerate sees", accelerator.num_processes, flush=True)
+# one write per line: the two processes share the pipe (print writes text and newline apart)
+sys.stdout.write(f"accelerate sees {accelerator.num_processes}\\n")
+sys.stdout.flush()
 try:
     check_launch(accelerator)
 except LmforgeError as e:
     raise SystemExit(f"refused: {e}")
-print("accepted", flush=True)
+sys.stdout.write("accepted\\n")
 """
 
 

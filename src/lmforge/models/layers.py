@@ -15,6 +15,7 @@ initializer_range, is_causal, num_hidden_layers.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -25,8 +26,22 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+# transformers 5.24 renamed the cache argument and output field (``past_key_values``, Mamba's
+# ``cache_params``) to ``cache``. lmforge models take either name and answer with the installed one.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def pick_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache under either name (``cache`` from transformers >= 5.24, ``past_key_values`` before)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the cache once, as `cache` (or `past_key_values`), not both")
+    return cache if cache is not None else past_key_values
+
 
 # Valid values of each switch (configs validate against these).
 NORM_TYPES = ("rmsnorm", "layernorm", "dyt")
@@ -321,7 +336,7 @@ class Attention(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states (B, T, D) -> (output (B, T, D), attention weights or None)."""
@@ -332,8 +347,8 @@ class Attention(nn.Module):
         if position_embeddings is not None:
             cos, sin = position_embeddings
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, Hkv, S, hd)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, S, hd)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -415,16 +430,16 @@ class TransformerBlock(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """hidden_states (B, T, D) -> (B, T, D)."""
         x = hidden_states
         if self.norm_position == "pre":
-            attn, _ = self.self_attn(self.attn_norm(x), attention_mask, position_embeddings, past_key_values, **kwargs)
+            attn, _ = self.self_attn(self.attn_norm(x), attention_mask, position_embeddings, cache, **kwargs)
             h = x + self.dropout(attn)
             return h + self.dropout(self.mlp(self.mlp_norm(h)))
-        attn, _ = self.self_attn(x, attention_mask, position_embeddings, past_key_values, **kwargs)
+        attn, _ = self.self_attn(x, attention_mask, position_embeddings, cache, **kwargs)
         h = self.attn_norm(self._scaled(x) + self.dropout(attn))
         return self.mlp_norm(self._scaled(h) + self.dropout(self.mlp(h)))
 
@@ -440,7 +455,7 @@ def build_attention_mask(
     config,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    past_key_values: Cache | None,
+    cache: Cache | None,
     position_ids: torch.Tensor | None,
 ) -> torch.Tensor | None:
     """The mask every layer gets: causal or bidirectional (``config.is_causal``), padding, packed
@@ -462,8 +477,8 @@ def build_attention_mask(
             config=config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{_MASK_CACHE_ARG: cache},
             allow_is_causal_skip=not alibi,
         )
     else:
@@ -471,13 +486,13 @@ def build_attention_mask(
             config=config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            **{_MASK_CACHE_ARG: cache},
             allow_is_bidirectional_skip=not alibi,
         )
     if not alibi:
         return mask
     b, t = inputs_embeds.shape[:2]
-    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    past = cache.get_seq_length() if cache is not None else 0
     dtype, device = inputs_embeds.dtype, inputs_embeds.device
     if mask is None:  # nothing masked (bidirectional, no padding)
         mask = torch.zeros(b, 1, t, past + t, dtype=dtype, device=device)

@@ -25,6 +25,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_gpt import GPTConfig
 from .layers import (
+    CACHE_FIELD,
     Attention,
     RotaryEmbedding,
     SinusoidalPositionalEmbedding,
@@ -33,6 +34,7 @@ from .layers import (
     build_norm,
     check_positions,
     init_weights,
+    pick_cache,
 )
 
 
@@ -44,7 +46,7 @@ class GPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["TransformerBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -89,9 +91,10 @@ class GPTModel(GPTPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """input_ids (B, T) -> last_hidden_state (B, T, D).
@@ -103,10 +106,11 @@ class GPTModel(GPTPreTrainedModel):
             raise ValueError("GPTModel: pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, D)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        cache = pick_cache(cache, past_key_values)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past
         check_positions(position_ids, self.config)
 
@@ -114,7 +118,7 @@ class GPTModel(GPTPreTrainedModel):
         if self.embed_positions is not None:
             hidden_states = hidden_states + self.embed_positions(position_ids).to(hidden_states.dtype)
         hidden_states = self.dropout(hidden_states)
-        mask = build_attention_mask(self.config, hidden_states, attention_mask, past_key_values, position_ids)
+        mask = build_attention_mask(self.config, hidden_states, attention_mask, cache, position_ids)
         rotary = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb is not None else None
 
         for layer in self.layers:
@@ -122,12 +126,12 @@ class GPTModel(GPTPreTrainedModel):
                 hidden_states,
                 attention_mask=mask,
                 position_embeddings=rotary,
-                past_key_values=past_key_values,
+                cache=cache,
                 **kwargs,
             )
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})
 
 
 class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
@@ -159,10 +163,11 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -176,7 +181,7 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=pick_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -189,7 +194,7 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -229,10 +234,11 @@ class GPTForSequenceClassification(GPTPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast:
         """Pooled logits (B, num_labels); ``labels`` (B,) give cross-entropy (or MSE for one label)."""
@@ -240,7 +246,7 @@ class GPTForSequenceClassification(GPTPreTrainedModel):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=pick_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -255,7 +261,7 @@ class GPTForSequenceClassification(GPTPreTrainedModel):
         return SequenceClassifierOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )

@@ -9,8 +9,8 @@ The scan has three paths: the sequential reference (``mamba_scan.selective_scan_
 default chunked PyTorch scan (``mamba_scan.selective_scan``), and the ``mamba_ssm`` /
 ``causal_conv1d`` CUDA kernels, used when installed, on GPU tensors, without ``seq_idx`` or a
 carried state. Decoding keeps a conv state (B, Di, K) and an SSM state (B, Di, N) per layer in a
-transformers ``DynamicCache`` of ``LinearAttentionLayer``s, passed as ``cache_params`` (generate()
-looks for that name when the class name contains "Mamba").
+transformers ``DynamicCache`` of ``LinearAttentionLayer``s, passed as ``cache`` (``cache_params``
+before transformers 5.24, still accepted).
 
 Notation: B batch, L length, H hidden_size, Di inner width (expand * H), N state size, K conv kernel,
 R time_step_rank. This file is copied next to saved weights: torch, transformers and siblings only.
@@ -19,7 +19,6 @@ R time_step_rank. This file is copied next to saved weights: torch, transformers
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +29,11 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils import ModelOutput
+from transformers.models.mamba.modeling_mamba import MambaCausalLMOutput, MambaOutput
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_mamba import MambaConfig
-from .layers import RMSNorm
+from .layers import CACHE_FIELD, RMSNorm
 from .mamba_scan import selective_scan, selective_state_step, seq_idx_to_reset
 
 try:  # optional CUDA kernels (pip install lmforge[mamba])
@@ -85,16 +84,16 @@ class MambaMixer(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        cache_params: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states (B, L, H) -> (B, L, H). ``attention_mask`` (B, L) zeroes padded positions."""
         dtype, length = hidden_states.dtype, hidden_states.shape[1]
         conv_state = ssm_state = None
-        if cache_params is not None:  # read both before the conv update marks the layer as started
-            conv_state = cache_params.get_conv_state(self.layer_idx)
-            ssm_state = cache_params.get_recurrent_state(self.layer_idx)
+        if cache is not None:  # read both before the conv update marks the layer as started
+            conv_state = cache.get_conv_state(self.layer_idx)
+            ssm_state = cache.get_recurrent_state(self.layer_idx)
         mask = None if attention_mask is None else attention_mask[:, -length:, None].to(dtype)
 
         xz = self.in_proj(hidden_states)  # (B, L, 2Di)
@@ -102,7 +101,7 @@ class MambaMixer(nn.Module):
             xz = xz * mask
         x, z = xz.chunk(2, dim=-1)  # (B, L, Di) each
         stepping = ssm_state is not None and conv_state is not None and length == 1  # O(1) decoding
-        x = F.silu(self._conv(x.transpose(1, 2), cache_params, seq_idx, stepping)).transpose(1, 2)  # (B, L, Di)
+        x = F.silu(self._conv(x.transpose(1, 2), cache, seq_idx, stepping)).transpose(1, 2)  # (B, L, Di)
         if mask is not None:
             x = x * mask
         f = _at_least_fp32(dtype)  # the SSM runs in float32 (float64 for float64 models)
@@ -114,25 +113,25 @@ class MambaMixer(nn.Module):
             y = y[:, None]  # (B, 1, Di)
         else:
             y, h = self._scan(x, dt, a, b, c, ssm_state, seq_idx)
-        if cache_params is not None:
-            cache_params.update_recurrent_state(h, self.layer_idx)
+        if cache is not None:
+            cache.update_recurrent_state(h, self.layer_idx)
         y = (y.to(f) + x.to(f) * self.D.to(f)) * F.silu(z.to(f))
         return self.out_proj(y.to(dtype))
 
-    def _conv(self, x: torch.Tensor, cache_params: Cache | None, seq_idx: torch.Tensor | None, stepping: bool):
+    def _conv(self, x: torch.Tensor, cache: Cache | None, seq_idx: torch.Tensor | None, stepping: bool):
         """Causal depthwise conv of x (B, Di, L); with a cache, prepends the cached last K inputs."""
         length = x.shape[-1]
         weight, bias = self.conv1d.weight, self.conv1d.bias  # (Di, 1, K), (Di,)
         if stepping:  # one new column: a dot product with the last K inputs, cheaper than conv1d
-            window = cache_params.update_conv_state(x, self.layer_idx, conv_kernel_size=self.kernel)
+            window = cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.kernel)
             out = (window[..., -self.kernel :] * weight[:, 0]).sum(-1, keepdim=True)  # (B, Di, 1)
             return out if bias is None else out + bias[:, None]
         if seq_idx is not None:
             return causal_conv_docs(x, weight, bias, seq_idx)
-        if cache_params is None and _use_kernels(x) and 2 <= self.kernel <= 4:
+        if cache is None and _use_kernels(x) and 2 <= self.kernel <= 4:
             return causal_conv1d_fn(x, weight[:, 0], bias, activation=None)
-        if cache_params is not None:  # (B, Di, K + L) after a previous step, else (B, Di, max(L, K))
-            x = cache_params.update_conv_state(x, self.layer_idx, conv_kernel_size=self.kernel)
+        if cache is not None:  # (B, Di, K + L) after a previous step, else (B, Di, max(L, K))
+            x = cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.kernel)
         out = F.conv1d(x, weight, bias, padding=self.kernel - 1, groups=self.inner)
         return out[..., : x.shape[-1]][..., -length:]
 
@@ -171,29 +170,21 @@ class MambaBlock(GradientCheckpointingLayer):
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mixer = MambaMixer(config, layer_idx)
 
-    def forward(self, hidden_states, cache_params=None, attention_mask=None, seq_idx=None):
+    def forward(self, hidden_states, cache=None, attention_mask=None, seq_idx=None):
         residual = hidden_states.to(_at_least_fp32(hidden_states.dtype)) if self.residual_in_fp32 else hidden_states
         hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype))
-        return residual + self.mixer(hidden_states, cache_params, attention_mask, seq_idx)
+        return residual + self.mixer(hidden_states, cache, attention_mask, seq_idx)
 
 
-@dataclass
-class MambaOutput(ModelOutput):
-    """Backbone output; ``cache_params`` holds the conv and SSM states after the last position."""
-
-    last_hidden_state: torch.Tensor | None = None
-    cache_params: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
+# The outputs are transformers' own Mamba outputs; their cache field is ``cache`` from
+# transformers 5.24 on, ``cache_params`` before.
+MAMBA_CACHE_FIELD = "cache" if CACHE_FIELD == "cache" else "cache_params"
 
 
-@dataclass
-class MambaCausalLMOutput(ModelOutput):
-    """Language-model output: loss (with ``labels``), logits (B, L, V), ``cache_params``."""
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    cache_params: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
+def _pick_cache(cache: Cache | None, cache_params: Cache | None) -> Cache | None:
+    if cache is not None and cache_params is not None:
+        raise ValueError("pass the cache once, as `cache` (or `cache_params`), not both")
+    return cache if cache is not None else cache_params
 
 
 class MambaPreTrainedModel(PreTrainedModel):
@@ -263,18 +254,19 @@ class MambaModel(MambaPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        cache_params: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         attention_mask: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        cache_params: Cache | None = None,
         **kwargs,
     ) -> MambaOutput:
         """input_ids (B, L) -> last_hidden_state (B, L, H).
 
         Args:
-            cache_params: states from a previous call; the inputs continue that sequence.
-            use_cache: return ``cache_params`` (default: config.use_cache, off in training).
+            cache: states from a previous call; the inputs continue that sequence.
+            use_cache: return ``cache`` (default: config.use_cache, off in training).
             attention_mask: (B, L) 1 for real tokens, 0 for padding (left padding for generation).
             seq_idx: (B, L) document index of each position in packed rows; no state (conv or
                 SSM) crosses a change of index. Not combinable with a cache.
@@ -283,16 +275,17 @@ class MambaModel(MambaPreTrainedModel):
             raise ValueError("MambaModel: pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)  # (B, L, H)
-        if seq_idx is not None and (cache_params is not None or use_cache):
+        cache = _pick_cache(cache, cache_params)
+        if seq_idx is not None and (cache is not None or use_cache):
             raise ValueError("MambaModel: seq_idx (packed documents) cannot be combined with a cache")
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training and seq_idx is None
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        if use_cache and cache_params is None:
-            cache_params = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if not use_cache:
-            cache_params = None
+            cache = None
 
         output_hidden_states = output_hidden_states or self.config.output_hidden_states
         all_hidden = [] if output_hidden_states else None
@@ -301,14 +294,14 @@ class MambaModel(MambaPreTrainedModel):
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
             hidden_states = block(
-                hidden_states, cache_params=cache_params, attention_mask=attention_mask, seq_idx=seq_idx
+                hidden_states, cache=cache, attention_mask=attention_mask, seq_idx=seq_idx
             )
         hidden_states = self.norm_f(hidden_states)
         if all_hidden is not None:
             all_hidden.append(hidden_states)
         return MambaOutput(
             last_hidden_state=hidden_states,
-            cache_params=cache_params,
+            **{MAMBA_CACHE_FIELD: cache},
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
 
@@ -331,12 +324,13 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         self.backbone.embeddings = value
 
     def prepare_inputs_for_generation(
-        self, input_ids, inputs_embeds=None, use_cache=None, cache_params: Cache | None = None,
-        attention_mask=None, is_first_iteration: bool | None = False, **kwargs,
+        self, input_ids, inputs_embeds=None, use_cache=None, cache: Cache | None = None,
+        attention_mask=None, is_first_iteration: bool | None = False, cache_params: Cache | None = None, **kwargs,
     ):
         """After the prompt, only the new token is fed: it is never padding, so the mask is dropped."""
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, inputs_embeds=inputs_embeds, use_cache=use_cache, cache_params=cache_params,
+            input_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            **{MAMBA_CACHE_FIELD: _pick_cache(cache, cache_params)},
             attention_mask=attention_mask, is_first_iteration=is_first_iteration, **kwargs,
         )
         if use_cache and not is_first_iteration:
@@ -349,18 +343,19 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        cache_params: Cache | None = None,
+        cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         seq_idx: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache_params: Cache | None = None,
         **kwargs,
     ) -> MambaCausalLMOutput:
         """Logits (B, L, V) in float32; ``labels`` (B, L) give the mean shifted cross-entropy
         (``num_items_in_batch`` in kwargs for gradient accumulation)."""
         outputs: MambaOutput = self.backbone(
-            input_ids, inputs_embeds=inputs_embeds, cache_params=cache_params, use_cache=use_cache,
+            input_ids, inputs_embeds=inputs_embeds, cache=_pick_cache(cache, cache_params), use_cache=use_cache,
             attention_mask=attention_mask, seq_idx=seq_idx, output_hidden_states=output_hidden_states,
         )
         hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -370,7 +365,8 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return MambaCausalLMOutput(
-            loss=loss, logits=logits, cache_params=outputs.cache_params, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+            **{MAMBA_CACHE_FIELD: getattr(outputs, MAMBA_CACHE_FIELD)},
         )
 
 

@@ -192,7 +192,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def _drop_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Gathering turns tied weights (embeddings = LM head) into separate copies: keep one name,
     as an unsharded model's checkpoint would."""
-    for name in _tied_keys(model):
+    for name in tied_keys(model):
         state.pop(name, None)
     return state
 
@@ -275,8 +275,8 @@ def _load_full_state(accelerator: Any, models: list[nn.Module], input_dir: str) 
         state = load_file(path)
         missing = set(set_model_state_dict(model, state, options=StateDictOptions(
             full_state_dict=True, strict=False)).missing_keys)
-        if missing - _tied_keys(model):
-            raise LmforgeError(f"{path}: missing weights {sorted(missing - _tied_keys(model))}")
+        if missing - tied_keys(model):
+            raise LmforgeError(f"{path}: missing weights {sorted(missing - tied_keys(model))}")
         del models[i]  # loaded here: accelerate must not load it again
         for opt in opts:
             opt.load_state_dict = partial(_load_optimizer, model, opt, options)
@@ -289,7 +289,7 @@ def _load_optimizer(model: nn.Module, opt: Any, options: Any, full: dict) -> Non
     set_optimizer_state_dict(model, opt.optimizer, full, options=options)
 
 
-def _tied_keys(model: nn.Module) -> set[str]:
+def tied_keys(model: nn.Module) -> set[str]:
     """Names under which an already-named parameter appears again (tied embeddings)."""
     seen: set[int] = set()
     tied: set[str] = set()

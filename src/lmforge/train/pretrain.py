@@ -218,8 +218,12 @@ def _unsharded(model: Any, state_dict: dict) -> Any:
         return model
     base = next(c for c in type(model).__mro__[1:]
                 if not issubclass(c, FSDPModule) and hasattr(c, "save_pretrained"))
+    from lmforge.train.distributed import tied_keys
+
     plain = base(model.config)
-    plain.load_state_dict(state_dict)
+    missing, unexpected = plain.load_state_dict(state_dict, strict=False)
+    if unexpected or set(missing) - tied_keys(plain):  # tied copies were dropped from the full state dict
+        raise LmforgeError(f"final model: unexpected weights {unexpected}, missing {sorted(set(missing) - tied_keys(plain))}")
     plain.generation_config = model.generation_config
     return plain
 
