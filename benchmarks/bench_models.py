@@ -83,8 +83,22 @@ def write_results(family: str, results: dict) -> Path:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB (Linux reports KB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process in MB since start or the last ``reset_peak_rss()``."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KB
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------------------------ GPT
@@ -368,9 +382,11 @@ def _mamba_train_memory_probe(kind: str) -> None:
     del ours, ref
     ids = torch.randint(0, 8192, (8, 256), generator=torch.Generator().manual_seed(0))
     gc.collect()
-    before = peak_rss_mb()
+    if not reset_peak_rss():
+        raise SystemExit("peak-RSS reset (/proc/self/clear_refs) is not available here")
+    before = _rss_mb()
     _mamba_train_step(model, ids)()
-    print(json.dumps({"step_peak_mb": peak_rss_mb() - before}))
+    print(json.dumps({"step_peak_mb": peak_rss_mb() - before, "before_mb": before}))
 
 
 def _mamba_child(fn: str, *args) -> dict:

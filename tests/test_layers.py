@@ -10,7 +10,7 @@ from transformers.models.bert.modeling_bert import BertLayer
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from lmforge.models import GPTConfig
+from lmforge.models import GPTConfig, layers
 from lmforge.models.layers import (
     MLP,
     Attention,
@@ -152,8 +152,10 @@ def test_post_norm_block_equals_bert_layer():
     torch.testing.assert_close(block.eval()(x), ref, atol=1e-5, rtol=0)
 
 
-def test_post_norm_block_dropout_order_equals_bert_layer():
-    """LN(x + dropout(attn)), LN(h + dropout(mlp)): same dropout calls in the same order as BertLayer."""
+def test_post_norm_block_dropout_order_equals_bert_layer(monkeypatch):
+    """LN(x + dropout(attn)), LN(h + dropout(mlp)): same dropout calls in the same order as BertLayer
+    (lmforge draws its CPU masks differently, so both sides use torch's dropout here)."""
+    monkeypatch.setattr(layers, "apply_dropout", lambda x, p, training: nn.functional.dropout(x, p, training))
     bert, block = _bert_and_block(hidden_dropout=0.3)
     x = torch.randn(2, 6, 32)
     torch.manual_seed(5)
@@ -195,3 +197,20 @@ def test_pre_norm_block_formula():
     x = torch.randn(2, 5, 32)
     h = x + block.self_attn(block.attn_norm(x))[0]
     torch.testing.assert_close(block(x), h + block.mlp(block.mlp_norm(h)))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keeps_one_minus_p_and_rescales(p):
+    x = torch.ones(400, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    y = layers.apply_dropout(x, p, training=True)
+    kept = y != 0
+    assert kept.float().mean().item() == pytest.approx(1 - p, abs=0.005)
+    assert torch.equal(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() / (1 - p))  # gradient flows through kept entries only
+    torch.manual_seed(0)
+    assert torch.equal(layers.apply_dropout(x, p, training=True), y)  # seeded: reproducible
+    assert layers.apply_dropout(x, p, training=False) is x
+    assert layers.apply_dropout(x, 0.0, training=True) is x
+    assert not layers.apply_dropout(x, 1.0, training=True).any()

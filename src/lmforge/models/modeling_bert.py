@@ -41,6 +41,7 @@ from .configuration_bert import LmforgeBertConfig
 from .layers import (
     ACTIVATIONS,
     Attention,
+    Dropout,
     RotaryEmbedding,
     SinusoidalPositionalEmbedding,
     TransformerBlock,
@@ -80,7 +81,7 @@ class LmforgeBertEmbeddings(nn.Module):
         else:
             self.position_embeddings = None
         self.norm = build_norm(config) if config.embedding_norm else nn.Identity()
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.dropout = Dropout(config.hidden_dropout)
 
     def forward(
         self,
@@ -202,7 +203,7 @@ class LmforgeBertModel(LmforgeBertPreTrainedModel):
         mask = build_attention_mask(self.config, hidden_states, attention_mask, None, position_ids)
         position_embeddings = None
         if self.rotary_emb is not None:
-            position_embeddings = self.rotary_emb(hidden_states, position_ids.expand(b, -1))  # (B, T, hd) x2
+            position_embeddings = self.rotary_emb(hidden_states, position_ids.expand(b, -1))  # (B, 1, T, hd) x2
         for layer in self.layers:
             hidden_states = layer(hidden_states, mask, position_embeddings=position_embeddings, **kwargs)
         if self.norm is not None:
@@ -270,7 +271,7 @@ class LmforgeBertForSequenceClassification(LmforgeBertPreTrainedModel):
         self.num_labels = config.num_labels
         self.bert = LmforgeBertModel(config, add_pooling_layer=True)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout
-        self.dropout = nn.Dropout(p)
+        self.dropout = Dropout(p)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -302,7 +303,7 @@ class LmforgeBertForTokenClassification(LmforgeBertPreTrainedModel):
         self.num_labels = config.num_labels
         self.bert = LmforgeBertModel(config, add_pooling_layer=False)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout
-        self.dropout = nn.Dropout(p)
+        self.dropout = Dropout(p)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 

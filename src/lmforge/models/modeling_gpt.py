@@ -27,6 +27,7 @@ from .configuration_gpt import GPTConfig
 from .layers import (
     CACHE_FIELD,
     Attention,
+    Dropout,
     RotaryEmbedding,
     SinusoidalPositionalEmbedding,
     TransformerBlock,
@@ -71,7 +72,7 @@ class GPTModel(GPTPreTrainedModel):
         elif kind == "sinusoidal":
             self.embed_positions = SinusoidalPositionalEmbedding(d)
         self.rotary_emb = RotaryEmbedding(config) if kind == "rope" else None
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.dropout = Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_hidden_layers))
         # post-norm and DeepNorm blocks already end in a norm
         self.norm = build_norm(config) if config.norm_position == "pre" else None
