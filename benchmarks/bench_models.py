@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+from lmforge.models.layers import CACHE_FIELD
+from lmforge.models.modeling_mamba import MAMBA_CACHE_FIELD
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -153,10 +156,10 @@ def _gpt_decode_rss(model, prompt, new_tokens: int) -> list[tuple[int, float]]:
     """Greedy decode step by step with a DynamicCache; RSS (MB) every 128 steps."""
     samples = []
     out = model(prompt, use_cache=True)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, token = getattr(out, CACHE_FIELD), out.logits[:, -1:].argmax(-1)
     for step in range(new_tokens):
-        out = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(token, cache=cache, use_cache=True, logits_to_keep=1)
+        cache, token = getattr(out, CACHE_FIELD), out.logits[:, -1:].argmax(-1)
         if (step + 1) % 128 == 0:
             gc.collect()
             samples.append((step + 1, _rss_mb()))
@@ -422,7 +425,7 @@ def _mamba_train(args) -> dict:
 def _mamba_decode_step(model, cache, token):
     def run():
         with torch.no_grad():
-            return model(token, cache_params=cache, use_cache=True).logits
+            return model(token, cache=cache, use_cache=True).logits
 
     return run
 
@@ -440,7 +443,7 @@ def _mamba_decode(args) -> dict:
     for ctx in (64, 4096):
         prompt = torch.randint(1, 8192, (1, ctx), generator=torch.Generator().manual_seed(ctx))
         with torch.no_grad():
-            cache = ours(prompt, use_cache=True).cache_params
+            cache = getattr(ours(prompt, use_cache=True), MAMBA_CACHE_FIELD)
         sizes[ctx] = _mamba_cache_bytes(cache)
         # each timed call decodes 64 tokens (feeding the same token keeps the state size fixed)
         step = _mamba_decode_step(ours, cache, prompt[:, -1:])
@@ -456,7 +459,7 @@ def _mamba_decode(args) -> dict:
     with torch.no_grad():
         out = ours(prompt, use_cache=True)
         for i in range(2048):
-            out = ours(out.logits[:, -1:].argmax(-1), cache_params=out.cache_params, use_cache=True)
+            out = ours(out.logits[:, -1:].argmax(-1), cache=getattr(out, MAMBA_CACHE_FIELD), use_cache=True)
             if (i + 1) % 512 == 0:
                 gc.collect()
                 samples.append((i + 1, int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20))

@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 from lmforge.models import GPTConfig, GPTForCausalLM, GPTForSequenceClassification, GPTModel
+from lmforge.models.layers import CACHE_FIELD
 from tests.torch_threads import single_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -46,9 +47,11 @@ def test_incremental_decoding_equals_full_forward_at_every_position(position, at
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         out = model(ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
+        steps, cache = [out.logits], getattr(out, CACHE_FIELD)
         for i in range(4, ids.shape[1]):
-            out = model(ids[:, i : i + 1], attention_mask=mask[:, : i + 1], past_key_values=cache, use_cache=True)
+            # `cache` (transformers >= 5.24) and the older `past_key_values` are both accepted
+            name = "cache" if i % 2 else "past_key_values"
+            out = model(ids[:, i : i + 1], attention_mask=mask[:, : i + 1], use_cache=True, **{name: cache})
             steps.append(out.logits)
     inc = torch.cat(steps, dim=1)
     real = mask.bool()
