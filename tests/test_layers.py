@@ -214,3 +214,56 @@ def test_dropout_keeps_one_minus_p_and_rescales(p):
     assert layers.apply_dropout(x, p, training=False) is x
     assert layers.apply_dropout(x, 0.0, training=True) is x
     assert not layers.apply_dropout(x, 1.0, training=True).any()
+
+
+@pytest.mark.parametrize("num_items", [None, 37, "tensor"])
+@pytest.mark.parametrize("kind", ["causal", "masked"])
+def test_lm_losses_equal_transformers_in_value_and_gradient(kind, num_items):
+    from transformers.loss.loss_utils import ForCausalLMLoss, ForMaskedLMLoss
+
+    ours, ref = {"causal": (layers.causal_lm_loss, ForCausalLMLoss),
+                 "masked": (layers.masked_lm_loss, ForMaskedLMLoss)}[kind]
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 11, 50, generator=g)
+    labels = torch.randint(0, 50, (3, 11), generator=g)
+    labels[0, :4] = -100  # padding
+    labels[2, 7:] = -100
+    n = torch.tensor(37) if num_items == "tensor" else num_items
+    grads, values = [], []
+    for fn in (ours, ref):
+        x = logits.clone().requires_grad_()
+        loss = fn(x, labels, vocab_size=50, num_items_in_batch=n)
+        loss.backward()
+        values.append(loss.detach())
+        grads.append(x.grad)
+    torch.testing.assert_close(values[0], values[1], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-7, rtol=1e-6)
+    with torch.no_grad():  # evaluation takes torch's path: the same value
+        torch.testing.assert_close(ours(logits, labels, vocab_size=50, num_items_in_batch=n), values[1])
+
+
+def test_lm_loss_backward_in_bf16_and_refuses_a_second_backward():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 6, 20, generator=g).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 20, (2, 6), generator=g)
+    loss = layers.causal_lm_loss(logits, labels, vocab_size=20)
+    assert loss.dtype == torch.float32
+    loss.backward(retain_graph=True)
+    assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad.float()).all()
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+def test_models_train_with_lmforge_loss_and_accept_a_replacement():
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from lmforge.models import GPTForCausalLM
+
+    config = _config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                     num_hidden_layers=2, vocab_size=40)
+    model = GPTForCausalLM(config)
+    assert model.loss_function is layers.causal_lm_loss
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(2))
+    ours = model(ids, labels=ids).loss
+    model.loss_function = ForCausalLMLoss
+    torch.testing.assert_close(model(ids, labels=ids).loss, ours)

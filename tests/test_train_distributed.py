@@ -186,6 +186,61 @@ def test_fsdp_matches_ddp_with_sharded_parameters(run_config, ddp_run):
             torch.testing.assert_close(sharded[key], plain[key], rtol=1e-5, atol=1e-6)
 
 
+_SHARDED = """
+import json
+import sys
+
+import torch
+from accelerate import Accelerator
+from torch.distributed.tensor import DTensor
+
+from lmforge.models import GPTConfig, GPTForCausalLM
+from lmforge.train.distributed import shard_model
+
+accelerator = Accelerator()
+torch.manual_seed(0)
+model = GPTForCausalLM(GPTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2))
+full = {name: tuple(p.shape) for name, p in model.named_parameters()}
+model = shard_model(accelerator, model, "fsdp")
+params = dict(model.named_parameters())
+report = {
+    "rank": accelerator.process_index,
+    "world": accelerator.num_processes,
+    "dtensor": all(isinstance(p, DTensor) for p in params.values()),
+    "placements": sorted({str(p.placements) for p in params.values()}),
+    "global_shapes_kept": all(tuple(p.shape) == full[name] for name, p in params.items()),
+    "local_rows": {name: p.to_local().shape[0] for name, p in params.items()},
+}
+sys.stdout.write(json.dumps(report) + "\\n")
+sys.stdout.flush()
+"""
+
+
+def test_fsdp_parameters_are_dtensor_shards_across_two_processes(tmp_path):
+    """Under a real 2-process launch, shard_model(..., "fsdp") leaves every parameter a DTensor
+    sharded on dim 0 over both ranks: each rank holds about half the rows, together all of them."""
+    script = tmp_path / "sharded.py"
+    script.write_text(_SHARDED)
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "cpu_multiprocess.yaml"), str(script)]
+    result = _launch(cmd, {**_env(), "ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")),
+                     key=lambda r: r["rank"])
+    assert [r["rank"] for r in reports] == [0, 1] and all(r["world"] == 2 for r in reports)
+    for r in reports:
+        assert r["dtensor"] and r["global_shapes_kept"]
+        assert r["placements"] == ["(Shard(dim=0),)"]
+    from lmforge.models import GPTConfig, GPTForCausalLM
+
+    model = GPTForCausalLM(GPTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2))
+    for name, p in model.named_parameters():
+        rows = [r["local_rows"][name] for r in reports]
+        assert sum(rows) == p.shape[0] and max(rows) == -(-p.shape[0] // 2), (name, rows)
+
+
 _REFUSED = """
 import sys
 

@@ -49,6 +49,7 @@ from .layers import (
     build_norm,
     check_positions,
     init_weights,
+    masked_lm_loss,
 )
 
 # What ``save_pretrained`` writes into config.json's ``auto_map`` (files copied next to the weights).
@@ -216,6 +217,8 @@ class LmforgeBertForMaskedLM(LmforgeBertPreTrainedModel):
     """BERT with the masked-LM head; ``labels`` (B, T) hold target ids, -100 where no loss is taken."""
 
     _tied_weights_keys = {"lm_head.decoder.weight": "bert.embeddings.word_embeddings.weight"}
+    # read by transformers' ``loss_function`` property; assign ``model.loss_function`` to replace it
+    _loss_function = staticmethod(masked_lm_loss)
 
     def __init__(self, config: LmforgeBertConfig):
         super().__init__(config)

@@ -33,6 +33,7 @@ from .layers import (
     TransformerBlock,
     build_attention_mask,
     build_norm,
+    causal_lm_loss,
     check_positions,
     init_weights,
     pick_cache,
@@ -139,6 +140,8 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
     """GPT with a language-model head; ``labels`` give the shifted next-token loss."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # read by transformers' ``loss_function`` property; assign ``model.loss_function`` to replace it
+    _loss_function = staticmethod(causal_lm_loss)
 
     def __init__(self, config: GPTConfig):
         super().__init__(config)

@@ -33,7 +33,7 @@ from transformers.models.mamba.modeling_mamba import MambaCausalLMOutput, MambaO
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_mamba import MambaConfig
-from .layers import CACHE_FIELD, RMSNorm
+from .layers import CACHE_FIELD, RMSNorm, causal_lm_loss
 from .mamba_scan import selective_scan, selective_state_step, seq_idx_to_reset
 
 try:  # optional CUDA kernels (pip install lmforge[mamba])
@@ -310,6 +310,8 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
     """Mamba with a language-model head; ``labels`` give the shifted next-token loss."""
 
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+    # read by transformers' ``loss_function`` property; assign ``model.loss_function`` to replace it
+    _loss_function = staticmethod(causal_lm_loss)
 
     def __init__(self, config: MambaConfig):
         super().__init__(config)
