@@ -118,6 +118,21 @@ def test_masks_are_reproducible_and_batch_independent(bert):
     assert not torch.equal(collator(feats[:6])["labels"], a["labels"])
 
 
+@pytest.mark.parametrize("whole_word", [False, True])
+def test_mask_of_a_short_row_does_not_depend_on_the_batch_padding(bert, whole_word):
+    """Unpacked rows of different lengths: a row's mask is the same alone and padded beside a longer one."""
+    g = np.random.default_rng(3)
+    vocab = len(bert)
+    short = {"input_ids": g.integers(10, vocab, 23).tolist()}
+    long = {"input_ids": g.integers(10, vocab, 57).tolist()}
+    alone = MLMCollator(bert, seed=1, whole_word=whole_word)([short])
+    batched = MLMCollator(bert, seed=1, whole_word=whole_word)([long, short])
+    assert torch.equal(batched["input_ids"][1, :23], alone["input_ids"][0])
+    assert torch.equal(batched["labels"][1, :23], alone["labels"][0])
+    assert (batched["labels"][1, 23:] == -100).all() and (batched["attention_mask"][1, 23:] == 0).all()
+    assert (alone["labels"][0] != -100).any()
+
+
 def test_mlm_needs_a_mask_token():
     with pytest.raises(LmforgeError, match="mask token"):
         MLMCollator(gpt_tokenizer())

@@ -167,9 +167,10 @@ class MLMCollator:
         batch = _stack(features, self.pad_token_id, self.pad_to_multiple_of)
         ids = batch["input_ids"]
         no_mask = self._special[ids] | (batch["attention_mask"] == 0)  # (B, T)
-        out_ids, labels = ids.copy(), np.empty_like(ids)
-        for i in range(ids.shape[0]):
-            out_ids[i], labels[i] = self._mask_row(ids[i], no_mask[i])
+        out_ids, labels = ids.copy(), np.full_like(ids, IGNORE_INDEX)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])  # the row itself, without this batch's padding: same mask in any batch
+            out_ids[i, :n], labels[i, :n] = self._mask_row(ids[i, :n], no_mask[i, :n])
         batch["input_ids"] = out_ids
         return _finish(batch, labels)
 
