@@ -4,6 +4,7 @@ after a real SIGINT, the final folder loads with from_pretrained, and bad input 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 
@@ -186,3 +187,15 @@ def test_resume_with_another_world_size_or_batch_is_refused(ws):
         with pytest.raises(LmforgeError, match=match):
             pretrain(config)
         assert _no_training_happened(config)
+
+
+def test_bf16_mixed_precision_trains_and_saves_float32_weights(ws):
+    """bf16 autocast (accelerate, CPU): the loss still falls and the saved weights stay float32."""
+    config = make_config(ws, "gpt", "run-bf16", train={"mixed_precision": "bf16"})
+    result = pretrain(config)
+    assert result.train.status == "completed"
+    losses = list(train_losses(result.run_dir).values())
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
+    saved = load_file(result.final_dir / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
