@@ -9,8 +9,10 @@ next time), never a half-written ``step_N``: the latest complete checkpoint stay
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,23 @@ def check_compatible(state: TrainerState, *, world_size: int, micro_batch_size: 
     )
 
 
+class _TiedWeightNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_tied_weight_notice():
+    """accelerate warns on every save that it stored a tied LM head once; the models re-tie it on
+    load (exact resume is tested), so inside the progress bar the notice is only noise."""
+    logger, notice = logging.getLogger("accelerate.utils.other"), _TiedWeightNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def save_checkpoint(accelerator: Any, run_dir: str | Path, state: TrainerState, keep_last: int) -> Path:
     """Write ``step_N`` atomically on all processes; return its final path."""
     root = checkpoints_dir(run_dir)
@@ -117,7 +136,8 @@ def save_checkpoint(accelerator: Any, run_dir: str | Path, state: TrainerState, 
         if tmp.exists():
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    with _quiet_tied_weight_notice():
+        accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(state.to_json())
     accelerator.wait_for_everyone()  # every process has finished writing
