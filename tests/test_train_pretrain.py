@@ -189,7 +189,18 @@ def test_resume_with_another_world_size_or_batch_is_refused(ws):
         assert _no_training_happened(config)
 
 
-def test_bf16_mixed_precision_trains_and_saves_float32_weights(ws):
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide AcceleratorState whose mixed precision cannot change:
+    a run with another precision in this test process needs it reset before and after."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_bf16_mixed_precision_trains_and_saves_float32_weights(ws, fresh_accelerator_state):
     """bf16 autocast (accelerate, CPU): the loss still falls and the saved weights stay float32."""
     config = make_config(ws, "gpt", "run-bf16", train={"mixed_precision": "bf16"})
     result = pretrain(config)
