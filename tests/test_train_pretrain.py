@@ -210,3 +210,16 @@ def test_bf16_mixed_precision_trains_and_saves_float32_weights(ws, fresh_acceler
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
     saved = load_file(result.final_dir / "model.safetensors")
     assert {t.dtype for t in saved.values()} == {torch.float32}
+
+
+def test_compiled_model_trains_like_the_eager_one(ws):
+    """train.compile wraps the forward in torch.compile (inductor on CPU): same losses as eager
+    (dropout off: inductor draws its masks from another generator)."""
+    no_dropout = {"overrides": {"hidden_dropout": 0.0, "attention_dropout": 0.0}}
+    eager = pretrain(make_config(ws, "gpt", "run-eager", train={"max_steps": 4}, model=no_dropout))
+    compiled = pretrain(make_config(ws, "gpt", "run-compiled", train={"max_steps": 4, "compile": True},
+                                    model=no_dropout))
+    assert compiled.train.status == "completed"
+    want, got = train_losses(eager.run_dir), train_losses(compiled.run_dir)
+    assert list(got) == list(want) == [1, 2, 3, 4]
+    assert list(got.values()) == pytest.approx(list(want.values()), rel=1e-4)

@@ -469,8 +469,8 @@ class TransformerBlock(GradientCheckpointingLayer):
         return self.mlp_norm(self._scaled(h) + self._dropout(self.mlp(h)))
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        """Residual dropout, skipped outright when it is the identity (decoding pays per module call)."""
-        return self.dropout(x) if self.training and self.dropout.p > 0 else x
+        """Residual dropout without a module call (decoding pays for each one)."""
+        return apply_dropout(x, self.dropout.p, self.training)
 
     def _scaled(self, residual: torch.Tensor) -> torch.Tensor:
         """The residual branch scaled by DeepNorm's alpha (1 for post-norm: no extra op)."""
