@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -171,10 +172,15 @@ def test_two_processes_match_one_process(single_run, ddp_run):
     assert one[-1] < one[0]
 
 
-def test_fsdp_matches_ddp_with_sharded_parameters(run_config, ddp_run):
-    ddp_dir, _ = ddp_run
+@pytest.fixture(scope="module")
+def fsdp_run(run_config) -> tuple[Path, str]:
     out = run_config / "fsdp"
-    stdout = _accelerate(run_config, out, "--distributed", "fsdp").stdout
+    return out, _accelerate(run_config, out, "--distributed", "fsdp").stdout
+
+
+def test_fsdp_matches_ddp_with_sharded_parameters(ddp_run, fsdp_run):
+    ddp_dir, _ = ddp_run
+    out, stdout = fsdp_run
     # strategy_name says fsdp2 only when the parameters are torch DTensor shards (is_sharded)
     assert "strategy fsdp2 (2 processes, gloo, fully_shard by lmforge)" in stdout
     assert _losses(out) == pytest.approx(_losses(ddp_dir), rel=1e-5)
@@ -184,6 +190,23 @@ def test_fsdp_matches_ddp_with_sharded_parameters(run_config, ddp_run):
         assert sharded.keys() == plain.keys()
         for key in plain:
             torch.testing.assert_close(sharded[key], plain[key], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_run_resumes_exactly_across_two_processes(run_config, fsdp_run):
+    """A 2-process FSDP run cut back to its step-2 checkpoint and resumed (--resume auto, 2
+    processes) ends with the uninterrupted run's losses and final weights."""
+    full, _ = fsdp_run
+    resumed = run_config / "fsdp-resumed"
+    shutil.copytree(full, resumed)
+    for later in (resumed / "checkpoints" / f"step_{STEPS}", resumed / "final"):
+        shutil.rmtree(later)
+    stdout = _accelerate(run_config, resumed, "--distributed", "fsdp", "--resume", "auto").stdout
+    assert "fsdp2 (2 processes" in stdout and f"resuming from {resumed / 'checkpoints' / 'step_2'}" in stdout
+    assert _losses(resumed) == _losses(full)  # steps 1-2 kept from before, 3-4 trained again
+    want, got = load_file(full / "final/model.safetensors"), load_file(resumed / "final/model.safetensors")
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
 
 
 _SHARDED = """
