@@ -79,3 +79,19 @@ def test_console_script_exit_code_and_stderr(tmp_path):
     assert proc.stderr.startswith("lmforge: error: --sdist: file not found")
     assert "Traceback" not in proc.stderr
     assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # nothing left behind
+
+
+def test_misspelt_flag_suggests_the_closest(capsys):
+    assert main(["pretrain", "--train.max-stepz", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --train.max-stepz (did you mean --train.max-steps?) 3" in err
+
+
+def test_mapping_flag_takes_yaml(tmp_path):
+    from lmforge.config import load_config
+    from lmforge.train import PretrainConfig
+
+    config = load_config(PretrainConfig, None, {"model.overrides": "{num_hidden_layers: 4, hidden_size: 48}"})
+    assert config.model.overrides == {"num_hidden_layers": 4, "hidden_size": 48}
+    with pytest.raises(Exception, match=r"command-line flags: model.overrides: expected a mapping"):
+        load_config(PretrainConfig, None, {"model.overrides": "[1, 2]"})

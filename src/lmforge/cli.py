@@ -46,6 +46,20 @@ def _resolve(argv: list[str]) -> tuple[tuple[str, ...], list[str]]:
     raise LmforgeError(f"unknown command {argv[0]!r}; valid commands: {', '.join(groups)}")
 
 
+def _unknown_arguments(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """'unrecognized arguments' with the closest valid flag for each unknown one."""
+    import difflib
+
+    flags = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    parts = []
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.6) if flag.startswith("--") else []
+        parts.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+    return (f"{parser.prog}: unrecognized arguments: {' '.join(parts)}; "
+            f"'{parser.prog} --help' lists the options")
+
+
 def main(argv: list[str] | None = None) -> int:
     from lmforge.config import add_function_arguments, call_with_namespace, description
 
@@ -69,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         add_function_arguments(parser, fn)
-        ns = parser.parse_args(rest)
+        ns, unknown = parser.parse_known_args(rest)
+        if unknown:
+            raise LmforgeError(_unknown_arguments(parser, unknown))
         result = call_with_namespace(fn, ns)
     except LmforgeError as e:
         if os.environ.get("LMFORGE_DEBUG"):

@@ -66,8 +66,13 @@ def coerce(value: Any, tp: Any, *, name: str) -> Any:
         out = [coerce(v, item_tp, name=name) for v in items]
         return tuple(out) if origin is tuple else out
     if origin is dict or tp is dict:
+        if isinstance(value, str):  # from the command line: a YAML/JSON mapping such as {num_hidden_layers: 4}
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise LmforgeError(f"{name}: expected a mapping such as {{key: value}}, got {value!r} ({e})") from None
         if not isinstance(value, dict):
-            raise LmforgeError(f"{name}: expected a mapping, got {value!r}")
+            raise LmforgeError(f"{name}: expected a mapping such as {{key: value}}, got {value!r}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -219,6 +224,8 @@ def load_config(cls: type, path: str | Path | None = None, overrides: dict[str, 
     """YAML file (optional) + dotted overrides -> a validated ``cls`` instance."""
     values = load_yaml(path) if path else {}
     source = str(path) if path else "config"
+    if overrides:
+        source = f"{source} + command-line flags" if path else "command-line flags"
     values = merge(values, nest(overrides or {}))
     return build_dataclass(cls, values, source=source)
 
