@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from lmforge.cli import COMMANDS, main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_help_lists_every_command(capsys):
@@ -95,3 +98,37 @@ def test_mapping_flag_takes_yaml(tmp_path):
     assert config.model.overrides == {"num_hidden_layers": 4, "hidden_size": 48}
     with pytest.raises(Exception, match=r"command-line flags: model.overrides: expected a mapping"):
         load_config(PretrainConfig, None, {"model.overrides": "[1, 2]"})
+
+
+def test_tokenizer_train_reads_a_config_file_and_flags_override_it(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"The quick brown fox {i} jumps over the lazy dog.\n" for i in range(300)))
+    out = tmp_path / "tok"
+    code = main(["tokenizer", "train", "--config", str(ROOT / "configs/tokenizer/bert-wordpiece.yaml"),
+                 "--data", str(corpus), "--output", str(out), "--vocab-size", "300"])
+    assert code == 0
+    record = json.loads((out / "lmforge_tokenizer.json").read_text())
+    assert (record["algorithm"], record["preset"], record["model_max_length"]) == ("wordpiece", "bert", 512)
+    assert record["requested_vocab_size"] == 300  # the flag, not the file's 8192
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "tokenizer").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_tokenizer_configs_hold_valid_options(path):
+    import typing
+
+    from lmforge.config import _fill_from_file
+    from lmforge.tokenizers.train import train_command
+
+    options: dict = {}
+    _fill_from_file(train_command, typing.get_type_hints(train_command), str(path), options)
+    assert options["algorithm"] in ("bpe", "wordpiece", "unigram") and options["vocab_size"] > 256
+
+
+def test_config_file_errors_name_the_file_and_the_closest_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algoritm: bpe\n")
+    assert main(["tokenizer", "train", "--config", str(bad), "--data", "x", "--output", str(tmp_path / "o")]) == 2
+    assert f"{bad}: unknown option 'algoritm'; did you mean 'algorithm'?" in capsys.readouterr().err
+    good = ROOT / "configs/tokenizer/gpt-bpe.yaml"
+    assert main(["tokenizer", "train", "--config", str(good), "--output", str(tmp_path / "o")]) == 2
+    assert "missing required option(s) --data (on the command line or in the --config file)" in capsys.readouterr().err

@@ -249,7 +249,7 @@ def _flag(name: str) -> str:
 
 
 def _add_argument(parser: argparse.ArgumentParser, name: str, tp: Any, default: Any, help: str,
-                  *, positional: bool, dest: str) -> None:
+                  *, positional: bool, dest: str, required: bool | None = None) -> None:
     base, _ = _strip_optional(tp)
     origin = typing.get_origin(base)
     kwargs: dict[str, Any] = {"help": help or None}
@@ -266,13 +266,34 @@ def _add_argument(parser: argparse.ArgumentParser, name: str, tp: Any, default: 
         kwargs["action"] = argparse.BooleanOptionalAction
     metavar = None if "choices" in kwargs else name.split(".")[-1].upper().replace("-", "_")
     parser.add_argument(_flag(name), dest=dest, default=argparse.SUPPRESS, metavar=metavar,
-                        required=default is _NO_DEFAULT, **kwargs)
+                        required=default is _NO_DEFAULT if required is None else required, **kwargs)
+
+
+_CONFIG_DEST = "__config__"
+
+
+def _takes_config_file(fn: Callable) -> bool:
+    """Commands with keyword options and no dataclass parameter take ``--config`` for those options."""
+    hints = typing.get_type_hints(fn)
+    params = inspect.signature(fn).parameters.values()
+    return (not any(_is_dataclass_type(hints.get(p.name)) for p in params)
+            and any(p.kind == p.KEYWORD_ONLY for p in params))
 
 
 def add_function_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
-    """Add one argument per parameter of ``fn`` (positional when it has no default)."""
+    """Add one argument per parameter of ``fn`` (positional when it has no default).
+
+    A dataclass parameter becomes ``--config FILE.yaml`` plus one dotted flag per field. A command
+    with keyword-only options takes ``--config FILE.yaml`` holding any of them (keys as the
+    parameter names); flags given on the command line override the file.
+    """
     hints = typing.get_type_hints(fn)
     helps = docstring_args(fn)
+    options_file = _takes_config_file(fn)
+    if options_file:
+        parser.add_argument("--config", dest=_CONFIG_DEST, default=argparse.SUPPRESS, metavar="FILE.yaml",
+                            help="YAML file with any of the options below (keys as the flags without "
+                                 "dashes, e.g. vocab_size: 8192); flags given here override it")
     for p in inspect.signature(fn).parameters.values():
         tp = hints.get(p.name, str)
         if _is_dataclass_type(tp):
@@ -285,7 +306,8 @@ def add_function_arguments(parser: argparse.ArgumentParser, fn: Callable) -> Non
             continue
         positional = p.default is _NO_DEFAULT and p.kind != p.KEYWORD_ONLY
         _add_argument(parser, p.name.replace("_", "-") if not positional else p.name, tp, p.default,
-                      helps.get(p.name, ""), positional=positional, dest=p.name)
+                      helps.get(p.name, ""), positional=positional, dest=p.name,
+                      required=False if options_file else None)  # may come from --config: checked later
 
 
 def call_with_namespace(fn: Callable, ns: argparse.Namespace) -> Any:
@@ -303,4 +325,23 @@ def call_with_namespace(fn: Callable, ns: argparse.Namespace) -> Any:
             kwargs[p.name] = load_config(tp, config_path, overrides)
         elif p.name in given:
             kwargs[p.name] = coerce(given[p.name], tp, name=_flag(p.name))
+    if _CONFIG_DEST in given:
+        _fill_from_file(fn, hints, given[_CONFIG_DEST], kwargs)
+    missing = [p.name for p in inspect.signature(fn).parameters.values()
+               if p.default is _NO_DEFAULT and p.name not in kwargs]
+    if missing:
+        where = " (on the command line or in the --config file)" if _takes_config_file(fn) else ""
+        raise LmforgeError(f"missing required option(s) {', '.join(map(_flag, missing))}{where}")
     return fn(**kwargs)
+
+
+def _fill_from_file(fn: Callable, hints: dict[str, Any], path: str, kwargs: dict[str, Any]) -> None:
+    """Options from a ``--config`` YAML file, for those not given as flags (flags win)."""
+    params = {p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY}
+    for key, value in load_yaml(path).items():
+        name = str(key).replace("-", "_")
+        if name not in params:
+            raise LmforgeError(f"{path}: unknown option '{key}'{_closest(name, sorted(params))}; "
+                               f"valid: {', '.join(sorted(params))}")
+        if name not in kwargs:
+            kwargs[name] = coerce(value, hints.get(name, str), name=f"{path}: {key}")
