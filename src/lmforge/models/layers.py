@@ -36,11 +36,12 @@ CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__
 _MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
-def pick_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """The cache under either name (``cache`` from transformers >= 5.24, ``past_key_values`` before)."""
-    if cache is not None and past_key_values is not None:
-        raise ValueError("pass the cache once, as `cache` (or `past_key_values`), not both")
-    return cache if cache is not None else past_key_values
+def pick_cache(cache: Cache | None, legacy: Cache | None, legacy_name: str = "past_key_values") -> Cache | None:
+    """The cache under either name: ``cache`` (transformers >= 5.24) or its older name
+    (``past_key_values``; Mamba's ``cache_params``)."""
+    if cache is not None and legacy is not None:
+        raise ValueError(f"pass the cache once, as `cache` (or `{legacy_name}`), not both")
+    return cache if cache is not None else legacy
 
 
 # Valid values of each switch (configs validate against these).
@@ -540,12 +541,10 @@ def causal_lm_loss(logits, labels, vocab_size: int, num_items_in_batch=None, ign
                    shift_labels=None, **kwargs) -> torch.Tensor:
     """transformers' ``ForCausalLMLoss`` (float32 logits, labels shifted left by one, -100 ignored,
     ``num_items_in_batch`` for exact gradient accumulation) through ``cross_entropy`` above."""
-    logits = logits.float()
     if shift_labels is None:
         labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
         shift_labels = labels[..., 1:]
-    target = shift_labels.reshape(-1).to(logits.device)
-    return cross_entropy(logits.reshape(-1, vocab_size), target, num_items_in_batch, ignore_index)
+    return masked_lm_loss(logits, shift_labels, vocab_size, num_items_in_batch, ignore_index)  # unshifted from here
 
 
 def masked_lm_loss(logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100,

@@ -33,7 +33,7 @@ from transformers.models.mamba.modeling_mamba import MambaCausalLMOutput, MambaO
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_mamba import MambaConfig
-from .layers import CACHE_FIELD, RMSNorm, causal_lm_loss
+from .layers import CACHE_FIELD, RMSNorm, causal_lm_loss, pick_cache
 from .mamba_scan import selective_scan, selective_state_step, seq_idx_to_reset
 
 try:  # optional CUDA kernels (pip install lmforge[mamba])
@@ -181,11 +181,6 @@ class MambaBlock(GradientCheckpointingLayer):
 MAMBA_CACHE_FIELD = "cache" if CACHE_FIELD == "cache" else "cache_params"
 
 
-def _pick_cache(cache: Cache | None, cache_params: Cache | None) -> Cache | None:
-    if cache is not None and cache_params is not None:
-        raise ValueError("pass the cache once, as `cache` (or `cache_params`), not both")
-    return cache if cache is not None else cache_params
-
 
 class MambaPreTrainedModel(PreTrainedModel):
     """Shared settings and initialisation of the Mamba models."""
@@ -275,7 +270,7 @@ class MambaModel(MambaPreTrainedModel):
             raise ValueError("MambaModel: pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)  # (B, L, H)
-        cache = _pick_cache(cache, cache_params)
+        cache = pick_cache(cache, cache_params, "cache_params")
         if seq_idx is not None and (cache is not None or use_cache):
             raise ValueError("MambaModel: seq_idx (packed documents) cannot be combined with a cache")
         if use_cache is None:
@@ -332,7 +327,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         """After the prompt, only the new token is fed: it is never padding, so the mask is dropped."""
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            **{MAMBA_CACHE_FIELD: _pick_cache(cache, cache_params)},
+            **{MAMBA_CACHE_FIELD: pick_cache(cache, cache_params, "cache_params")},
             attention_mask=attention_mask, is_first_iteration=is_first_iteration, **kwargs,
         )
         if use_cache and not is_first_iteration:
@@ -357,7 +352,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         """Logits (B, L, V) in float32; ``labels`` (B, L) give the mean shifted cross-entropy
         (``num_items_in_batch`` in kwargs for gradient accumulation)."""
         outputs: MambaOutput = self.backbone(
-            input_ids, inputs_embeds=inputs_embeds, cache=_pick_cache(cache, cache_params), use_cache=use_cache,
+            input_ids, inputs_embeds=inputs_embeds, cache=pick_cache(cache, cache_params, "cache_params"), use_cache=use_cache,
             attention_mask=attention_mask, seq_idx=seq_idx, output_hidden_states=output_hidden_states,
         )
         hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)

@@ -222,8 +222,9 @@ def _unsharded(model: Any, state_dict: dict) -> Any:
 
     plain = base(model.config)
     missing, unexpected = plain.load_state_dict(state_dict, strict=False)
-    if unexpected or set(missing) - tied_keys(plain):  # tied copies were dropped from the full state dict
-        raise LmforgeError(f"final model: unexpected weights {unexpected}, missing {sorted(set(missing) - tied_keys(plain))}")
+    missing = sorted(set(missing) - tied_keys(plain))  # tied copies were dropped from the full state dict
+    if unexpected or missing:
+        raise LmforgeError(f"final model: unexpected weights {unexpected}, missing {missing}")
     plain.generation_config = model.generation_config
     return plain
 
