@@ -1,12 +1,11 @@
 """build_lm_dataset: exact packing of a real file source, separators, cache reuse across runs,
-streaming == non-streaming, distinct and complete shards, clear errors."""
+streaming == non-streaming, clear errors."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -121,22 +120,6 @@ def test_streaming_yields_the_same_rows(tok, corpus_file):
         np.testing.assert_array_equal(eager[k], streamed[k])
 
 
-@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streaming"])
-def test_shards_are_distinct_and_cover_the_data(tok, corpus_file, streaming):
-    path, _ = corpus_file
-    full = _documents(_rows(build_lm_dataset(str(path), tok, BLOCK)), tok.eos_token_id)
-    shards = [_rows(build_lm_dataset(str(path), tok, BLOCK, streaming=streaming, process_index=r,
-                                     num_processes=3)) for r in range(3)]
-    if not streaming:  # contiguous ranges of the same packed rows
-        whole = _rows(build_lm_dataset(str(path), tok, BLOCK))["input_ids"]
-        np.testing.assert_array_equal(np.concatenate([s["input_ids"] for s in shards]), whole)
-        assert all(len(s["input_ids"]) > 0 for s in shards)
-    else:  # every 3rd document per process, packed per process
-        per_shard = [Counter(_documents(s, tok.eos_token_id)) for s in shards]
-        assert sum(per_shard, Counter()) == Counter(full)
-        assert all(sum(c.values()) >= len(full) // 3 - 1 for c in per_shard)  # one doc is empty
-
-
 def test_empty_after_filtering_is_an_error(tok):
     empty = Dataset.from_dict({"text": ["", "", ""]})
     with pytest.raises(LmforgeError, match="no tokens left"):
@@ -151,8 +134,6 @@ def test_bad_inputs(tok, corpus_file):
         build_lm_dataset(str(path), tok, 1)
     with pytest.raises(LmforgeError, match="column"):
         build_lm_dataset(str(path), tok, BLOCK, text_column="body")
-    with pytest.raises(LmforgeError, match="process_index"):
-        build_lm_dataset(str(path), tok, BLOCK, process_index=2, num_processes=2)
     no_sep = gpt_tokenizer()
     no_sep.eos_token = None
     with pytest.raises(LmforgeError, match="eos_token"):

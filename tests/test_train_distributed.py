@@ -1,7 +1,9 @@
-"""Multi-process training on CPU through ``lmforge pretrain``: 2-process DDP equals one process with
-the same global batch, FSDP2 (lmforge's fully_shard) equals DDP with really sharded parameters,
-and a launch where accelerate sees only one of several processes is refused. Plus unit tests of
-lmforge.train.distributed and the shipped accelerate configs."""
+"""Multi-process training on CPU through ``lmforge pretrain``, on a corpus of many global batches
+trained for more than one epoch with shuffling on: 2-process DDP equals one process with the same
+global batch (losses and final weights), FSDP2 (lmforge's fully_shard) equals DDP with really
+sharded parameters, a 2-process checkpoint resumes exactly in 2 processes and in one, and a launch
+where accelerate sees only one of several processes is refused before anything is written. Plus
+unit tests of lmforge.train.distributed and the shipped accelerate configs."""
 
 from __future__ import annotations
 
@@ -18,14 +20,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from lmforge.data.packing import pack
 from lmforge.errors import LmforgeError
 from lmforge.train import distributed as dist_mod
 from tests.pipeline_fixtures import gpt_tokenizer, make_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-BLOCK, GLOBAL_BATCH, STEPS = 32, 4, 4
+BLOCK, GLOBAL_BATCH = 32, 4
 
 
 # --------------------------------------------------------------------------- units
@@ -53,15 +54,6 @@ def test_shard_model_refuses_what_cannot_run_here():
         dist_mod.shard_model(_acc(), model, "zero")
     assert dist_mod.shard_model(_acc(), model, "fsdp") is model  # one process: nothing to shard
     assert dist_mod.strategy_name(_acc(), model) == "single process (cpu)"
-
-
-def test_world_size_mismatch_on_resume_explains_what_changes():
-    with pytest.raises(LmforgeError) as e:
-        dist_mod.check_resume_world_size("runs/x/checkpoints/step_10", saved=2, current=4)
-    message = str(e.value)
-    assert "2 process(es) but this run has 4" in message and "global batch" in message
-    assert "--num_processes 2" in message
-    dist_mod.check_resume_world_size("ckpt", saved=2, current=2)
 
 
 def test_transformer_blocks_found_from_no_split_modules():
@@ -92,32 +84,38 @@ def test_accelerate_configs_are_valid(name):
 
 @pytest.fixture(scope="module")
 def run_config(tmp_path_factory) -> Path:
-    """A tokenizer, a corpus that packs into exactly GLOBAL_BATCH rows (so one process with batch
-    4 and two with batch 2 each see the same global batch at every step, whatever the shuffling),
-    and a tiny GPT pretraining config."""
+    """A tokenizer, a corpus of a few dozen packed rows (several global batches of 4, an odd tail
+    that each epoch drops differently) trained for more than one epoch with shuffling on, and a
+    tiny GPT pretraining config (dropout off: 2 processes draw other dropout masks than 1)."""
     tmp = tmp_path_factory.mktemp("dist")
     tok = gpt_tokenizer(make_corpus(100, seed=1))
     tok.save_pretrained(tmp / "tok")
-    docs, total = [], 0
-    for doc in make_corpus(200, seed=5, max_words=8):
-        n = len(tok(doc, add_special_tokens=False)["input_ids"]) + 1
-        if total + n <= GLOBAL_BATCH * BLOCK:
-            docs.append(doc)
-            total += n
-    ids = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
-    assert len(pack(ids, BLOCK, tok.eos_token_id)["input_ids"]) == GLOBAL_BATCH
+    docs = make_corpus(15, seed=5, max_words=30)  # 25 rows: 6 steps an epoch, one row dropped
     (tmp / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    from lmforge.data.pipeline import build_lm_dataset
+
+    rows = len(build_lm_dataset(str(tmp / "corpus.jsonl"), tok, BLOCK))
+    steps_per_epoch = rows // GLOBAL_BATCH
+    assert steps_per_epoch >= 4 and rows % GLOBAL_BATCH, rows
     config = {
-        "objective": "causal", "overwrite": True,
-        "model": {"preset": "gpt-debug", "overrides": {"hidden_size": 32, "intermediate_size": 64}},
+        "objective": "causal",
+        "model": {"preset": "gpt-debug", "overrides": {"hidden_size": 32, "intermediate_size": 64,
+                                                       "hidden_dropout": 0.0, "attention_dropout": 0.0}},
         "data": {"source": str(tmp / "corpus.jsonl"), "tokenizer": str(tmp / "tok"), "block_size": BLOCK,
                  "eval_split": None},
-        "train": {"micro_batch_size": GLOBAL_BATCH, "max_steps": STEPS, "log_every": 1, "eval_every": 1000,
-                  "save_every": 2, "progress_bar": False},
-        "optim": {"lr": 3e-3, "warmup_steps": 0},
+        "train": {"micro_batch_size": GLOBAL_BATCH, "max_steps": steps_per_epoch + 3, "log_every": 1,
+                  "eval_every": 1000, "save_every": 2, "keep_last": 100, "progress_bar": False},
+        # eps 1e-6, not AdamW's 1e-8: with 1e-8, weights whose gradients are ~1e-8 get updates of
+        # ~lr from float noise, so summing a batch in another order (2 processes or 2 micro-batches
+        # instead of one) moved some weights by 1.3e-5 after 9 steps; with 1e-6, by 2.7e-7
+        "optim": {"lr": 3e-3, "warmup_steps": 0, "eps": 1e-6},
     }
     (tmp / "config.yaml").write_text(yaml.safe_dump(config))
     return tmp
+
+
+def _steps(cfg: Path) -> int:
+    return yaml.safe_load((cfg / "config.yaml").read_text())["train"]["max_steps"]
 
 
 def _env() -> dict[str, str]:
@@ -163,13 +161,35 @@ def ddp_run(run_config) -> tuple[Path, str]:
     return out, _accelerate(run_config, out).stdout
 
 
-def test_two_processes_match_one_process(single_run, ddp_run):
+def _assert_same_weights(a: Path, b: Path) -> None:
+    want, got = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5, msg=key)
+
+
+def test_two_processes_match_one_process(run_config, single_run, ddp_run):
     ddp_dir, stdout = ddp_run
     assert "strategy ddp (2 processes, gloo)" in stdout
     one, two = _losses(single_run), _losses(ddp_dir)
-    assert len(one) == len(two) == STEPS
+    assert len(one) == len(two) == _steps(run_config)
     assert two == pytest.approx(one, rel=1e-5)
     assert one[-1] < one[0]
+    _assert_same_weights(single_run, ddp_dir)
+
+
+def test_two_process_checkpoint_resumes_in_one_process(run_config, ddp_run):
+    """The same global batch (2 x 2 rows -> 1 x 4 rows): the run continues exactly where it was."""
+    from lmforge.cli import main
+
+    full, _ = ddp_run
+    resumed = run_config / "ddp-resumed-alone"
+    shutil.copytree(full, resumed)
+    for later in [resumed / "final", *(p for p in (resumed / "checkpoints").iterdir() if p.name != "step_2")]:
+        shutil.rmtree(later)
+    assert main(_pretrain_args(run_config, resumed, "--resume", "auto")) == 0  # micro-batch 4, 1 process
+    assert _losses(resumed) == pytest.approx(_losses(full), rel=1e-5)
+    _assert_same_weights(full, resumed)
 
 
 @pytest.fixture(scope="module")
@@ -178,14 +198,14 @@ def fsdp_run(run_config) -> tuple[Path, str]:
     return out, _accelerate(run_config, out, "--distributed", "fsdp").stdout
 
 
-def test_fsdp_matches_ddp_with_sharded_parameters(ddp_run, fsdp_run):
+def test_fsdp_matches_ddp_with_sharded_parameters(run_config, ddp_run, fsdp_run):
     ddp_dir, _ = ddp_run
     out, stdout = fsdp_run
     # strategy_name says fsdp2 only when the parameters are torch DTensor shards (is_sharded)
     assert "strategy fsdp2 (2 processes, gloo, fully_shard by lmforge)" in stdout
     assert _losses(out) == pytest.approx(_losses(ddp_dir), rel=1e-5)
     # the checkpoint and the final model hold full tensors, equal to DDP's
-    for rel in ("final/model.safetensors", f"checkpoints/step_{STEPS}/model.safetensors"):
+    for rel in ("final/model.safetensors", f"checkpoints/step_{_steps(run_config)}/model.safetensors"):
         sharded, plain = load_file(out / rel), load_file(ddp_dir / rel)
         assert sharded.keys() == plain.keys()
         for key in plain:
@@ -198,11 +218,11 @@ def test_fsdp_run_resumes_exactly_across_two_processes(run_config, fsdp_run):
     full, _ = fsdp_run
     resumed = run_config / "fsdp-resumed"
     shutil.copytree(full, resumed)
-    for later in (resumed / "checkpoints" / f"step_{STEPS}", resumed / "final"):
+    for later in [resumed / "final", *(p for p in (resumed / "checkpoints").iterdir() if p.name != "step_2")]:
         shutil.rmtree(later)
     stdout = _accelerate(run_config, resumed, "--distributed", "fsdp", "--resume", "auto").stdout
     assert "fsdp2 (2 processes" in stdout and f"resuming from {resumed / 'checkpoints' / 'step_2'}" in stdout
-    assert _losses(resumed) == _losses(full)  # steps 1-2 kept from before, 3-4 trained again
+    assert _losses(resumed) == _losses(full)  # steps 1-2 kept from before, the rest trained again
     want, got = load_file(full / "final/model.safetensors"), load_file(resumed / "final/model.safetensors")
     assert got.keys() == want.keys()
     for key in want:
@@ -264,36 +284,32 @@ def test_fsdp_parameters_are_dtensor_shards_across_two_processes(tmp_path):
         assert sum(rows) == p.shape[0] and max(rows) == -(-p.shape[0] // 2), (name, rows)
 
 
-_REFUSED = """
-import sys
-
-from accelerate import Accelerator
-from lmforge.errors import LmforgeError
-from lmforge.train.distributed import check_launch
-accelerator = Accelerator()
-# one write per line: the two processes share the pipe (print writes text and newline apart)
-sys.stdout.write(f"accelerate sees {accelerator.num_processes}\\n")
-sys.stdout.flush()
-try:
-    check_launch(accelerator)
-except LmforgeError as e:
-    raise SystemExit(f"refused: {e}")
-sys.stdout.write("accepted\\n")
-"""
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_launch_accelerate_cannot_see_is_refused(tmp_path):
-    """torchrun starts 2 processes; without ACCELERATE_USE_CPU=1 on this GPU-less machine
-    accelerate sees one per process and check_launch (which `lmforge pretrain` calls before
-    building anything to train) refuses."""
-    script = tmp_path / "launch_check.py"
-    script.write_text(_REFUSED)
+@pytest.mark.parametrize("target", ["existing run", "new folder"])
+def test_launch_accelerate_cannot_see_is_refused_before_any_file_is_written(run_config, single_run, target):
+    """torchrun starts 2 `lmforge pretrain` processes without ACCELERATE_USE_CPU=1 on this GPU-less
+    machine: accelerate sees one process in each. Both refuse with the explanation, before
+    touching the output folder: an existing run (no overwrite) stays byte for byte, a new folder is
+    not created (they used to race on it and report "already holds a run")."""
+    out = run_config / "refused"
+    if target == "existing run":
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(single_run, out)
+    before = _snapshot(out) if out.exists() else None
     env = _env()
     env.pop("ACCELERATE_USE_CPU", None)
-    result = _launch([str(BIN / "torchrun"), "--nproc_per_node", "2", str(script)], env)
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "lmforge.cli", *_pretrain_args(run_config, out)]
+    result = _launch(cmd, env)
     assert result.returncode != 0
-    assert result.stdout.count("accelerate sees 1") == 2 and "accepted" not in result.stdout
-    assert "the launcher started 2 processes" in result.stderr and "ACCELERATE_USE_CPU=1" in result.stderr
+    assert result.stderr.count("the launcher started 2 processes") == 2, result.stderr[-3000:]
+    assert "ACCELERATE_USE_CPU=1" in result.stderr and "already holds a run" not in result.stderr
+    if before is None:
+        assert not out.exists()
+    else:
+        assert _snapshot(out) == before
 
 
 def test_self_sharded_checkpoint_resumes_exactly():

@@ -56,7 +56,7 @@ def grads(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def loop_grads(make_model, rows, collate, micro: int, accum: int, tmp_path) -> dict[str, torch.Tensor]:
     model = make_model()
-    stream = BatchStream(rows, micro, collate, shuffle=False)
+    stream = BatchStream(rows, micro, collate, shuffle=False, grad_accum_steps=accum)
     cfg = LoopConfig(micro_batch_size=micro, grad_accum_steps=accum, max_steps=1, progress_bar=False)
     trainer = Trainer(model, stream, cfg, OptimConfig(max_grad_norm=0.0), tmp_path / f"run{micro}x{accum}")
     trainer._train_step()
@@ -137,7 +137,7 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_state(tmp_path):
     latest = latest_checkpoint(tmp_path)
     assert latest.name == "step_3"
     state = TrainerState.read(latest)
-    assert state.step == 3 and state.data == {"epoch": 0, "batch": 3}  # the bad batch is not consumed
+    assert state.step == 3 and state.data == {"epoch": 0, "row": 12, "rows_per_step": 4}  # the bad batch is not consumed
     weights = trainer.accelerator.unwrap_model(trainer.model).state_dict()
     from safetensors.torch import load_file
 
@@ -235,20 +235,60 @@ def test_bits_per_byte_counts_the_bytes_of_the_text():
 # ------------------------------------------------------------------------- time budget
 
 
-def test_time_budget_fits_the_number_of_steps(monkeypatch):
-    from lmforge.train import loop
+def simulate_budget(step_seconds, minutes: float = 10.0, max_steps: int = 10**6) -> tuple[float, int]:
+    """The loop's time-budget decisions on a fake clock where a step started at time t takes
+    ``step_seconds(t)``; returns (elapsed seconds at the end, steps)."""
+    from lmforge.train.loop import _Clock
 
     now = [1000.0]
-    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
-    clock = loop._Clock(elapsed=0.0, max_minutes=10, step=0)
-    acc = SimpleNamespace(num_processes=1)
-    now[0] += 30  # 5% of the budget: too early to measure
-    assert clock.refit(15, 5000, acc) is None
-    now[0] += 30  # 10%: 30 steps in 60 s -> 0.5 step/s for the remaining 540 s
-    assert clock.refit(30, 5000, acc) == 30 + 270
-    assert clock.refit(31, 5000, acc) is None  # next fit at 50%
-    now[0] += 240  # 50%: it slowed down to 100 steps in 300 s -> 1/3 step/s for 300 s
-    assert clock.refit(100, 5000, acc) == 100 + 100
-    assert clock.refit(100, 150, acc) is None and not clock.over_budget(acc)
-    now[0] += 370  # past 110% of the budget
-    assert clock.over_budget(acc)
+    clock = _Clock(0.0, minutes, 0, now=lambda: now[0])
+    step, total = 0, max_steps
+    while step < total:
+        now[0] += step_seconds(clock.elapsed())
+        step += 1
+        new_total, over = clock.decide(step, total, max_steps)
+        total = new_total or total
+        if over:
+            break
+    return clock.elapsed(), step
+
+
+@pytest.mark.parametrize("name, step_seconds", [
+    ("steady", lambda t: 0.1),
+    ("stall early", lambda t: 2.0 if t < 15 or 40 < t < 55 else 0.1),  # two stalls, one before the first fit
+    ("slower late", lambda t: 0.1 if t < 420 else 0.5),
+    ("faster late", lambda t: 0.5 if t < 420 else 0.1),
+    ("noisy", lambda t: 0.05 + 0.1 * ((int(t * 7) * 7919) % 13) / 13),
+])
+def test_time_budget_ends_near_the_budget_whatever_the_speed(name, step_seconds):
+    elapsed, steps = simulate_budget(step_seconds)
+    assert 0.98 * 600 <= elapsed <= 1.02 * 600, (name, elapsed, steps)
+
+
+def test_time_budget_respects_max_steps_and_stops_hard():
+    elapsed, steps = simulate_budget(lambda t: 0.1, max_steps=500)
+    assert steps == 500 and elapsed == pytest.approx(50)  # max_steps is an upper bound
+    elapsed, steps = simulate_budget(lambda t: 0.1 if t < 590 else 100.0)  # one step hangs past the budget
+    assert elapsed > 600 and steps < 5910
+
+
+def test_time_budget_recovers_from_an_injected_slow_phase(tmp_path):
+    """The real loop on a simulated clock: the first 15 s of a one-minute budget crawl (a slow data
+    source: 3 s a step), then steps take 0.5 s. Training still fills its budget; it used to fix
+    the step count from the slow start and stop after a third of it."""
+    tok = gpt_tokenizer()
+    collate = CausalLMCollator(tok.pad_token_id)
+    now = [0.0]
+
+    def slow_start_collate(rows):
+        now[0] += 3.0 if now[0] < 15 else 0.5
+        return collate(rows)
+
+    cfg = LoopConfig(micro_batch_size=4, max_steps=10**6, max_minutes=1, progress_bar=False, log_every=1000,
+                     save_every=0, eval_every=0)
+    trainer = Trainer(tiny_gpt(len(tok)), BatchStream(variable_rows(tok, 64), 4, slow_start_collate), cfg,
+                      OptimConfig(), tmp_path / "run", clock=lambda: now[0])
+    result = trainer.fit()
+    assert result.status == "completed"
+    assert 0.98 * 60 <= result.elapsed_seconds <= 1.02 * 60, result
+    assert result.step == pytest.approx(5 + (60 - 15) / 0.5, abs=3)

@@ -17,7 +17,7 @@ from lmforge.config import build_dataclass, load_config
 from lmforge.errors import LmforgeError
 from lmforge.train import PretrainConfig
 from lmforge.train.loop import Trainer
-from lmforge.train.pretrain import prepare_run_dir, pretrain
+from lmforge.train.pretrain import pretrain
 from lmforge.train.tracking import read_metrics
 from tests.train_fixtures import save_tokenizers, write_corpus, write_preset
 
@@ -107,6 +107,7 @@ def test_exact_resume_after_sigint(ws, monkeypatch):
     monkeypatch.setattr(Trainer, "_train_step", interrupt_at_step_5)
     stopped = pretrain(make_config(ws, "gpt", "resumed", train={"max_steps": 9}))
     assert stopped.train.status == "interrupted" and stopped.train.step == 5
+    assert stopped.train.exit_code == 130  # 128 + SIGINT, as shells report Ctrl-C
     assert stopped.final_dir is None and stopped.train.last_checkpoint.name == "step_5"
     monkeypatch.setattr(Trainer, "_train_step", original)
 
@@ -125,7 +126,7 @@ def test_exact_resume_after_sigint(ws, monkeypatch):
 def _no_training_happened(config: PretrainConfig) -> bool:
     from pathlib import Path
 
-    return not (Path(config.output_dir) / "metrics.jsonl").exists()
+    return not Path(config.output_dir).exists()  # not even created
 
 
 def test_unknown_config_key_suggests_the_closest(ws, tmp_path):
@@ -144,7 +145,11 @@ def test_unknown_config_key_suggests_the_closest(ws, tmp_path):
     ("empty", r"no tokens left"),
     ("objective", r"cannot be trained with objective 'mlm'"),
     ("tokenizer", r"data.tokenizer is required"),
-    ("batch", r"fewer than train.micro_batch_size 4096"),
+    ("batch", r"fewer than one optimizer step of 4096 rows \(train.micro_batch_size 4096"),
+    ("override typo", r"model.overrides.num_hidden_layer: GPTConfig \(lmforge_gpt\) has no setting "
+                      r"'num_hidden_layer'; did you mean 'num_hidden_layers'\?"),
+    ("preset typo", r"gpt-typo.yaml: 'norm_typ': GPTConfig \(lmforge_gpt\) has no setting 'norm_typ'; "
+                    r"did you mean 'norm_type'\?"),
 ])
 def test_bad_input_fails_before_training(ws, case, match):
     changes = {
@@ -154,6 +159,8 @@ def test_bad_input_fails_before_training(ws, case, match):
         "objective": {"objective": "mlm"},
         "tokenizer": {"data": {"tokenizer": ""}},
         "batch": {"train": {"micro_batch_size": 4096}},
+        "override typo": {"model": {"overrides": {"num_hidden_layer": 4}}},
+        "preset typo": {"model": {"preset": str(write_preset(ws["root"], "gpt", name="gpt-typo", norm_typ="dyt"))}},
     }[case]
     config = make_config(ws, "gpt", f"bad-{case}", **changes)
     with pytest.raises(LmforgeError, match=match):
@@ -161,32 +168,99 @@ def test_bad_input_fails_before_training(ws, case, match):
     assert _no_training_happened(config)
 
 
-def test_output_dir_with_another_run_is_refused(tmp_path):
-    (tmp_path / "config.yaml").write_text("objective: causal\n")
-    (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(LmforgeError, match="already holds a run.*--resume auto.*--overwrite"):
-        prepare_run_dir(tmp_path, resuming=False, overwrite=False, is_main=True)
-    prepare_run_dir(tmp_path, resuming=True, overwrite=False, is_main=True)  # resuming is fine
-    assert (tmp_path / "config.yaml").exists()
-    prepare_run_dir(tmp_path, resuming=False, overwrite=True, is_main=True)
-    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "checkpoints").exists()
+def _snapshot(folder) -> dict[str, bytes]:
+    from pathlib import Path
+
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
-def test_resume_with_another_world_size_or_batch_is_refused(ws):
-    source = ws["root"] / "run-gpt" / "checkpoints" / "step_12"
-    if not source.is_dir():  # this test reuses the gpt run when it ran; else make a short one
-        pretrain(make_config(ws, "gpt", "run-gpt"))
-    for field, value, match in (("world_size", 2, "written by 2 process"),
+def test_nothing_is_written_before_every_check_passed(ws):
+    """The README order: pretrain before the tokenizer exists fails with the tokenizer message and
+    creates nothing; the corrected rerun then trains (no "already holds a run")."""
+    missing = ws["root"] / "tok-not-trained-yet"
+    config = make_config(ws, "gpt", "readme-order", data={"tokenizer": str(missing)}, train={"max_steps": 2})
+    with pytest.raises(LmforgeError, match=f"data.tokenizer: {missing} is not a directory.*--output"):
+        pretrain(config)
+    assert not (ws["root"] / "readme-order").exists()
+    fixed = make_config(ws, "gpt", "readme-order", train={"max_steps": 2})
+    assert pretrain(fixed).train.status == "completed"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_existing_run_is_untouched_when_a_check_fails(ws, overwrite):
+    """A failing check (here the model preset) leaves an existing run folder byte for byte as it was,
+    even with overwrite (the old run is replaced only when training starts)."""
+    run = make_config(ws, "gpt", f"kept-{overwrite}", train={"max_steps": 2})
+    pretrain(run)
+    before = _snapshot(run.output_dir)
+    assert "config.yaml" in before and "final/model.safetensors" in before
+    bad = make_config(ws, "gpt", f"kept-{overwrite}", overwrite=overwrite,
+                      model={"overrides": {"num_hidden_layer": 4}})
+    first_failure = ("model.overrides.num_hidden_layer: GPTConfig .* did you mean 'num_hidden_layers'" if overwrite
+                     else "already holds a run.*resume: auto.*overwrite: true")
+    with pytest.raises(LmforgeError, match=first_failure):
+        pretrain(bad)
+    assert _snapshot(run.output_dir) == before
+    if not overwrite:
+        with pytest.raises(LmforgeError, match="already holds a run"):
+            pretrain(run)
+        assert _snapshot(run.output_dir) == before
+    else:
+        replaced = pretrain(make_config(ws, "gpt", f"kept-{overwrite}", overwrite=True, train={"max_steps": 3}))
+        assert replaced.train.step == 3 and list(train_losses(replaced.run_dir)) == [1, 2, 3]  # old metrics gone
+        assert not (replaced.run_dir / "checkpoints" / "step_2").exists()
+
+
+def test_resume_in_another_geometry_with_the_same_step_continues_exactly(ws):
+    """A run with micro-batch 4 stopped at step 5 continues with micro-batch 2 x 2 accumulation
+    steps (the same 4 rows per step) like the uninterrupted run; another step size is refused."""
+    quiet = {"overrides": {"hidden_dropout": 0.0, "attention_dropout": 0.0}}
+    full = pretrain(make_config(ws, "gpt", "geo-full", model=quiet, train={"max_steps": 9, "save_every": 5}))
+    cut = ws["root"] / "geo-cut"
+    shutil.copytree(full.run_dir, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_9")
+    shutil.rmtree(cut / "final")
+    resumed = pretrain(make_config(ws, "gpt", "geo-cut", model=quiet, resume="auto",
+                                   train={"max_steps": 9, "micro_batch_size": 2, "grad_accum_steps": 2}))
+    assert resumed.train.step == 9
+    want, got = train_losses(full.run_dir), train_losses(resumed.run_dir)
+    assert list(got) == list(want) and list(got.values()) == pytest.approx(list(want.values()), rel=1e-5)
+    a, b = load_file(full.final_dir / "model.safetensors"), load_file(resumed.final_dir / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+
+    for field, value, match in (("world_size", 2, "hold 8 rows \\(2 process"),
                                 ("micro_batch_size", 8, "micro_batch_size 8")):
         ckpt = ws["root"] / f"ckpt-{field}"
-        shutil.copytree(source, ckpt)
+        shutil.copytree(full.run_dir / "checkpoints" / "step_9", ckpt)
         state = json.loads((ckpt / "trainer_state.json").read_text())
         state[field] = value
         (ckpt / "trainer_state.json").write_text(json.dumps(state))
         config = make_config(ws, "gpt", f"bad-resume-{field}", resume=str(ckpt))
         with pytest.raises(LmforgeError, match=match):
             pretrain(config)
-        assert _no_training_happened(config)
+        assert not (ws["root"] / f"bad-resume-{field}").exists()
+
+
+def test_a_terminated_run_exits_143_after_its_checkpoint(ws, monkeypatch):
+    from lmforge.cli import main
+
+    original = Trainer._train_step
+
+    def terminate_at_step_3(self):
+        out = original(self)
+        if self.state.step == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(Trainer, "_train_step", terminate_at_step_3)
+    config = make_config(ws, "gpt", "terminated")
+    path = ws["root"] / "terminated.yaml"
+    from lmforge.config import to_dict
+
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    assert main(["pretrain", "--config", str(path)]) == 143
+    assert (ws["root"] / "terminated" / "checkpoints" / "step_3").is_dir()
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ PRESETS = {
 }
 
 
-def write_preset(folder: Path, family: str, **changes) -> Path:
-    path = Path(folder) / f"{family}-tiny.yaml"
+def write_preset(folder: Path, family: str, name: str | None = None, **changes) -> Path:
+    path = Path(folder) / f"{name or family + '-tiny'}.yaml"
     path.write_text(yaml.safe_dump({**PRESETS[family], **changes}))
     return path
 

@@ -79,13 +79,13 @@ def model_tokenizer_step(train_texts: Any, out_dir: Path, *, vocab_size: int, mo
 
 
 def pretrain_step(config_path: Path, tokenizer: Path, out_dir: Path, *, minutes: float,
-                  threads: int | None) -> Any:
+                  threads: int | None, overwrite: bool = False) -> Any:
     """Pretrain the small GPT of ``config_path`` for about ``minutes`` (a fresh run in ``out_dir``)."""
     from lmforge.config import load_config
     from lmforge.train import PretrainConfig
     from lmforge.train.pretrain import pretrain
 
-    overrides = {"output_dir": str(out_dir), "overwrite": True, "data.tokenizer": str(tokenizer),
+    overrides = {"output_dir": str(out_dir), "overwrite": overwrite, "data.tokenizer": str(tokenizer),
                  "train.max_minutes": minutes, "train.num_threads": threads}
     config = load_config(PretrainConfig, config_path, overrides)
     print(f"\npretraining {config.model.preset} {config.model.overrides} for ~{minutes:g} min "
@@ -153,6 +153,24 @@ def auto_threads() -> int | None:
     return 1 if load > (os.cpu_count() or 1) - 0.5 else None
 
 
+DEFAULT_RUN_DIR = Path("runs/quickstart")
+
+
+def choose_run_dir(run_dir: Path | None, overwrite: bool) -> Path:
+    """The folder of this quickstart: ``run_dir`` (refused when it holds files, unless
+    ``overwrite``), or by default the first free one of runs/quickstart, runs/quickstart-2, ...
+    so that running the quickstart again keeps the earlier model."""
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+            raise LmforgeError(f"run_dir {run_dir} already holds files (an earlier quickstart?); pass "
+                               "--overwrite to replace them, or another --run-dir")
+        return run_dir
+    candidates = (DEFAULT_RUN_DIR.with_name(f"{DEFAULT_RUN_DIR.name}-{i}") if i > 1 else DEFAULT_RUN_DIR
+                  for i in range(1, 10**6))
+    return next(c for c in candidates if not c.exists() or not any(c.iterdir()))
+
+
 def default_pretrain_config() -> Path:
     """configs/pretrain/quickstart.yaml of the current folder, else of the lmforge repository."""
     local = Path("configs/pretrain/quickstart.yaml")
@@ -160,7 +178,7 @@ def default_pretrain_config() -> Path:
 
 
 def quickstart(
-    run_dir: Path = Path("runs/quickstart"),
+    run_dir: Path | None = None,
     corpus: str = "shakespeare",
     vocab_size: int = 8192,
     model_max_length: int = 1024,
@@ -170,6 +188,7 @@ def quickstart(
     pretrain_config: Path | None = None,
     threads: int | None = None,
     prompt: str = "ROMEO:\n",
+    overwrite: bool = False,
 ) -> int:
     """Run the default job on a built-in corpus: fetch it, train BPE, WordPiece and Unigram
     tokenizers on its train split and compare them on its validation split, then pretrain a small
@@ -177,7 +196,9 @@ def quickstart(
     and say how to load it.
 
     Args:
-        run_dir: folder for everything this run writes (tokenizers under tokenizers/<algorithm>).
+        run_dir: folder for everything this run writes (tokenizers under tokenizers/<algorithm>, the
+            model under model/). Default: runs/quickstart, or runs/quickstart-2, -3, ... when an
+            earlier quickstart is there (it is kept).
         corpus: built-in corpus to use (shakespeare, rotten-tomatoes).
         vocab_size: vocabulary size of each tokenizer.
         model_max_length: context length saved in the tokenizers.
@@ -188,12 +209,15 @@ def quickstart(
         threads: torch threads for training (default: 1 when the machine is already busy, else
             torch's default).
         prompt: the start of the generated sample.
+        overwrite: replace what an earlier run left in an explicit run_dir.
     """
     from lmforge.data import BUILTIN_CORPORA
     from lmforge.data.sources import load_corpus
 
     if corpus not in BUILTIN_CORPORA:
         raise LmforgeError(f"quickstart runs on a built-in corpus ({', '.join(BUILTIN_CORPORA)}), got {corpus!r}")
+    run_dir = choose_run_dir(run_dir, overwrite)
+    print(f"quickstart: everything goes to {run_dir}")
     fetch_step(corpus, cache_dir)
     train = load_corpus(corpus, "train", cache_dir=cache_dir)
     validation = load_corpus(corpus, "validation", cache_dir=cache_dir)
@@ -201,16 +225,15 @@ def quickstart(
                             model_max_length=model_max_length)
     tokenizer_report_step(paths, validation, f"{corpus} validation (trained on {corpus} train)")
 
-    run_dir = Path(run_dir)
     config_path = Path(pretrain_config) if pretrain_config else default_pretrain_config()
     model_tok = model_tokenizer_step(train, run_dir / "tokenizers", vocab_size=model_vocab_size,
                                      model_max_length=model_max_length)
     result = pretrain_step(config_path, model_tok, run_dir / "model", minutes=minutes,
-                           threads=threads if threads is not None else auto_threads())
+                           threads=threads if threads is not None else auto_threads(), overwrite=overwrite)
     if result.final_dir is None:
         print(f"pretraining stopped early ({result.train.status}); resume it with: lmforge pretrain "
               f"--config {result.run_dir / 'config.yaml'} --resume auto")
-        return 1
+        return result.train.exit_code or 1
     block_size = int(yaml.safe_load((result.run_dir / "config.yaml").read_text())["data"]["block_size"])
     heldout_step(result.final_dir, corpus, "test", block_size=block_size, cache_dir=cache_dir)
     generate_step(result.final_dir, prompt)

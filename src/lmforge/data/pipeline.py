@@ -16,10 +16,10 @@ padded (see ``lmforge.data.packing``), so at most one partly padded row per batc
 and no token is lost or duplicated. Streaming and non-streaming use the same batches, so they
 yield the same rows.
 
-Distributed: with ``num_processes > 1`` every process gets a distinct shard
-(``datasets.distributed.split_dataset_by_node``): contiguous row ranges of the one cached packed
-dataset, or, when streaming, distinct files (or every n-th document) of the text stream before
-packing.
+Distributed: every process gets the same packed rows (process 0 builds the cache while the
+others wait, then they load it; streaming, every process packs the whole stream), and the
+training loop's ``BatchStream`` gives each process its slice of every global batch. So neither
+the packing nor the data order depends on the number of processes.
 """
 
 from __future__ import annotations
@@ -206,24 +206,14 @@ def _features(block_size: int, document_masks: bool) -> Any:
     return Features({name: List(Value("int32"), length=block_size) for name in names})
 
 
-def _shard(ds: Any, process_index: int, num_processes: int) -> Any:
-    if num_processes == 1:
-        return ds
-    if not 0 <= process_index < num_processes:
-        raise LmforgeError(f"process_index {process_index} is not in [0, {num_processes})")
-    from datasets.distributed import split_dataset_by_node
-
-    return split_dataset_by_node(ds, rank=process_index, world_size=num_processes)
-
-
 class _MainProcessFirst:
     """Let process 0 build the cache while the others wait, then let them load it."""
 
-    def __init__(self, process_index: int, num_processes: int):
+    def __init__(self):
         import torch.distributed as dist
 
-        self.sync = num_processes > 1 and dist.is_available() and dist.is_initialized()
-        self.main = process_index == 0
+        self.sync = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.main = not self.sync or dist.get_rank() == 0
 
     def __enter__(self):
         if self.sync and not self.main:
@@ -248,8 +238,6 @@ def build_lm_dataset(
     document_masks: bool = True,
     text_column: str = "text",
     seed: int = 0,
-    process_index: int = 0,
-    num_processes: int = 1,
     batch_size: int = 1000,
     shuffle_buffer: int = 0,
 ) -> Dataset | IterableDataset:
@@ -268,8 +256,6 @@ def build_lm_dataset(
         text_column: the column holding the text.
         seed: seeds the streaming shuffle (with ``shuffle_buffer > 0``); map-style rows are
             shuffled by the training loop's sampler, the packed content never depends on it.
-        process_index: this process's rank; it reads shard ``process_index`` of ``num_processes``.
-        num_processes: number of processes sharing the data.
         batch_size: documents tokenized and packed together (one padded row at most per batch).
         shuffle_buffer: streaming only: shuffle packed rows through a buffer of this many rows
             (and the shard order), seeded by ``seed``; 0 keeps the source order.
@@ -293,18 +279,17 @@ def build_lm_dataset(
                  block_size=block_size, sep=sep, pad=pad, document_masks=document_masks)
     features = _features(block_size, document_masks)
     if streaming:
-        packed = _build_streaming(ds, fn, features, column, batch_size, process_index,
-                                  num_processes, source)
+        packed = _build_streaming(ds, fn, features, column, batch_size, source)
         return packed.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer else packed
     fingerprint = _fingerprint(ds._fingerprint, tokenizer, block_size, document_masks, column, batch_size)
-    with _MainProcessFirst(process_index, num_processes):
+    with _MainProcessFirst():
         packed = ds.select_columns([column]).map(
             fn, batched=True, batch_size=batch_size, remove_columns=[column], features=features,
             new_fingerprint=fingerprint, desc="lmforge: tokenize + pack",
         )
     if len(packed) == 0:
         raise LmforgeError(f"{source}: no tokens left after dropping empty documents (split {split!r})")
-    return _shard(packed, process_index, num_processes)
+    return packed
 
 
 def _fingerprint(source_fp: str, tokenizer: PreTrainedTokenizerBase, block_size: int,
@@ -314,31 +299,11 @@ def _fingerprint(source_fp: str, tokenizer: PreTrainedTokenizerBase, block_size:
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def _shard_stream(ds: IterableDataset, process_index: int, num_processes: int) -> IterableDataset:
-    """Distinct documents per process: whole files when they divide evenly, else every
-    ``num_processes``-th document. (``split_dataset_by_node`` alone would, in the second case,
-    apply its per-example filter after our map: every process would tokenize everything and
-    keep every n-th packed row.)"""
-    if num_processes == 1 or ds.n_shards % num_processes == 0:
-        return _shard(ds, process_index, num_processes)
-    if not 0 <= process_index < num_processes:
-        raise LmforgeError(f"process_index {process_index} is not in [0, {num_processes})")
-    return ds.filter(_every_nth, with_indices=True, fn_kwargs={"n": num_processes, "k": process_index})
-
-
-def _every_nth(_example: dict, index: int, n: int, k: int) -> bool:
-    return index % n == k
-
-
 def _build_streaming(ds: IterableDataset | IterableDatasetDict, fn: Any, features: Any, column: str,
-                     batch_size: int, process_index: int, num_processes: int,
-                     source: Any) -> IterableDataset:
-    ds = _shard_stream(ds, process_index, num_processes)
+                     batch_size: int, source: Any) -> IterableDataset:
     if ds.column_names is not None:
         ds = ds.select_columns([column])
     packed = ds.map(fn, batched=True, batch_size=batch_size, remove_columns=[column], features=features)
-    # not packed.take(1): on a dataset split by example (n_shards % num_processes != 0) datasets
-    # applies take before the node filter, and ranks > 0 see nothing
     if next(iter(packed), None) is None:
         raise LmforgeError(f"{source}: no tokens left after dropping empty documents (streaming)")
     return packed

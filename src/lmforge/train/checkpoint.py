@@ -28,7 +28,7 @@ class TrainerState:
     """What the loop needs beyond accelerate's state to continue exactly.
 
     ``data`` is the data position (``BatchStream.state_dict()``); the batch geometry is stored so
-    a resume with another world size or batch shape is refused instead of silently diverging.
+    a resume whose steps would hold another number of rows is refused instead of silently diverging.
     """
 
     step: int = 0
@@ -84,28 +84,31 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
         if latest is not None:
             return latest
     if not (path / STATE_FILE).is_file():
-        raise LmforgeError(f"--resume {resume}: not a checkpoint (expected a folder with {STATE_FILE}, "
+        raise LmforgeError(f"resume {resume!r}: not a checkpoint (expected a folder with {STATE_FILE}, "
                            f"e.g. {checkpoints_dir(run_dir)}/step_N) and not a run directory with checkpoints")
     return path
 
 
 def check_compatible(state: TrainerState, *, world_size: int, micro_batch_size: int,
                      grad_accum_steps: int, checkpoint: Path) -> None:
-    """Refuse a resume whose batch geometry differs: the data position would no longer match."""
-    from lmforge.train.distributed import check_resume_world_size
+    """Refuse a resume whose optimizer steps hold another number of rows.
 
-    check_resume_world_size(str(checkpoint), state.world_size, world_size)
+    The data position counts rows of one global order (``lmforge.train.batches``), so any
+    geometry with the same rows per step (processes x micro_batch_size x grad_accum_steps)
+    continues on exactly the same rows: 2 processes x 4 rows resume as 1 process x 8 rows.
+    """
     old = (state.world_size, state.micro_batch_size, state.grad_accum_steps)
     new = (world_size, micro_batch_size, grad_accum_steps)
-    if old == new:
+    old_rows, new_rows = old[0] * old[1] * old[2], new[0] * new[1] * new[2]
+    if old_rows == new_rows:
         return
-    old_global = old[0] * old[1] * old[2]
     raise LmforgeError(
-        f"cannot resume {checkpoint}: it was saved with {old[0]} process(es) x micro_batch_size {old[1]} x "
-        f"grad_accum_steps {old[2]} (global batch {old_global} rows), this run has {new[0]} x {new[1]} x "
-        f"{new[2]}. Each process reads its own shard of the data and the saved data position counts "
-        f"batches of that shape, so the run would see different data than it would have. Relaunch with "
-        f"{old[0]} process(es) and the same batch settings, or start a new run (--overwrite)."
+        f"cannot resume {checkpoint}: its optimizer steps hold {old_rows} rows ({old[0]} process(es) x "
+        f"micro_batch_size {old[1]} x grad_accum_steps {old[2]}), this run's hold {new_rows} ({new[0]} x "
+        f"{new[1]} x {new[2]}). Another global batch would change the optimization itself (the gradient "
+        f"of each step, the learning-rate schedule per row, the data position), so the run would not be "
+        f"the one that was saved. Resume with processes x train.micro_batch_size x train.grad_accum_steps "
+        f"= {old_rows} (any split of it continues exactly), or start a new run from its weights."
     )
 
 

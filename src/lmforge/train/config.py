@@ -118,7 +118,7 @@ class DataSection:
 
     Attributes:
         source: built-in corpus name, local path/glob/folder or Hub dataset id.
-        tokenizer: directory of a saved tokenizer (lmforge tokenizer train ... --output-dir).
+        tokenizer: directory of a saved tokenizer (lmforge tokenizer train ... --output DIR).
         block_size: tokens per packed training row.
         train_split: split to train on.
         eval_split: held-out split for evaluation (null: no evaluation).

@@ -197,25 +197,6 @@ def _drop_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, to
     return state
 
 
-def world_size_mismatch_message(checkpoint: str, saved: int, current: int) -> str:
-    """Why resuming a checkpoint written by ``saved`` processes with ``current`` ones is refused."""
-    return (
-        f"{checkpoint} was written by {saved} process(es) but this run has {current}. Resuming "
-        "would not continue the same run: the global batch (per-device batch x gradient "
-        f"accumulation x processes) changes by a factor {current}/{saved}, each process's data "
-        "shard and position change, and the per-process RNG states saved in the checkpoint no "
-        f"longer match the processes. Relaunch with {saved} process(es) "
-        f"(accelerate launch --num_processes {saved} ...) to resume exactly, or start a new run "
-        "initialised from the checkpoint's weights."
-    )
-
-
-def check_resume_world_size(checkpoint: str, saved: int, current: int) -> None:
-    """Raise ``LmforgeError(world_size_mismatch_message(...))`` when the process counts differ."""
-    if int(saved) != int(current):
-        raise LmforgeError(world_size_mismatch_message(checkpoint, int(saved), int(current)))
-
-
 # --------------------------------------------------------------------------- checkpoints of self-sharded models
 # accelerate's save_state/load_state know FSDP only when accelerate itself runs it: for a model
 # sharded here they would pickle each rank's DTensor shards as if they were whole tensors. These

@@ -76,6 +76,7 @@ def build_model(objective: str, preset: str, tokenizer: Any, *, overrides: dict[
         source = f"model.preset {path}"
     else:
         values = load_preset(preset, overrides)
+        check_config_keys(values, overrides or {}, path)
         explicit_vocab = "vocab_size" in (overrides or {})
         if not explicit_vocab:
             values["vocab_size"] = n_tokens
@@ -94,6 +95,45 @@ def build_model(objective: str, preset: str, tokenizer: Any, *, overrides: dict[
         source = "model.overrides.vocab_size" if explicit_vocab else f"model preset {path}"
     check_model_fits(model, tokenizer, block_size, source=source)
     return model
+
+
+# read by every PreTrainedConfig from its keyword arguments, whatever the family
+_GENERIC_CONFIG_KEYS = {"attn_implementation", "output_attentions", "bos_token_id", "eos_token_id",
+                        "pad_token_id", "sep_token_id", "tokenizer_class"}
+
+
+def config_keys(config_class: type) -> set[str]:
+    """The settings a config class declares: its fields and ``__init__`` parameters, their aliases
+    (``attribute_map``) and the generic ones every ``PreTrainedConfig`` reads."""
+    import dataclasses
+    import inspect
+
+    keys = set(inspect.signature(config_class.__init__).parameters) - {"self", "args", "kwargs"}
+    if dataclasses.is_dataclass(config_class):
+        keys |= {f.name for f in dataclasses.fields(config_class)}
+    return keys | set(getattr(config_class, "attribute_map", {})) | _GENERIC_CONFIG_KEYS
+
+
+def check_config_keys(values: dict[str, Any], overrides: dict[str, Any], preset: Path) -> None:
+    """Refuse a setting the model's config class does not declare (a typo would otherwise be kept
+    as a stray attribute while the preset's value silently applies), naming the closest valid one."""
+    import difflib
+
+    from transformers import CONFIG_MAPPING
+
+    model_type = values["model_type"]
+    if model_type not in CONFIG_MAPPING:
+        raise LmforgeError(f"{preset}: unknown model_type {model_type!r}; lmforge presets use lmforge_gpt, "
+                           "lmforge_bert or lmforge_mamba")
+    config_class = CONFIG_MAPPING[model_type]
+    valid = config_keys(config_class)
+    for key in values:
+        if key == "model_type" or key in valid:
+            continue
+        where = f"model.overrides.{key}" if key in overrides else f"{preset}: '{key}'"
+        close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+        raise LmforgeError(f"{where}: {config_class.__name__} ({model_type}) has no setting '{key}'{hint}")
 
 
 def check_model_fits(model: Any, tokenizer: Any, block_size: int | None, *, source: str) -> None:

@@ -1,8 +1,9 @@
 """The one training loop: any model, any objective, one process or many.
 
 Per optimizer step ``s``:
-  1. ``torch.manual_seed(seed + s)``: dropout and collator randomness depend on the step only,
-     so a resumed run draws the same numbers as an uninterrupted one.
+  1. ``torch.manual_seed(step_seed(seed, s, rank))``: dropout and collator randomness depend on
+     the step (and the process) only, so a resumed run draws the same numbers as an
+     uninterrupted one.
   2. Take ``grad_accum_steps`` micro-batches, count their target tokens, sum over processes:
      ``n`` = targets in the whole window on all processes.
   3. Each micro-batch's loss is (sum of its token losses) / ``n`` (``num_items_in_batch``),
@@ -19,6 +20,7 @@ import inspect
 import math
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -56,6 +58,15 @@ class TrainResult:
     last_eval: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0
     elapsed_seconds: float = 0.0
+    stop_signal: int | None = None  # SIGINT/SIGTERM that interrupted the run (None: another process's)
+
+    @property
+    def exit_code(self) -> int:
+        """What a command should exit with: 0, or 128 + the signal for an interrupted run (130 for
+        Ctrl-C, 143 for SIGTERM), as shells expect, so scripts can tell it from a finished run."""
+        if self.status != "interrupted":
+            return 0
+        return 128 + (self.stop_signal or signal.SIGTERM)
 
 
 def make_accelerator(run_dir: str | Path, mixed_precision: str = "no", *, trackers: bool = True):
@@ -75,6 +86,12 @@ def make_accelerator(run_dir: str | Path, mixed_precision: str = "no", *, tracke
                        log_with=log_with, project_dir=str(run_dir))
 
 
+def step_seed(seed: int, step: int, process_index: int = 0) -> int:
+    """The seed of optimizer step ``step`` on one process: the same on resume, distinct per process
+    (so data-parallel replicas do not draw the same dropout masks for their different rows)."""
+    return seed + step + process_index * 1_000_003
+
+
 def _accepts(fn: Callable, name: str) -> bool:
     params = inspect.signature(fn).parameters
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -85,6 +102,7 @@ class _StopFlag:
 
     def __init__(self):
         self.requested = False
+        self.signal: int | None = None  # the signal that asked to stop
         self._previous: dict[int, Any] = {}
 
     def __enter__(self):
@@ -99,6 +117,7 @@ class _StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signal = self.signal or signum
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -110,7 +129,8 @@ class Trainer:
 
     Args:
         model: a transformers-style model returning ``.loss`` when given ``labels``.
-        train_data: this process's ``BatchStream``.
+        train_data: this process's ``BatchStream`` (built with this run's grad_accum_steps,
+            process_index and num_processes).
         config: the loop settings.
         optim: optimizer and schedule settings.
         run_dir: where metrics.jsonl and checkpoints/ go.
@@ -118,12 +138,13 @@ class Trainer:
         evaluate: called with the (prepared) model and ``final`` (True for the last evaluation, which
             may use the whole eval split); returns metrics such as loss and bits_per_byte.
         flops_per_token: training FLOPs per token for the MFU estimate (None: not reported).
+        clock: the wall clock of the time budget (seconds; tests pass a simulated one).
     """
 
     def __init__(self, model: nn.Module, train_data: BatchStream, config: LoopConfig, optim: OptimConfig,
                  run_dir: str | Path, *, accelerator: Any = None,
                  evaluate: Callable[[nn.Module, bool], dict[str, float]] | None = None,
-                 flops_per_token: float | None = None):
+                 flops_per_token: float | None = None, clock: Callable[[], float] = time.perf_counter):
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config
@@ -132,6 +153,7 @@ class Trainer:
         self.train_data = train_data
         self.evaluate_fn = evaluate
         self.flops_per_token = flops_per_token
+        self.clock = clock
         self.shift = target_shift(model)
         if config.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
@@ -140,6 +162,7 @@ class Trainer:
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._check_stream(train_data)
         optimizer = build_optimizer(model, optim)
         scheduler = build_scheduler(optimizer, optim, config.max_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
@@ -155,6 +178,16 @@ class Trainer:
                                   grad_accum_steps=config.grad_accum_steps, total_steps=config.max_steps)
         self.last_checkpoint: Path | None = None
         self.last_eval: dict[str, float] = {}
+        self._announced: tuple[int, float | None] = (config.max_steps, None)  # time-budget step count, when
+
+    def _check_stream(self, data: BatchStream) -> None:
+        acc, cfg = self.accelerator, self.config
+        want = (cfg.micro_batch_size, cfg.grad_accum_steps, acc.process_index, acc.num_processes)
+        got = (data.batch_size, data.micro_per_step, data.process_index, data.num_processes)
+        if want != got:
+            names = "(micro_batch_size, grad_accum_steps, process_index, num_processes)"
+            raise LmforgeError(f"train_data: the BatchStream was built for {names} = {got} but the loop runs "
+                               f"{want}; build it with the loop's settings and the accelerator's ranks")
 
     # --------------------------------------------------------------------------- resume
 
@@ -187,7 +220,7 @@ class Trainer:
     def _train_step(self) -> tuple[float, float, int]:
         """Forward/backward over one accumulation window; returns (loss, grad norm, tokens)."""
         acc, cfg = self.accelerator, self.config
-        torch.manual_seed(cfg.seed + self.state.step)
+        torch.manual_seed(step_seed(cfg.seed, self.state.step, acc.process_index))
         micro = [self.train_data.next_batch() for _ in range(cfg.grad_accum_steps)]
         counts = [self._count_targets(b) for b in micro]
         local_tokens = sum(int(b["input_ids"].numel()) for b in micro)
@@ -238,7 +271,7 @@ class Trainer:
         peak = (cfg.peak_tflops * 1e12 if cfg.peak_tflops else
                 measure_peak_flops(acc.device) if self.flops_per_token else None)
         status = "completed"
-        clock = _Clock(state.elapsed_seconds, cfg.max_minutes, state.step)
+        clock = _Clock(state.elapsed_seconds, cfg.max_minutes, state.step, now=self.clock)
         window_start, window_tokens = time.perf_counter(), 0
         self.model.train()
         try:
@@ -275,22 +308,20 @@ class Trainer:
                         window_start, window_tokens = time.perf_counter(), 0
                     logger.progress(state.step, state.total_steps, {"loss": f"{loss:.3f}"})
 
-                    new_total = clock.refit(state.step, cfg.max_steps, acc)
-                    if new_total is not None and new_total != state.total_steps:
-                        state.total_steps = new_total
-                        refit_schedule(self.scheduler.scheduler if hasattr(self.scheduler, "scheduler")
-                                       else self.scheduler, new_total)
-                        logger.write(f"time budget {cfg.max_minutes} min: training for {new_total} steps")
+                    stop_requested, new_total, over_budget = self._agree(
+                        stop.requested, clock.decide(state.step, state.total_steps, cfg.max_steps))
+                    if new_total:
+                        self._refit(int(new_total), logger)
                     if state.step == state.total_steps:
                         break
                     if cfg.eval_every and state.step % cfg.eval_every == 0:
                         self._evaluate(logger)
                     if cfg.save_every and state.step % cfg.save_every == 0:
                         self._save()
-                    if self._agree(stop.requested):
+                    if stop_requested:
                         status = "interrupted"
                         break
-                    if clock.over_budget(acc):
+                    if over_budget:
                         status = "time budget"
                         break
             if status != "interrupted":
@@ -302,19 +333,36 @@ class Trainer:
             if acc.log_with:
                 acc.end_training()
         if status == "interrupted":
-            logger.write(f"stopped at step {state.step}; resume with --resume auto "
+            logger.write(f"stopped at step {state.step}; resume with resume: auto (--resume auto) "
                          f"(checkpoint {self.last_checkpoint})")
         return TrainResult(step=state.step, tokens_seen=state.tokens_seen, status=status,
                            last_checkpoint=self.last_checkpoint, last_eval=self.last_eval,
-                           skipped_steps=state.skipped_steps, elapsed_seconds=state.elapsed_seconds)
+                           skipped_steps=state.skipped_steps, elapsed_seconds=state.elapsed_seconds,
+                           stop_signal=stop.signal)
 
     # --------------------------------------------------------------------------- helpers
 
-    def _agree(self, flag: bool) -> bool:
-        """True on every process when any process got a stop signal (all stop at the same step)."""
-        if self.accelerator.num_processes == 1:
-            return flag
-        return self._global_sum([float(flag)])[0] > 0
+    def _agree(self, stop: bool, clock: tuple[int, bool]) -> tuple[bool, int, bool]:
+        """(stop, new total steps or 0, over the time budget), the same on every process: a stop
+        signal on any process stops all of them at this step; the time budget is the main
+        process's decision. One collective per step when several processes run."""
+        values = [float(stop), *(map(float, clock) if self.accelerator.is_main_process else (0.0, 0.0))]
+        if self.accelerator.num_processes > 1:
+            values = self._global_sum(values)
+        return values[0] > 0, int(values[1]), values[2] > 0
+
+    def _refit(self, total: int, logger: MetricsLogger) -> None:
+        """Stretch or shrink the run (and its learning-rate schedule) to ``total`` steps."""
+        state = self.state
+        if total == state.total_steps:
+            return
+        state.total_steps = total
+        refit_schedule(getattr(self.scheduler, "scheduler", self.scheduler), total)
+        now = time.perf_counter()
+        quiet = self._announced[1] is not None and now - self._announced[1] < 6 * self.config.max_minutes
+        if abs(total - self._announced[0]) > 0.05 * self._announced[0] and not quiet:  # at most every 10%
+            logger.write(f"time budget {self.config.max_minutes} min: training for {total} steps")
+            self._announced = (total, now)
 
     def _evaluate(self, logger: MetricsLogger, final: bool = False) -> None:
         if self.evaluate_fn is None:
@@ -346,37 +394,44 @@ class Trainer:
 
 
 class _Clock:
-    """Wall time of the run (across resumes) and the time budget: after 10%, 50% and 80% of the budget,
-    fit the number of steps to the measured speed (decided on the main process, broadcast)."""
+    """Wall time of the run (across resumes) and its time budget.
 
-    def __init__(self, elapsed: float, max_minutes: float | None, step: int):
+    Every 2% of the budget until the end, the number of steps is fitted to the speed of the last
+    20% of the budget (or of the run so far, early on), in both directions: a stall costs the
+    time it lasted, not the rest of the run, and a slowdown late in the run shortens it. Past
+    110% of the budget the run stops whatever the step count.
+    """
+
+    REFIT_EVERY = 0.02
+    WINDOW = 0.2
+    HARD_STOP = 1.1
+
+    def __init__(self, elapsed: float, max_minutes: float | None, step: int,
+                 now: Callable[[], float] = time.perf_counter):
+        self.now = now
         self.offset = elapsed
-        self.start = time.perf_counter()
+        self.start = now()
         self.budget = max_minutes * 60 if max_minutes else None
-        self.marks = [0.1, 0.5, 0.8]
-        self.first = (step, elapsed)
+        self.samples = deque([(elapsed, step)])  # (elapsed seconds, step) at each refit
+        self.next_refit = elapsed + self.REFIT_EVERY * (self.budget or 0)
 
     def elapsed(self) -> float:
-        return self.offset + time.perf_counter() - self.start
+        return self.offset + self.now() - self.start
 
-    def refit(self, step: int, max_steps: int, accelerator: Any) -> int | None:
-        if self.budget is None or not self.marks or self.elapsed() < self.marks[0] * self.budget:
-            return None
-        self.marks.pop(0)
-        done_steps, done_time = step - self.first[0], self.elapsed() - self.first[1]
-        rate = done_steps / max(done_time, 1e-9)
-        total = min(max_steps, step + max(1, int(rate * (self.budget - self.elapsed()))))
-        return int(_broadcast(accelerator, float(total)))
-
-    def over_budget(self, accelerator: Any) -> bool:
+    def decide(self, step: int, total_steps: int, max_steps: int) -> tuple[int, bool]:
+        """(steps to train in all, or 0 for no change; True when past the hard stop)."""
         if self.budget is None:
-            return False
-        return bool(_broadcast(accelerator, float(self.elapsed() > 1.1 * self.budget)))
-
-
-def _broadcast(accelerator: Any, value: float) -> float:
-    if accelerator.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast
-
-    return broadcast(torch.tensor([value], device=accelerator.device)).item()
+            return 0, False
+        t = self.elapsed()
+        if t > self.HARD_STOP * self.budget:
+            return 0, True
+        if t < self.next_refit:
+            return 0, False
+        self.next_refit = t + self.REFIT_EVERY * self.budget
+        self.samples.append((t, step))
+        while len(self.samples) > 2 and self.samples[1][0] <= t - self.WINDOW * self.budget:
+            self.samples.popleft()
+        t0, step0 = self.samples[0]
+        rate = (step - step0) / max(t - t0, 1e-9)
+        total = min(max_steps, step + max(1, round(rate * (self.budget - t))))
+        return (total if total != total_steps else 0), False

@@ -44,21 +44,37 @@ class PretrainResult:
 
 
 # ----------------------------------------------------------------------------------- run dir
+# Nothing is written or removed before every check has passed: ``check_run_dir`` only reads,
+# ``start_run_dir`` is the first write, called when training is about to start.
 
 
-def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool, is_main: bool) -> None:
-    """Refuse to mix two runs in one folder unless resuming or told to overwrite."""
+def check_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder unless resuming or told to overwrite (reads only)."""
     existing = [name for name in _RUN_FILES if (run_dir / name).exists()]
     if existing and not resuming and not overwrite:
         raise LmforgeError(
-            f"output_dir {run_dir} already holds a run ({', '.join(existing)}); pass --resume auto to "
-            "continue it, --overwrite to replace it, or choose another --output-dir")
-    if existing and overwrite and not resuming and is_main:
-        for name in existing:
+            f"output_dir {run_dir} already holds a run ({', '.join(existing)}); set resume: auto to continue "
+            "it (--resume auto), overwrite: true to replace it (--overwrite), or choose another output_dir")
+
+
+def start_run_dir(run_dir: Path, config: PretrainConfig, *, restart: bool, is_main: bool) -> None:
+    """Create (or, with ``overwrite``, clear) the run folder and write the resolved config.
+
+    ``restart``: ``resume: auto`` found no checkpoint, so earlier metrics belong to nothing.
+    """
+    if not is_main:
+        return
+    if config.overwrite and config.resume is None:
+        for name in _RUN_FILES:
             target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    if restart:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def load_tokenizer(path: str) -> Any:
@@ -66,9 +82,10 @@ def load_tokenizer(path: str) -> Any:
 
     if not path:
         raise LmforgeError("data.tokenizer is required: a folder written by 'lmforge tokenizer train "
-                           "... --output-dir DIR' (or any saved transformers tokenizer)")
+                           "... --output DIR' (or any saved transformers tokenizer)")
     if not Path(path).is_dir():
-        raise LmforgeError(f"data.tokenizer: {path} is not a directory with a saved tokenizer")
+        raise LmforgeError(f"data.tokenizer: {path} is not a directory with a saved tokenizer (train one "
+                           f"with 'lmforge tokenizer train ... --output {path}')")
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -94,75 +111,84 @@ def _collator(objective: str, tokenizer: Any, config: PretrainConfig) -> Any:
     return CausalLMCollator(pad if pad is not None else 0)
 
 
-def _distributed(accelerator: Any, model: Any, strategy: str) -> Any:
-    """Refuse a misconfigured launch and shard when asked (before the optimizer is built)."""
-    from lmforge.train import distributed
+def _data(config: PretrainConfig, tokenizer: Any, model: Any, accelerator: Any) -> tuple[BatchStream, Any]:
+    """This process's training batches and the evaluation function (None without an eval split).
 
-    distributed.check_launch(accelerator)
-    return distributed.shard_model(accelerator, model, strategy)
+    Every process packs the whole corpus the same way and takes its slice of each global batch
+    (``lmforge.train.batches``), so the data does not depend on the number of processes.
+    """
+    from lmforge.data.pipeline import build_lm_dataset
+    from lmforge.eval.perplexity import evaluate_lm, token_byte_lengths
+
+    data, train = config.data, config.train
+    common = dict(streaming=data.streaming, document_masks=data.document_masks, text_column=data.text_column)
+    train_ds = build_lm_dataset(data.source, tokenizer, data.block_size, split=data.train_split, **common)
+    ranks = dict(process_index=accelerator.process_index, num_processes=accelerator.num_processes)
+    collate = _model_inputs_filter(model, _collator(config.objective, tokenizer, config))
+    train_data = BatchStream(train_ds, train.micro_batch_size, collate, seed=train.seed,
+                             grad_accum_steps=train.grad_accum_steps, **ranks)
+    if not data.streaming and len(train_data) == 0:
+        raise LmforgeError(
+            f"data.source {data.source} ({data.train_split}) packs into {len(train_ds)} rows of "
+            f"{data.block_size} tokens, fewer than one optimizer step of {train_data.rows_per_step} rows "
+            f"(train.micro_batch_size {train.micro_batch_size} x train.grad_accum_steps "
+            f"{train.grad_accum_steps} x {accelerator.num_processes} process(es)); lower them or "
+            "data.block_size, or use more data")
+    if not data.eval_split:
+        return train_data, None
+    eval_ds = build_lm_dataset(data.source, tokenizer, data.block_size, split=data.eval_split, **common)
+    byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size) if config.objective == "causal" else None
+
+    def evaluate(prepared_model: Any, final: bool) -> dict[str, float]:
+        limit = None if final else train.eval_batches  # the last evaluation sees everything
+        batches = eval_batches(eval_ds, train.micro_batch_size, collate, limit, **ranks)
+        return evaluate_lm(prepared_model, batches, byte_lengths=byte_lengths, accelerator=accelerator)
+
+    return train_data, evaluate
+
+
+def _flops_per_token(model: Any, block_size: int) -> float:
+    matmul_params = count_parameters(model, exclude_embeddings=True)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        matmul_params += head.weight.numel()  # a tied head is still a matmul per token
+    return flops_per_token(matmul_params, getattr(model.config, "num_hidden_layers", 0),
+                           getattr(model.config, "hidden_size", 0), block_size)
 
 
 # ----------------------------------------------------------------------------------- the task
 
 
 def pretrain(config: PretrainConfig) -> PretrainResult:
-    """Pretrain a model as described by ``config`` (see ``PretrainConfig``); usable from Python."""
-    from lmforge.data.pipeline import build_lm_dataset
-    from lmforge.eval.perplexity import evaluate_lm, token_byte_lengths
+    """Pretrain a model as described by ``config`` (see ``PretrainConfig``); usable from Python.
+
+    Every check (launch, run folder, tokenizer, model, data, checkpoint) runs before the run
+    folder is created or changed.
+    """
+    from lmforge.train import distributed
 
     run_dir = Path(config.output_dir)
     accelerator = make_accelerator(run_dir, config.train.mixed_precision)
+    distributed.check_launch(accelerator)  # first: a broken launch must not race on the run folder
     checkpoint = resolve_resume(config.resume, run_dir)
-    prepare_run_dir(run_dir, resuming=config.resume is not None, overwrite=config.overwrite,
-                    is_main=accelerator.is_main_process)
-    if checkpoint is None and config.resume is not None and accelerator.is_main_process:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # --resume auto before any checkpoint: restart
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    check_run_dir(run_dir, resuming=config.resume is not None, overwrite=config.overwrite)
 
     tokenizer = load_tokenizer(config.data.tokenizer)
     model = build_model(config.objective, config.model.preset, tokenizer, overrides=config.model.overrides,
                         block_size=config.data.block_size, seed=config.train.seed)
-    model = _distributed(accelerator, model, config.distributed)
-
-    data = config.data
-    common = dict(streaming=data.streaming, document_masks=data.document_masks, text_column=data.text_column,
-                  seed=config.train.seed, process_index=accelerator.process_index,
-                  num_processes=accelerator.num_processes)
-    train_ds = build_lm_dataset(data.source, tokenizer, data.block_size, split=data.train_split, **common)
-    if not data.streaming and len(train_ds) < config.train.micro_batch_size:
-        raise LmforgeError(f"{data.source} ({data.train_split}) packs into {len(train_ds)} rows of "
-                           f"{data.block_size} tokens on this process, fewer than train.micro_batch_size "
-                           f"{config.train.micro_batch_size}; lower one of them or use more data")
-    collate = _model_inputs_filter(model, _collator(config.objective, tokenizer, config))
-    train_data = BatchStream(train_ds, config.train.micro_batch_size, collate, seed=config.train.seed)
-
-    evaluate = None
-    if data.eval_split:
-        eval_ds = build_lm_dataset(data.source, tokenizer, data.block_size, split=data.eval_split, **common)
-        byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size) if config.objective == "causal" else None
-
-        def evaluate(prepared_model: Any, final: bool) -> dict[str, float]:
-            limit = None if final else config.train.eval_batches  # the last evaluation sees everything
-            batches = eval_batches(eval_ds, config.train.micro_batch_size, collate, limit)
-            return evaluate_lm(prepared_model, batches, byte_lengths=byte_lengths, accelerator=accelerator)
+    model = distributed.shard_model(accelerator, model, config.distributed)
+    train_data, evaluate = _data(config, tokenizer, model, accelerator)
 
     n_params = count_parameters(model)
-    matmul_params = count_parameters(model, exclude_embeddings=True)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and head.weight is model.get_input_embeddings().weight:
-        matmul_params += head.weight.numel()  # a tied head is still a matmul per token
-    fpt = flops_per_token(matmul_params,
-                          getattr(model.config, "num_hidden_layers", 0),
-                          getattr(model.config, "hidden_size", 0), data.block_size)
     trainer = Trainer(model, train_data, config.train, config.optim, run_dir, accelerator=accelerator,
-                      evaluate=evaluate, flops_per_token=fpt)
+                      evaluate=evaluate, flops_per_token=_flops_per_token(model, config.data.block_size))
     if checkpoint is not None:
         trainer.resume(checkpoint)
-    from lmforge.train.distributed import strategy_name
-
-    strategy = strategy_name(accelerator, trainer.model)  # what really runs, after prepare
+    accelerator.wait_for_everyone()  # every process passed every check
+    start_run_dir(run_dir, config, restart=config.resume is not None and checkpoint is None,
+                  is_main=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    strategy = distributed.strategy_name(accelerator, trainer.model)  # what really runs, after prepare
     if accelerator.is_main_process:
         print(f"lmforge pretrain: {type(model).__name__} {n_params / 1e6:.2f}M params, strategy {strategy}, "
               f"{accelerator.num_processes} process(es), run dir {run_dir}"
@@ -247,4 +273,4 @@ def pretrain_command(config: PretrainConfig) -> int:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.train.last_eval.items() if isinstance(v, float))
         print(f"done: {result.train.step} steps ({result.train.status}), {metrics}\n"
               f"model: {result.final_dir}  (AutoModel*.from_pretrained(path, trust_remote_code=True))")
-    return 0
+    return result.train.exit_code

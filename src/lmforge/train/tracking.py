@@ -23,6 +23,8 @@ class MetricsLogger:
         self.path = Path(run_dir) / METRICS_FILE
         self.main = accelerator.is_main_process
         self.use_trackers = use_trackers
+        if self.main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.main and resume_step is not None:
             self._truncate_after(resume_step)
         self.bar = None
