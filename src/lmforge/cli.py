@@ -23,14 +23,24 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("quickstart",): ("lmforge.quickstart:quickstart", "the end-to-end default job on Shakespeare"),
 }
 
+_HELP = ("-h", "--help", "help")
 
-def _usage() -> str:
-    lines = ["usage: lmforge COMMAND [ARGS...]", "", "commands:"]
-    width = max(len(" ".join(words)) for words in COMMANDS)
-    for words, (_, text) in COMMANDS.items():
+
+def _usage(group: str | None = None) -> str:
+    """The commands (or those of one group, such as ``tokenizer``) with their one-line summaries."""
+    commands = {words: text for words, (_, text) in COMMANDS.items() if group in (None, words[0])}
+    name = f"lmforge {group} COMMAND" if group else "lmforge COMMAND"
+    lines = [f"usage: {name} [ARGS...]", "", "commands:"]
+    width = max(len(" ".join(words)) for words in commands)
+    for words, text in commands.items():
         lines.append(f"  {' '.join(words):<{width}}  {text}")
-    lines += ["", "Run 'lmforge COMMAND --help' for the options of a command."]
+    lines += ["", f"Run '{name} --help' for the options of a command."]
     return "\n".join(lines)
+
+
+def _groups() -> set[str]:
+    """The first words of commands that take a subcommand (``data``, ``tokenizer``)."""
+    return {words[0] for words in COMMANDS if len(words) > 1}
 
 
 def _resolve(argv: list[str]) -> tuple[tuple[str, ...], list[str]]:
@@ -38,24 +48,26 @@ def _resolve(argv: list[str]) -> tuple[tuple[str, ...], list[str]]:
         words = tuple(argv[:n])
         if words in COMMANDS:
             return words, argv[n:]
-    groups = sorted({w[0] for w in COMMANDS})
-    if argv and argv[0] in groups:
+    if argv[0] in _groups():
         subs = [w[1] for w in COMMANDS if w[0] == argv[0] and len(w) > 1]
-        got = argv[1] if len(argv) > 1 else None
-        raise LmforgeError(f"'lmforge {argv[0]}' needs a subcommand ({', '.join(subs)}), got {got!r}")
-    raise LmforgeError(f"unknown command {argv[0]!r}; valid commands: {', '.join(groups)}")
+        got = f", got {argv[1]!r}" if len(argv) > 1 else ""
+        raise LmforgeError(f"'lmforge {argv[0]}' needs a subcommand ({', '.join(subs)}){got}\n\n{_usage(argv[0])}")
+    from lmforge.config import closest
+
+    names = sorted({w[0] for w in COMMANDS})
+    meant = "".join(f" (did you mean '{m}'?)" for m in closest(argv[0], names))
+    raise LmforgeError(f"unknown command {argv[0]!r}{meant}; valid commands: {', '.join(names)}")
 
 
 def _unknown_arguments(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
-    """'unrecognized arguments' with the closest valid flag for each unknown one."""
-    import difflib
+    """'unrecognized arguments' with the flag(s) each unknown one most likely meant."""
+    from lmforge.config import closest
 
-    flags = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    flags = [o for action in parser._actions for o in action.option_strings if o.startswith("--") and o != "--help"]
     parts = []
     for arg in unknown:
-        flag = arg.split("=", 1)[0]
-        close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.6) if flag.startswith("--") else []
-        parts.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+        meant = closest(arg.split("=", 1)[0], flags) if arg.startswith("--") else []
+        parts.append(f"{arg} (did you mean {' or '.join(meant)}?)" if meant else arg)
     return (f"{parser.prog}: unrecognized arguments: {' '.join(parts)}; "
             f"'{parser.prog} --help' lists the options")
 
@@ -64,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     from lmforge.config import add_function_arguments, call_with_namespace, description
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv or argv[0] in _HELP:
         print(_usage())
+        return 0
+    if argv[0] in _groups() and len(argv) > 1 and argv[1] in _HELP:
+        print(_usage(argv[0]))
         return 0
     if argv[0] in ("-V", "--version"):
         from lmforge import __version__
@@ -81,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             prog="lmforge " + " ".join(words),
             description=description(fn) or text,
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False,  # --minute must not quietly stand for --minutes
         )
         add_function_arguments(parser, fn)
         ns, unknown = parser.parse_known_args(rest)

@@ -151,9 +151,24 @@ def flat_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, Any, Any, st
         yield name, tp, default, helps.get(f.name, "")
 
 
+def closest(name: str, valid: list[str], *, cutoff: float = 0.6) -> list[str]:
+    """The valid names ``name`` most likely meant: the closest spelling, where a dotted name can
+    also be written as its last part alone, so ``lr`` finds ``optim.lr`` (and ``--lr`` finds
+    ``--optim.lr``, ``--no-streaming`` finds ``--no-data.streaming``). A last part shared by
+    several sections gives them all."""
+    spellings: dict[str, list[str]] = {}
+    for v in valid:
+        spellings.setdefault(v, []).append(v)
+        if "." in v:
+            leaf = re.match(r"(--(no-)?)?", v).group() + v.rsplit(".", 1)[1]
+            spellings.setdefault(leaf, []).append(v)
+    match = difflib.get_close_matches(name, list(spellings), n=1, cutoff=cutoff)
+    return spellings[match[0]] if match else []
+
+
 def _closest(key: str, valid: list[str]) -> str:
-    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"; did you mean '{match[0]}'?" if match else ""
+    match = " or ".join(f"'{m}'" for m in closest(key, valid, cutoff=0.5))
+    return f"; did you mean {match}?" if match else ""
 
 
 def build_dataclass(cls: type, values: dict[str, Any], *, source: str = "config", prefix: str = ""):
