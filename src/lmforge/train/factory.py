@@ -117,9 +117,9 @@ def config_keys(config_class: type) -> set[str]:
 def check_config_keys(values: dict[str, Any], overrides: dict[str, Any], preset: Path) -> None:
     """Refuse a setting the model's config class does not declare (a typo would otherwise be kept
     as a stray attribute while the preset's value silently applies), naming the closest valid one."""
-    import difflib
-
     from transformers import CONFIG_MAPPING
+
+    from lmforge.config import closest
 
     model_type = values["model_type"]
     if model_type not in CONFIG_MAPPING:
@@ -131,7 +131,7 @@ def check_config_keys(values: dict[str, Any], overrides: dict[str, Any], preset:
         if key == "model_type" or key in valid:
             continue
         where = f"model.overrides.{key}" if key in overrides else f"{preset}: '{key}'"
-        close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+        close = closest(key, sorted(valid))
         hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
         raise LmforgeError(f"{where}: {config_class.__name__} ({model_type}) has no setting '{key}'{hint}")
 
