@@ -62,14 +62,14 @@ def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool, is_main: 
 
 
 def load_tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
+    from lmforge.tokenizers.metrics import auto_tokenizer
 
     if not path:
         raise LmforgeError("data.tokenizer is required: a folder written by 'lmforge tokenizer train "
                            "... --output-dir DIR' (or any saved transformers tokenizer)")
     if not Path(path).is_dir():
         raise LmforgeError(f"data.tokenizer: {path} is not a directory with a saved tokenizer")
-    return AutoTokenizer.from_pretrained(path)
+    return auto_tokenizer(path)  # a run's final/ folder too, without a custom-code question
 
 
 def _model_inputs_filter(model: Any, collate: Any) -> Any:
