@@ -13,15 +13,21 @@ root) and asserting ``import lmforge`` fails. Used by the GPT, BERT and Mamba ex
     assert out["n"] == ...
 
 Inside ``code``: ``PATH`` is the ``path`` argument and ``emit(obj)`` sends one JSON-able result back.
+``run_on_terminal(code, path=...)`` does the same on a pseudo-terminal and also returns what the
+terminal showed (for questions and warnings that transformers prints only to a terminal).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 _PRELUDE = """
@@ -42,16 +48,11 @@ _RESULT_MARK = "@@LMFORGE_RESULT@@"
 def emit(obj):
     print(_RESULT_MARK + json.dumps(obj), flush=True)
 """
+_RESULT_MARK = "@@LMFORGE_RESULT@@"
 
 
-def run_isolated(code: str, *, path: str | Path = "", timeout: float = 300.0) -> dict | list | None:
-    """Run ``code`` in a fresh interpreter that cannot import lmforge; return what it ``emit``-ted.
-
-    The subprocess runs in ``path``'s parent folder (not the repo), offline, with its own
-    ``HF_MODULES_CACHE`` so the remote code is copied fresh. Raises AssertionError with the
-    subprocess's stderr when it fails.
-    """
-    path = Path(path) if path else Path.cwd()
+def _env(path: Path) -> tuple[Path, dict[str, str]]:
+    """The subprocess's working folder (``path``'s parent) and offline environment."""
     workdir = path.parent if path.is_dir() else path
     env = {
         **os.environ,
@@ -63,6 +64,22 @@ def run_isolated(code: str, *, path: str | Path = "", timeout: float = 300.0) ->
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",  # tiny models; avoids thread spinning on a loaded machine
     }
+    return workdir, env
+
+
+def _results(stdout: str) -> dict | list | None:
+    results = [line.split(_RESULT_MARK, 1)[1].strip() for line in stdout.splitlines() if _RESULT_MARK in line]
+    return json.loads(results[-1]) if results else None
+
+
+def run_isolated(code: str, *, path: str | Path = "", timeout: float = 300.0) -> dict | list | None:
+    """Run ``code`` in a fresh interpreter that cannot import lmforge; return what it ``emit``-ted.
+
+    The subprocess runs in ``path``'s parent folder (not the repo), offline, with its own
+    ``HF_MODULES_CACHE`` so the remote code is copied fresh. Raises AssertionError with the
+    subprocess's stderr when it fails.
+    """
+    workdir, env = _env(Path(path) if path else Path.cwd())
     env.pop("PYTHONPATH", None)
     program = _PRELUDE + "\n" + textwrap.dedent(code)
     proc = subprocess.run(
@@ -75,8 +92,40 @@ def run_isolated(code: str, *, path: str | Path = "", timeout: float = 300.0) ->
     )
     if proc.returncode != 0:
         raise AssertionError(f"isolated run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    results = [line.split("@@LMFORGE_RESULT@@", 1)[1] for line in proc.stdout.splitlines() if "@@LMFORGE_RESULT@@" in line]
-    return json.loads(results[-1]) if results else None
+    return _results(proc.stdout)
+
+
+@dataclass
+class TerminalRun:
+    returncode: int
+    output: str  # stdout and stderr as the terminal showed them
+    result: dict | list | None  # what the code emit-ted
+
+
+def run_on_terminal(code: str, *, path: str | Path, isolated: bool = True, timeout: float = 120.0) -> TerminalRun:
+    """Run ``code`` as ``run_isolated`` does, but on a pseudo-terminal (``script -qec``).
+
+    transformers asks "Do you wish to run the custom code? [y/N]" only when it can read an
+    answer; without a terminal it skips the question silently, so a test that needs to see the
+    question must give it one. stdin is empty: the question, if asked, is answered at once
+    (EOF) instead of waiting 15 s. With ``isolated=False`` lmforge stays importable (the
+    caller's PYTHONPATH is kept) to test lmforge's own loaders in a fresh process.
+    """
+    script = shutil.which("script")
+    assert script is not None, "the `script` command (util-linux) is needed to give the subprocess a terminal"
+    workdir, env = _env(Path(path))
+    if isolated:
+        env.pop("PYTHONPATH", None)
+    prelude = _PRELUDE if isolated else _PRELUDE[_PRELUDE.index("PATH = "):]
+    with tempfile.TemporaryDirectory() as tmp:  # the program's folder becomes sys.path[0]: keep it empty
+        program = Path(tmp) / "program.py"
+        program.write_text("import json, os\n" + prelude + "\n" + textwrap.dedent(code))
+        proc = subprocess.run(
+            [script, "-qec", shlex.join([sys.executable, str(program)]), "/dev/null"],
+            cwd=workdir, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+        )
+    output = proc.stdout.replace("\r\n", "\n")
+    return TerminalRun(proc.returncode, output, _results(output))
 
 
 def tiny_tokenizer(vocab_size: int = 300, *, bert: bool = False):

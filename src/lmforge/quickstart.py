@@ -104,7 +104,7 @@ def heldout_step(model_dir: Path, corpus: str, split: str, *, block_size: int, b
     from lmforge.eval.perplexity import evaluate_lm, token_byte_lengths
     from lmforge.train.batches import eval_batches
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
     texts = load_corpus(corpus, split, cache_dir=cache_dir)
     rows = build_lm_dataset(texts, tokenizer, block_size, split=split)
@@ -122,7 +122,7 @@ def generate_step(model_dir: Path, prompt: str = "ROMEO:\n", *, max_new_tokens: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
     torch.manual_seed(seed)
     inputs = tokenizer(prompt, return_tensors="pt")
@@ -137,7 +137,7 @@ def where_step(model_dir: Path) -> None:
     """Say where the model is and how to load it."""
     print(f"the model is in {model_dir.resolve()} (model card: {model_dir / 'README.md'}). Load it with:\n\n"
           "    from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-          f"    tokenizer = AutoTokenizer.from_pretrained(\"{model_dir}\")\n"
+          f"    tokenizer = AutoTokenizer.from_pretrained(\"{model_dir}\", trust_remote_code=True)\n"
           f"    model = AutoModelForCausalLM.from_pretrained(\"{model_dir}\", trust_remote_code=True)\n")
 
 

@@ -72,11 +72,15 @@ def write_model_card(folder: str | Path, *, model_type: str, objective: str, con
         f"{'causal' if objective == 'causal' else 'masked'} language-modelling objective.", "",
         "## Load", "", "```python",
         f"from transformers import AutoTokenizer, {auto}", "",
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder", trust_remote_code=True)',
         f'model = {auto}.from_pretrained("path/to/this/folder", trust_remote_code=True)',
         "```", "",
         "`trust_remote_code=True` loads the model code saved next to the weights (lmforge itself "
-        "need not be installed).", "",
+        "need not be installed). The tokenizer needs it too: `AutoTokenizer` reads this folder's "
+        "`config.json` first, and without the flag transformers asks whether to run the custom "
+        "configuration code (waiting 15 s on a terminal) and then warns. To load the tokenizer "
+        "without running any code from this folder: "
+        '`PreTrainedTokenizerFast.from_pretrained("path/to/this/folder")`.', "",
         "## Training", "",
         f"- data: `{data}`",
         f"- optimizer steps: {steps} ({status})",

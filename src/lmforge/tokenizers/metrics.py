@@ -91,17 +91,31 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([line(headers), sep, *(line(c) for c in cells)])
 
 
-def load_tokenizer(path: str | Path) -> Any:
-    """``AutoTokenizer.from_pretrained`` on a local folder, with a clear error."""
+def auto_tokenizer(path: str | Path) -> Any:
+    """``AutoTokenizer.from_pretrained(path)`` that never asks about custom code.
+
+    transformers 5 reads a folder's ``config.json`` before its tokenizer files. In a model folder
+    (a run's ``final/``) that config is ``lmforge_gpt``/``_bert``/``_mamba`` with an ``auto_map``:
+    unless lmforge's families are registered, transformers asks "Do you wish to run the custom
+    code? [y/N]" (15 s on a terminal), then warns "You are using a model of type `lmforge_gpt` to
+    instantiate a model of type ``". Registering them first resolves the config locally.
+    """
     from transformers import AutoTokenizer
 
+    if (Path(path).expanduser() / "config.json").is_file():
+        import lmforge.models  # noqa: F401  (registers lmforge's model types with AutoConfig)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """``AutoTokenizer.from_pretrained`` on a local folder, with a clear error."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise LmforgeError(f"{folder}: tokenizer folder not found")
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         raise LmforgeError(f"{folder}: no tokenizer.json or tokenizer_config.json in it")
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return auto_tokenizer(folder)
     except Exception as e:
         raise LmforgeError(f"{folder}: could not load the tokenizer: {type(e).__name__}: {e}") from None
 

@@ -78,7 +78,8 @@ def start_run_dir(run_dir: Path, config: PretrainConfig, *, restart: bool, is_ma
 
 
 def load_tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
+    """``data.tokenizer``: any saved tokenizer folder, a run's ``final/`` too, with errors naming the key."""
+    from lmforge.tokenizers.metrics import load_tokenizer as load_folder
 
     if not path:
         raise LmforgeError("data.tokenizer is required: a folder written by 'lmforge tokenizer train "
@@ -86,7 +87,10 @@ def load_tokenizer(path: str) -> Any:
     if not Path(path).is_dir():
         raise LmforgeError(f"data.tokenizer: {path} is not a directory with a saved tokenizer (train one "
                            f"with 'lmforge tokenizer train ... --output {path}')")
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return load_folder(path)
+    except LmforgeError as e:
+        raise LmforgeError(f"data.tokenizer: {e}") from None
 
 
 def _model_inputs_filter(model: Any, collate: Any) -> Any:
