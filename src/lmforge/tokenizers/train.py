@@ -67,7 +67,7 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise LmforgeError(f"output folder {path} exists and is not empty; choose another "
-                               "folder or pass --overwrite (overwrite=True) to replace the tokenizer in it")
+                               "folder or set overwrite=True (--overwrite) to replace the tokenizer in it")
         for name in TOKENIZER_FILES:
             (path / name).unlink(missing_ok=True)
 
@@ -101,7 +101,7 @@ def _train(tok: Tokenizer, trainer: Any, batches: Iterator[list[str]], rows: int
             raise LmforgeError(
                 f"vocab_size {vocab_size} is too small for unigram on this corpus: it needs 256 byte "
                 f"pieces + {n_special} special tokens + every distinct character of the corpus; "
-                "increase --vocab-size") from None
+                "increase vocab_size (--vocab-size)") from None
         raise
 
 
@@ -210,7 +210,7 @@ def train_tokenizer(
     if tok.get_vocab_size() > vocab_size:
         raise LmforgeError(
             f"vocab_size {vocab_size} is smaller than this corpus' alphabet plus special tokens: "
-            f"{algorithm} needs at least {tok.get_vocab_size()} here; increase --vocab-size")
+            f"{algorithm} needs at least {tok.get_vocab_size()} here; increase vocab_size (--vocab-size)")
     tok.post_processor = post_processor(tok, algorithm, tokens)
     hf = wrap(tok, tokens, model_max_length)
     if out is not None:
