@@ -198,12 +198,14 @@ def fsdp_run(run_config) -> tuple[Path, str]:
     return out, _accelerate(run_config, out, "--distributed", "fsdp").stdout
 
 
-def test_fsdp_matches_ddp_with_sharded_parameters(run_config, ddp_run, fsdp_run):
+def test_fsdp_matches_ddp_with_sharded_parameters(run_config, single_run, ddp_run, fsdp_run):
     ddp_dir, _ = ddp_run
     out, stdout = fsdp_run
     # strategy_name says fsdp2 only when the parameters are torch DTensor shards (is_sharded)
     assert "strategy fsdp2 (2 processes, gloo, fully_shard by lmforge)" in stdout
     assert _losses(out) == pytest.approx(_losses(ddp_dir), rel=1e-5)
+    assert _losses(out) == pytest.approx(_losses(single_run), rel=1e-5)
+    _assert_same_weights(single_run, out)
     # the checkpoint and the final model hold full tensors, equal to DDP's
     for rel in ("final/model.safetensors", f"checkpoints/step_{_steps(run_config)}/model.safetensors"):
         sharded, plain = load_file(out / rel), load_file(ddp_dir / rel)
