@@ -15,11 +15,11 @@ initializer_range, is_causal, num_hidden_layers.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 
 import torch
+import transformers
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -31,17 +31,12 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 # transformers 5.24 renamed the cache argument and output field (``past_key_values``, Mamba's
-# ``cache_params``) to ``cache``. lmforge models take either name and answer with the installed one.
-CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-
-
-def pick_cache(cache: Cache | None, legacy: Cache | None, legacy_name: str = "past_key_values") -> Cache | None:
-    """The cache under either name: ``cache`` (transformers >= 5.24) or its older name
-    (``past_key_values``; Mamba's ``cache_params``)."""
-    if cache is not None and legacy is not None:
-        raise ValueError(f"pass the cache once, as `cache` (or `{legacy_name}`), not both")
-    return cache if cache is not None else legacy
+# ``cache_params``) to ``cache``. lmforge models take ``cache`` and accept the old names through
+# transformers' own ``deprecate_kwarg``, with the FutureWarning (and end version) of the stock models.
+LEGACY_CACHE_NAMES_UNTIL = "5.40.0"
+if "cache" not in BaseModelOutputWithPast.__dataclass_fields__:
+    raise ImportError(f"lmforge models need transformers>=5.24 (found {transformers.__version__}): "
+                      "they take the cache as `cache`, the name transformers 5.24 introduced")
 
 
 # Valid values of each switch (configs validate against these).
@@ -590,7 +585,7 @@ def build_attention_mask(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            **{_MASK_CACHE_ARG: cache},
+            cache=cache,
             allow_is_causal_skip=not alibi,
         )
     else:
@@ -598,7 +593,7 @@ def build_attention_mask(
             config=config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            **{_MASK_CACHE_ARG: cache},
+            cache=cache,
             allow_is_bidirectional_skip=not alibi,
         )
     if not alibi:
