@@ -196,6 +196,10 @@ def _gpt_classifier_pair():
 
 
 def _mamba_pair():
+    # transformers on CPU: mamba_inner_fn is None without mamba_ssm and use_mambapy=False, so its
+    # reference is the sequential scan under plain autograd (the associative scan needs compile);
+    # ours is the chunked scan with its own backward. No in_proj bias: transformers masks padding
+    # before in_proj, lmforge after it, which differ only when in_proj has a bias.
     torch.manual_seed(0)
     hf = transformers.MambaForCausalLM(transformers.MambaConfig(
         vocab_size=VOCAB, hidden_size=36, num_hidden_layers=2, state_size=5, conv_kernel=3, expand=2,
