@@ -280,6 +280,15 @@ def test_lm_loss_second_backward_with_retain_graph_adds_the_same_gradient(kind):
     torch.testing.assert_close(grads[0], grads[1], atol=1e-7, rtol=1e-6)
 
 
+def test_lm_loss_traces_into_one_graph_under_torch_compile():
+    """Dynamo traces the loss's backward with its forward: the keep-graph query (a C builtin it
+    cannot call) must not be reached while compiling, or every loss call breaks the graph."""
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(3))
+    explained = torch._dynamo.explain(lambda x: layers.causal_lm_loss(x, labels, vocab_size=11))(logits)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
 def test_models_train_with_lmforge_loss_and_accept_a_replacement():
     from transformers.loss.loss_utils import ForCausalLMLoss
 

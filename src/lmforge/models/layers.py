@@ -513,7 +513,13 @@ _KEEP_GRAPH_QUERY = getattr(torch._C._autograd, "_get_current_graph_task_keep_gr
 
 
 def _backward_keeps_graph() -> bool:
-    """Whether the running backward was asked to keep the graph (``retain_graph`` / ``create_graph``)."""
+    """Whether the running backward was asked to keep the graph (``retain_graph`` / ``create_graph``).
+
+    Under ``torch.compile`` the answer is "kept": the backward is traced once, Dynamo cannot call
+    the query (a graph break per call), and the compiler plans the memory of the graph itself.
+    """
+    if torch.compiler.is_compiling():
+        return True
     return _KEEP_GRAPH_QUERY is None or bool(_KEEP_GRAPH_QUERY())
 
 
