@@ -26,9 +26,6 @@ from pathlib import Path
 
 import torch
 
-from lmforge.models.layers import CACHE_FIELD
-from lmforge.models.modeling_mamba import MAMBA_CACHE_FIELD
-
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -156,10 +153,10 @@ def _gpt_decode_rss(model, prompt, new_tokens: int) -> list[tuple[int, float]]:
     """Greedy decode step by step with a DynamicCache; RSS (MB) every 128 steps."""
     samples = []
     out = model(prompt, use_cache=True)
-    cache, token = getattr(out, CACHE_FIELD), out.logits[:, -1:].argmax(-1)
+    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
     for step in range(new_tokens):
         out = model(token, cache=cache, use_cache=True, logits_to_keep=1)
-        cache, token = getattr(out, CACHE_FIELD), out.logits[:, -1:].argmax(-1)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         if (step + 1) % 128 == 0:
             gc.collect()
             samples.append((step + 1, _rss_mb()))
@@ -443,7 +440,7 @@ def _mamba_decode(args) -> dict:
     for ctx in (64, 4096):
         prompt = torch.randint(1, 8192, (1, ctx), generator=torch.Generator().manual_seed(ctx))
         with torch.no_grad():
-            cache = getattr(ours(prompt, use_cache=True), MAMBA_CACHE_FIELD)
+            cache = ours(prompt, use_cache=True).cache
         sizes[ctx] = _mamba_cache_bytes(cache)
         # each timed call decodes 64 tokens (feeding the same token keeps the state size fixed)
         step = _mamba_decode_step(ours, cache, prompt[:, -1:])
@@ -459,7 +456,7 @@ def _mamba_decode(args) -> dict:
     with torch.no_grad():
         out = ours(prompt, use_cache=True)
         for i in range(2048):
-            out = ours(out.logits[:, -1:].argmax(-1), cache=getattr(out, MAMBA_CACHE_FIELD), use_cache=True)
+            out = ours(out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True)
             if (i + 1) % 512 == 0:
                 gc.collect()
                 samples.append((i + 1, int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20))

@@ -5,7 +5,6 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 from lmforge.models import GPTConfig, GPTForCausalLM, GPTForSequenceClassification, GPTModel
-from lmforge.models.layers import CACHE_FIELD
 from tests.torch_threads import single_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -47,11 +46,9 @@ def test_incremental_decoding_equals_full_forward_at_every_position(position, at
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         out = model(ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
-        steps, cache = [out.logits], getattr(out, CACHE_FIELD)
+        steps, cache = [out.logits], out.cache
         for i in range(4, ids.shape[1]):
-            # `cache` (transformers >= 5.24) and the older `past_key_values` are both accepted
-            name = "cache" if i % 2 else "past_key_values"
-            out = model(ids[:, i : i + 1], attention_mask=mask[:, : i + 1], use_cache=True, **{name: cache})
+            out = model(ids[:, i : i + 1], attention_mask=mask[:, : i + 1], use_cache=True, cache=cache)
             steps.append(out.logits)
     inc = torch.cat(steps, dim=1)
     real = mask.bool()
@@ -78,15 +75,15 @@ def test_dynamic_cache_equals_static_cache(position):
     model = _model(position)
     ids = _ids(b=2, t=6)
     kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
-    dyn = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
-    static = model.generate(ids, past_key_values=StaticCache(config=model.config, max_cache_len=24), **kw)
+    dyn = model.generate(ids, cache=DynamicCache(config=model.config), **kw)
+    static = model.generate(ids, cache=StaticCache(config=model.config, max_cache_len=24), **kw)
     assert torch.equal(dyn, static)
     # and the static cache's logits match a full pass
     cache = StaticCache(config=model.config, max_cache_len=24)
     with torch.no_grad():
         full = model(dyn).logits
-        first = model(dyn[:, :6], past_key_values=cache, use_cache=True).logits
-        step = model(dyn[:, 6:7], past_key_values=cache, use_cache=True).logits
+        first = model(dyn[:, :6], cache=cache, use_cache=True).logits
+        step = model(dyn[:, 6:7], cache=cache, use_cache=True).logits
     torch.testing.assert_close(torch.cat([first, step], 1), full[:, :7], atol=1e-5, rtol=0)
 
 

@@ -242,16 +242,51 @@ def test_lm_losses_equal_transformers_in_value_and_gradient(kind, num_items):
         torch.testing.assert_close(ours(logits, labels, vocab_size=50, num_items_in_batch=n), values[1])
 
 
-def test_lm_loss_backward_in_bf16_and_refuses_a_second_backward():
+def test_lm_loss_backward_in_bf16():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 6, 20, generator=g).to(torch.bfloat16).requires_grad_()
     labels = torch.randint(0, 20, (2, 6), generator=g)
     loss = layers.causal_lm_loss(logits, labels, vocab_size=20)
     assert loss.dtype == torch.float32
-    loss.backward(retain_graph=True)
+    loss.backward()
     assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad.float()).all()
-    with pytest.raises(RuntimeError, match="second backward"):
-        loss.backward()
+
+
+@pytest.mark.parametrize("kind", ["causal", "masked"])
+def test_lm_loss_second_backward_with_retain_graph_adds_the_same_gradient(kind):
+    """The backward rewrites its saved log-probabilities in place only when the graph is freed
+    after it: with ``retain_graph=True`` every further backward gives the stock gradient again."""
+    from transformers.loss.loss_utils import ForCausalLMLoss, ForMaskedLMLoss
+
+    ours, ref = {"causal": (layers.causal_lm_loss, ForCausalLMLoss),
+                 "masked": (layers.masked_lm_loss, ForMaskedLMLoss)}[kind]
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 7, 30, generator=g)
+    labels = torch.randint(0, 30, (3, 7), generator=g)
+    labels[1, 2:5] = -100
+    grads = []
+    for fn in (ours, ref):
+        x = logits.clone().requires_grad_()
+        loss = fn(x, labels, vocab_size=30, num_items_in_batch=11)
+        loss.backward(retain_graph=True)
+        once = x.grad.clone()
+        (again,) = torch.autograd.grad(loss, x, retain_graph=True)
+        loss.backward()  # the last one frees the graph (and may reuse the saved tensors)
+        torch.testing.assert_close(again, once, atol=0, rtol=0)
+        torch.testing.assert_close(x.grad, 2 * once, atol=0, rtol=0)
+        grads.append(x.grad)
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            loss.backward()  # once the graph is freed: torch's own error, for both losses
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-7, rtol=1e-6)
+
+
+def test_lm_loss_traces_into_one_graph_under_torch_compile():
+    """Dynamo traces the loss's backward with its forward: the keep-graph query (a C builtin it
+    cannot call) must not be reached while compiling, or every loss call breaks the graph."""
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(3))
+    explained = torch._dynamo.explain(lambda x: layers.causal_lm_loss(x, labels, vocab_size=11))(logits)
+    assert explained.graph_break_count == 0, explained.break_reasons
 
 
 def test_models_train_with_lmforge_loss_and_accept_a_replacement():

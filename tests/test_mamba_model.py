@@ -9,7 +9,6 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from lmforge.models import MambaConfig, MambaForCausalLM, MambaForSequenceClassification
 from lmforge.models.convert import from_hf, to_hf
-from lmforge.models.modeling_mamba import MAMBA_CACHE_FIELD
 from tests.export_utils import run_isolated
 from tests.torch_threads import single_thread  # noqa: F401
 
@@ -124,14 +123,13 @@ def test_step_by_step_decoding_equals_full_forward(dtype, atol):
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         out = model(ids[:, :6], use_cache=True)
-        cache = getattr(out, MAMBA_CACHE_FIELD)
+        cache = out.cache
         assert isinstance(cache, DynamicCache)
         assert type(cache.layers[0]).__name__ == "LinearAttentionLayer"
         sizes = [(layer.conv_states[0].shape, layer.recurrent_states[0].shape) for layer in cache.layers]
         steps = [out.logits]
         for t in range(6, 20):
-            # `cache` (transformers >= 5.24) and the older `cache_params` are both accepted
-            out = model(ids[:, t : t + 1], use_cache=True, **{"cache" if t % 2 else "cache_params": cache})
+            out = model(ids[:, t : t + 1], use_cache=True, cache=cache)
             steps.append(out.logits)
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=atol, rtol=0)
     # constant-size state: nothing grew with the number of decoded tokens
@@ -145,7 +143,7 @@ def test_prefill_in_two_chunks_continues_the_state():
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         first = model(ids[:, :13], use_cache=True)
-        second = model(ids[:, 13:], cache=getattr(first, MAMBA_CACHE_FIELD), use_cache=True)
+        second = model(ids[:, 13:], cache=first.cache, use_cache=True)
     assert torch.allclose(torch.cat([first.logits, second.logits], 1), full, atol=1e-10, rtol=0)
 
 

@@ -42,7 +42,7 @@ class GPTConfig(PreTrainedConfig):
     """
 
     model_type = "lmforge_gpt"
-    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]
 
     vocab_size: int = 32000
     hidden_size: int = 768

@@ -19,6 +19,8 @@ import torch.nn as nn
 # model_type of the source model -> converter. Each family section registers its own.
 _TO_HF: dict[str, Callable[[nn.Module], nn.Module]] = {}
 _FROM_HF: dict[str, Callable[[nn.Module], nn.Module]] = {}
+# config fields of classification heads, copied as they are
+_LABEL_FIELDS = ("num_labels", "id2label", "label2id", "problem_type")
 
 
 def to_hf(model: nn.Module) -> nn.Module:
@@ -38,10 +40,17 @@ def from_hf(hf_model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------- GPT
-# (Llama <-> lmforge_gpt, GPT-2 <-> lmforge_gpt)
+# (LlamaModel / LlamaForCausalLM / LlamaForSequenceClassification <-> lmforge_gpt,
+#  GPT2LMHeadModel <-> the learned-position lmforge_gpt)
 
 _GPT_SHARED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _GPT_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# lmforge GPT class name -> transformers Llama class name (same parameter names but the norms')
+_LLAMA_HEADS = {
+    "GPTModel": "LlamaModel",
+    "GPTForCausalLM": "LlamaForCausalLM",
+    "GPTForSequenceClassification": "LlamaForSequenceClassification",
+}
 
 
 def _gpt_require(config, target: str, **expected) -> None:
@@ -68,11 +77,15 @@ def _gpt_load(target: nn.Module, state: dict, like: nn.Module) -> nn.Module:
 
 
 def _gpt_to_llama(model: nn.Module) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
+    from transformers import LlamaConfig
 
     cfg = model.config
+    name = type(model).__name__
+    if name not in _LLAMA_HEADS:
+        raise ValueError(f"to_hf: no transformers Llama class for {name}; known: {sorted(_LLAMA_HEADS)}")
     _gpt_require(
-        cfg, "LlamaForCausalLM", position_embedding_type="rope", norm_type="rmsnorm", norm_position="pre",
+        cfg, _LLAMA_HEADS[name], position_embedding_type="rope", norm_type="rmsnorm", norm_position="pre",
         hidden_act="swiglu", is_causal=True, hidden_dropout=0.0,
     )
     rope = dict(cfg.rope_parameters)
@@ -85,8 +98,9 @@ def _gpt_to_llama(model: nn.Module) -> nn.Module:
         rope_parameters=rope, attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias,
         attention_dropout=cfg.attention_dropout, initializer_range=cfg.initializer_range,
         tie_word_embeddings=cfg.tie_word_embeddings, **_gpt_token_ids(cfg),
+        **{k: getattr(cfg, k) for k in _LABEL_FIELDS},
     )
-    hf = LlamaForCausalLM(hf_cfg)
+    hf = getattr(transformers, _LLAMA_HEADS[name])(hf_cfg)
     names = {".attn_norm.": ".input_layernorm.", ".mlp_norm.": ".post_attention_layernorm."}
     state = {}
     for key, value in model.state_dict().items():
@@ -97,15 +111,19 @@ def _gpt_to_llama(model: nn.Module) -> nn.Module:
 
 
 def _gpt_from_llama(hf_model: nn.Module) -> nn.Module:
-    from .modeling_gpt import GPTConfig, GPTForCausalLM
+    from . import modeling_gpt
 
     cfg = hf_model.config
+    heads = {v: k for k, v in _LLAMA_HEADS.items()}
+    name = type(hf_model).__name__
+    if name not in heads:
+        raise ValueError(f"from_hf: no lmforge GPT class for {name}; known: {sorted(heads)}")
     if cfg.hidden_act != "silu":
         raise ValueError(f"from_hf: LlamaConfig.hidden_act={cfg.hidden_act!r} is not 'silu' (lmforge 'swiglu')")
     rope = dict(cfg.rope_parameters)
     if rope.get("rope_type", "default") not in ("default", "linear", "dynamic"):
         raise ValueError(f"from_hf: LlamaConfig rope_type={rope.get('rope_type')!r}; lmforge supports default, linear, dynamic")
-    ours = GPTConfig(
+    ours = modeling_gpt.GPTConfig(
         **{k: getattr(cfg, k) for k in _GPT_SHARED_SIZES},
         num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, hidden_act="swiglu",
         position_embedding_type="rope", rope_theta=rope.get("rope_theta", 10000.0), rope_parameters=rope,
@@ -113,8 +131,9 @@ def _gpt_from_llama(hf_model: nn.Module) -> nn.Module:
         norm_eps=cfg.rms_norm_eps, attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias,
         attention_dropout=float(cfg.attention_dropout or 0.0), initializer_range=cfg.initializer_range,
         tie_word_embeddings=bool(cfg.tie_word_embeddings), **_gpt_token_ids(cfg),
+        **{k: getattr(cfg, k) for k in _LABEL_FIELDS},
     )
-    model = GPTForCausalLM(ours)
+    model = getattr(modeling_gpt, heads[name])(ours)
     names = {".input_layernorm.": ".attn_norm.", ".post_attention_layernorm.": ".mlp_norm."}
     state = {}
     for key, value in hf_model.state_dict().items():
@@ -129,6 +148,8 @@ def _gpt_to_gpt2(model: nn.Module) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = model.config
+    if type(model).__name__ != "GPTForCausalLM":
+        raise ValueError(f"to_hf: the learned-position GPT converts to GPT2LMHeadModel only, not from {type(model).__name__}")
     _gpt_require(
         cfg, "GPT2LMHeadModel", position_embedding_type="learned", norm_type="layernorm", norm_position="pre",
         hidden_act="gelu_tanh", is_causal=True, norm_bias=True, attention_bias=True, mlp_bias=True,
@@ -177,6 +198,8 @@ def _gpt_from_gpt2(hf_model: nn.Module) -> nn.Module:
     from .modeling_gpt import GPTConfig, GPTForCausalLM
 
     cfg = hf_model.config
+    if type(hf_model).__name__ != "GPT2LMHeadModel":
+        raise ValueError(f"from_hf: GPT-2 converts from GPT2LMHeadModel only, not {type(hf_model).__name__}")
     if cfg.activation_function not in _GPT2_ACTIVATIONS:
         raise ValueError(f"from_hf: GPT2Config.activation_function={cfg.activation_function!r} is not one of {sorted(_GPT2_ACTIVATIONS)}")
     if cfg.scale_attn_by_inverse_layer_idx or not cfg.scale_attn_weights:
@@ -262,7 +285,6 @@ _BERT_HEADS = {
     "LmforgeBertForSequenceClassification": "BertForSequenceClassification",
     "LmforgeBertForTokenClassification": "BertForTokenClassification",
 }
-_BERT_LABEL_FIELDS = ("num_labels", "id2label", "label2id", "problem_type")
 
 
 def _bert_key_from_hf(key: str) -> str | None:
@@ -339,7 +361,7 @@ def _bert_to_hf(model: nn.Module) -> nn.Module:
         type_vocab_size=cfg.type_vocab_size, initializer_range=cfg.initializer_range, layer_norm_eps=cfg.norm_eps,
         pad_token_id=cfg.pad_token_id, classifier_dropout=cfg.classifier_dropout,
         tie_word_embeddings=cfg.tie_word_embeddings,
-        **{k: getattr(cfg, k) for k in _BERT_LABEL_FIELDS},
+        **{k: getattr(cfg, k) for k in _LABEL_FIELDS},
     )
     hf_cfg._attn_implementation = cfg._attn_implementation
     hf_cls = getattr(transformers, _BERT_HEADS[name])
@@ -372,7 +394,7 @@ def _bert_from_hf(hf_model: nn.Module) -> nn.Module:
         type_vocab_size=cfg.type_vocab_size, initializer_range=cfg.initializer_range, norm_eps=cfg.layer_norm_eps,
         pad_token_id=cfg.pad_token_id, classifier_dropout=cfg.classifier_dropout,
         tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", True)),
-        **{k: getattr(cfg, k) for k in _BERT_LABEL_FIELDS},
+        **{k: getattr(cfg, k) for k in _LABEL_FIELDS},
     )
     ours._attn_implementation = cfg._attn_implementation
     cls = getattr(modeling_bert, heads[name])

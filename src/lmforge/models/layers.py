@@ -15,11 +15,11 @@ initializer_range, is_causal, num_hidden_layers.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 
 import torch
+import transformers
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -31,17 +31,12 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 # transformers 5.24 renamed the cache argument and output field (``past_key_values``, Mamba's
-# ``cache_params``) to ``cache``. lmforge models take either name and answer with the installed one.
-CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-
-
-def pick_cache(cache: Cache | None, legacy: Cache | None, legacy_name: str = "past_key_values") -> Cache | None:
-    """The cache under either name: ``cache`` (transformers >= 5.24) or its older name
-    (``past_key_values``; Mamba's ``cache_params``)."""
-    if cache is not None and legacy is not None:
-        raise ValueError(f"pass the cache once, as `cache` (or `{legacy_name}`), not both")
-    return cache if cache is not None else legacy
+# ``cache_params``) to ``cache``. lmforge models take ``cache`` and accept the old names through
+# transformers' own ``deprecate_kwarg``, with the FutureWarning (and end version) of the stock models.
+LEGACY_CACHE_NAMES_UNTIL = "5.40.0"
+if "cache" not in BaseModelOutputWithPast.__dataclass_fields__:
+    raise ImportError(f"lmforge models need transformers>=5.24 (found {transformers.__version__}): "
+                      "they take the cache as `cache`, the name transformers 5.24 introduced")
 
 
 # Valid values of each switch (configs validate against these).
@@ -485,10 +480,11 @@ class _CrossEntropy(torch.autograd.Function):
     """Summed cross-entropy over rows whose target is not ``ignore_index``, divided by ``denom``.
 
     Same value and gradient as ``F.cross_entropy(reduction="sum") / denom``, with a cheaper
-    backward: it saves the log-probabilities and turns them into the gradient in place
-    (softmax - one-hot), where autograd would write a zero-filled NLL gradient and run a separate
-    log-softmax backward over the (N, V) logits. That saves ~15% of the LM-head-plus-loss time
-    (~6% of a small model's CPU training step).
+    backward: it saves the log-probabilities and turns them into the gradient (softmax - one-hot),
+    where autograd would write a zero-filled NLL gradient and run a separate log-softmax backward
+    over the (N, V) logits. The conversion is in place unless the backward keeps the graph
+    (``retain_graph=True``): a second backward then finds the log-probabilities intact and gives
+    the same gradient again, as the stock loss does.
     """
 
     @staticmethod
@@ -499,22 +495,32 @@ class _CrossEntropy(torch.autograd.Function):
         picked = logp.gather(1, safe[:, None]).squeeze(1)  # (N,)
         ctx.save_for_backward(logp, safe, valid)
         ctx.denom = denom
-        ctx.consumed = False
         return -(picked * valid).sum() / denom
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        if ctx.consumed:
-            raise RuntimeError("lmforge's LM loss frees its saved softmax in backward: a second backward "
-                               "(retain_graph=True) is not supported; set model.loss_function to transformers' "
-                               "ForCausalLMLoss / ForMaskedLMLoss for that")
-        ctx.consumed = True
         logp, safe, valid = ctx.saved_tensors
         scale = (grad / ctx.denom) * valid.to(logp.dtype)  # (N,)
-        g = logp.exp_().mul_(scale[:, None])  # softmax * scale, in place: logp is not needed again
+        probs = logp.exp() if _backward_keeps_graph() else logp.exp_()  # (N, V)
+        g = probs.mul_(scale[:, None])
         g.scatter_add_(1, safe[:, None], -scale[:, None])  # minus the one-hot
         return g, None, None, None
+
+
+# torch's own query (used by its AOT autograd to free saved tensors early); absent: assume kept.
+_KEEP_GRAPH_QUERY = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+def _backward_keeps_graph() -> bool:
+    """Whether the running backward was asked to keep the graph (``retain_graph`` / ``create_graph``).
+
+    Under ``torch.compile`` the answer is "kept": the backward is traced once, Dynamo cannot call
+    the query (a graph break per call), and the compiler plans the memory of the graph itself.
+    """
+    if torch.compiler.is_compiling():
+        return True
+    return _KEEP_GRAPH_QUERY is None or bool(_KEEP_GRAPH_QUERY())
 
 
 def cross_entropy(
@@ -585,7 +591,7 @@ def build_attention_mask(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            **{_MASK_CACHE_ARG: cache},
+            cache=cache,
             allow_is_causal_skip=not alibi,
         )
     else:
@@ -593,7 +599,7 @@ def build_attention_mask(
             config=config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            **{_MASK_CACHE_ARG: cache},
+            cache=cache,
             allow_is_bidirectional_skip=not alibi,
         )
     if not alibi:

@@ -20,12 +20,13 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
 )
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_gpt import GPTConfig
 from .layers import (
-    CACHE_FIELD,
+    LEGACY_CACHE_NAMES_UNTIL,
     Attention,
     Dropout,
     RotaryEmbedding,
@@ -36,7 +37,6 @@ from .layers import (
     causal_lm_loss,
     check_positions,
     init_weights,
-    pick_cache,
 )
 
 
@@ -48,7 +48,6 @@ class GPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["TransformerBlock"]
-    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -86,6 +85,7 @@ class GPTModel(GPTPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    @deprecate_kwarg("past_key_values", LEGACY_CACHE_NAMES_UNTIL, new_name="cache")
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -96,7 +96,6 @@ class GPTModel(GPTPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """input_ids (B, T) -> last_hidden_state (B, T, D).
@@ -108,7 +107,6 @@ class GPTModel(GPTPreTrainedModel):
             raise ValueError("GPTModel: pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, D)
-        cache = pick_cache(cache, past_key_values)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
@@ -133,7 +131,7 @@ class GPTModel(GPTPreTrainedModel):
             )
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
 
 class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
@@ -161,6 +159,7 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    @deprecate_kwarg("past_key_values", LEGACY_CACHE_NAMES_UNTIL, new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -171,7 +170,6 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        past_key_values: Cache | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -185,7 +183,7 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=pick_cache(cache, past_key_values),
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -198,7 +196,7 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -232,6 +230,7 @@ class GPTForSequenceClassification(GPTPreTrainedModel):
             raise ValueError("GPTForSequenceClassification: batches need an attention_mask or config.pad_token_id")
         return (torch.arange(length, device=device) * real).argmax(-1)
 
+    @deprecate_kwarg("past_key_values", LEGACY_CACHE_NAMES_UNTIL, new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -242,7 +241,6 @@ class GPTForSequenceClassification(GPTPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast:
         """Pooled logits (B, num_labels); ``labels`` (B,) give cross-entropy (or MSE for one label)."""
@@ -250,7 +248,7 @@ class GPTForSequenceClassification(GPTPreTrainedModel):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=pick_cache(cache, past_key_values),
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -265,7 +263,7 @@ class GPTForSequenceClassification(GPTPreTrainedModel):
         return SequenceClassifierOutputWithPast(
             loss=loss,
             logits=logits,
-            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )

@@ -9,8 +9,8 @@ The scan has three paths: the sequential reference (``mamba_scan.selective_scan_
 default chunked PyTorch scan (``mamba_scan.selective_scan``), and the ``mamba_ssm`` /
 ``causal_conv1d`` CUDA kernels, used when installed, on GPU tensors, without ``seq_idx`` or a
 carried state. Decoding keeps a conv state (B, Di, K) and an SSM state (B, Di, N) per layer in a
-transformers ``DynamicCache`` of ``LinearAttentionLayer``s, passed as ``cache`` (``cache_params``
-before transformers 5.24, still accepted).
+transformers ``DynamicCache`` of ``LinearAttentionLayer``s, passed as ``cache`` (``cache_params``,
+its name before transformers 5.24, is accepted with a FutureWarning, as by transformers' Mamba).
 
 Notation: B batch, L length, H hidden_size, Di inner width (expand * H), N state size, K conv kernel,
 R time_step_rank. This file is copied next to saved weights: torch, transformers and siblings only.
@@ -30,10 +30,11 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.mamba.modeling_mamba import MambaCausalLMOutput, MambaOutput
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_mamba import MambaConfig
-from .layers import CACHE_FIELD, RMSNorm, causal_lm_loss, pick_cache
+from .layers import LEGACY_CACHE_NAMES_UNTIL, RMSNorm, causal_lm_loss
 from .mamba_scan import selective_scan, selective_state_step, seq_idx_to_reset
 
 try:  # optional CUDA kernels (pip install lmforge[mamba])
@@ -176,12 +177,6 @@ class MambaBlock(GradientCheckpointingLayer):
         return residual + self.mixer(hidden_states, cache, attention_mask, seq_idx)
 
 
-# The outputs are transformers' own Mamba outputs; their cache field is ``cache`` from
-# transformers 5.24 on, ``cache_params`` before.
-MAMBA_CACHE_FIELD = "cache" if CACHE_FIELD == "cache" else "cache_params"
-
-
-
 class MambaPreTrainedModel(PreTrainedModel):
     """Shared settings and initialisation of the Mamba models."""
 
@@ -244,6 +239,7 @@ class MambaModel(MambaPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embeddings = value
 
+    @deprecate_kwarg("cache_params", LEGACY_CACHE_NAMES_UNTIL, new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -254,7 +250,6 @@ class MambaModel(MambaPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        cache_params: Cache | None = None,
         **kwargs,
     ) -> MambaOutput:
         """input_ids (B, L) -> last_hidden_state (B, L, H).
@@ -270,7 +265,6 @@ class MambaModel(MambaPreTrainedModel):
             raise ValueError("MambaModel: pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)  # (B, L, H)
-        cache = pick_cache(cache, cache_params, "cache_params")
         if seq_idx is not None and (cache is not None or use_cache):
             raise ValueError("MambaModel: seq_idx (packed documents) cannot be combined with a cache")
         if use_cache is None:
@@ -296,7 +290,7 @@ class MambaModel(MambaPreTrainedModel):
             all_hidden.append(hidden_states)
         return MambaOutput(
             last_hidden_state=hidden_states,
-            **{MAMBA_CACHE_FIELD: cache},
+            cache=cache,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
 
@@ -320,20 +314,21 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.backbone.embeddings = value
 
+    @deprecate_kwarg("cache_params", LEGACY_CACHE_NAMES_UNTIL, new_name="cache")
     def prepare_inputs_for_generation(
         self, input_ids, inputs_embeds=None, use_cache=None, cache: Cache | None = None,
-        attention_mask=None, is_first_iteration: bool | None = False, cache_params: Cache | None = None, **kwargs,
+        attention_mask=None, is_first_iteration: bool | None = False, **kwargs,
     ):
         """After the prompt, only the new token is fed: it is never padding, so the mask is dropped."""
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            **{MAMBA_CACHE_FIELD: pick_cache(cache, cache_params, "cache_params")},
+            input_ids, inputs_embeds=inputs_embeds, use_cache=use_cache, cache=cache,
             attention_mask=attention_mask, is_first_iteration=is_first_iteration, **kwargs,
         )
         if use_cache and not is_first_iteration:
             model_inputs["attention_mask"] = None
         return model_inputs
 
+    @deprecate_kwarg("cache_params", LEGACY_CACHE_NAMES_UNTIL, new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -346,13 +341,12 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         seq_idx: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        cache_params: Cache | None = None,
         **kwargs,
     ) -> MambaCausalLMOutput:
         """Logits (B, L, V) in float32; ``labels`` (B, L) give the mean shifted cross-entropy
         (``num_items_in_batch`` in kwargs for gradient accumulation)."""
         outputs: MambaOutput = self.backbone(
-            input_ids, inputs_embeds=inputs_embeds, cache=pick_cache(cache, cache_params, "cache_params"), use_cache=use_cache,
+            input_ids, inputs_embeds=inputs_embeds, cache=cache, use_cache=use_cache,
             attention_mask=attention_mask, seq_idx=seq_idx, output_hidden_states=output_hidden_states,
         )
         hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -363,7 +357,7 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return MambaCausalLMOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-            **{MAMBA_CACHE_FIELD: getattr(outputs, MAMBA_CACHE_FIELD)},
+            cache=outputs.cache,
         )
 
 
