@@ -79,14 +79,15 @@ def model_tokenizer_step(train_texts: Any, out_dir: Path, *, vocab_size: int, mo
 
 
 def pretrain_step(config_path: Path, tokenizer: Path, out_dir: Path, *, minutes: float,
-                  threads: int | None) -> Any:
-    """Pretrain the small GPT of ``config_path`` for about ``minutes`` (a fresh run in ``out_dir``)."""
+                  threads: int | None, overrides: dict[str, Any] | None = None) -> Any:
+    """Pretrain the small GPT of ``config_path`` for about ``minutes`` (a fresh run in ``out_dir``).
+    ``overrides``: more dotted settings on top of the file (e.g. ``{"optim.lr": 1e-3}``)."""
     from lmforge.config import load_config
     from lmforge.train import PretrainConfig
     from lmforge.train.pretrain import pretrain
 
-    overrides = {"output_dir": str(out_dir), "overwrite": True, "data.tokenizer": str(tokenizer),
-                 "train.max_minutes": minutes, "train.num_threads": threads}
+    overrides = {**(overrides or {}), "output_dir": str(out_dir), "overwrite": True,
+                 "data.tokenizer": str(tokenizer), "train.max_minutes": minutes, "train.num_threads": threads}
     config = load_config(PretrainConfig, config_path, overrides)
     print(f"\npretraining {config.model.preset} {config.model.overrides} for ~{minutes:g} min "
           f"({threads or 'default'} thread(s)) -> {out_dir}")
