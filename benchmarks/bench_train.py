@@ -6,7 +6,9 @@
 
 Run ``python benchmarks/bench_train.py [loop|tokenize_pack ...]`` (or ``--section NAME``; default:
 every section).
-Each section updates only its own key of the JSON file.
+Each section updates only its own key of the JSON file, and records the machine it ran on
+(threads, versions, load average during the section: benchmarks/machine.py) and every measured
+time.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import finish, machine_info, sample_load
 
 RESULTS = Path(__file__).parent / "results" / "bench_train.json"
 
@@ -107,6 +110,7 @@ def bench_loop() -> dict:
     from lmforge.data.collators import CausalLMCollator
 
     torch.set_num_threads(LOOP["threads"])
+    info = machine_info()
     rows, collate = _loop_rows(), CausalLMCollator(0)
     _bare_loop(rows, collate)  # warm up both paths once
     _lmforge_loop(rows, collate)
@@ -115,6 +119,7 @@ def bench_loop() -> dict:
         first, second = (_bare_loop, _lmforge_loop) if rep % 2 == 0 else (_lmforge_loop, _bare_loop)
         t1, t2 = first(rows, collate), second(rows, collate)
         (bare.append(t1), ours.append(t2)) if first is _bare_loop else (ours.append(t1), bare.append(t2))
+        sample_load(info)
         print(f"  rep {rep}: bare {bare[-1]:.2f}s  lmforge {ours[-1]:.2f}s  ratio {ours[-1] / bare[-1]:.3f} (CPU s)")
     ratios = [o / b for o, b in zip(ours, bare, strict=True)]
     result = {
@@ -122,7 +127,9 @@ def bench_loop() -> dict:
         "bare_s_median": statistics.median(bare), "lmforge_s_median": statistics.median(ours),
         "ratio_median": statistics.median(ratios), "ratios": ratios,
         "overhead_pct": 100 * (statistics.median(ratios) - 1),
-        "note": "interleaved repetitions in one process; the machine was shared with other jobs",
+        "runs": {"bare": len(bare), "lmforge": len(ours)}, "bare_s": bare, "lmforge_s": ours,
+        "note": "interleaved repetitions in one process, alternating which loop goes first",
+        "machine": finish(info),
     }
     print(f"loop: lmforge/bare median ratio {result['ratio_median']:.3f} "
           f"(overhead {result['overhead_pct']:+.1f}%, target <= +10%)")
@@ -175,7 +182,7 @@ def _lmforge_pipeline(ds, tokenizer) -> int:
     return int(out.with_format("numpy")[:]["attention_mask"].sum())
 
 
-def _time_tokenize_pack(docs: list[str], tokenizer) -> dict:
+def _time_tokenize_pack(docs: list[str], tokenizer, info: dict) -> dict:
     import datasets
 
     megabytes = sum(len(d.encode()) for d in docs) / 1e6
@@ -189,6 +196,7 @@ def _time_tokenize_pack(docs: list[str], tokenizer) -> dict:
             start = time.perf_counter()
             tokens[name] = runs[name](ds, tokenizer)
             seconds[name].append(time.perf_counter() - start)
+        sample_load(info)
         print(f"  {megabytes:.1f} MB rep {rep}: straightforward {seconds['straightforward'][-1]:.2f}s  "
               f"lmforge {seconds['lmforge'][-1]:.2f}s")
     med = {name: statistics.median(v) for name, v in seconds.items()}
@@ -198,7 +206,7 @@ def _time_tokenize_pack(docs: list[str], tokenizer) -> dict:
         "lmforge_mb_s_median": megabytes / med["lmforge"],
         "speedup_median": med["straightforward"] / med["lmforge"],
         # lmforge adds one EOS per document; the baseline tokens are the documents alone
-        "seconds": seconds, "tokens": tokens,
+        "runs": {name: len(v) for name, v in seconds.items()}, "seconds": seconds, "tokens": tokens,
     }
 
 
@@ -208,6 +216,7 @@ def bench_tokenize_pack() -> dict:
     from lmforge.tokenizers import train_tokenizer
 
     datasets.disable_progress_bars()
+    info = machine_info()
     docs = _pack_corpus()
     tokenizer = train_tokenizer("shakespeare", "bpe", PACK["vocab"], preset="gpt", show_progress=False)
     tokenizer.model_max_length = 10**9  # whole documents, no truncation warnings in the baseline
@@ -215,12 +224,13 @@ def bench_tokenize_pack() -> dict:
     half = len(docs) // 2
     result = {
         "setup": {**PACK, "tokenizer": "lmforge byte-level BPE (gpt preset) trained on the Shakespeare train split"},
-        "10mb": _time_tokenize_pack(docs, tokenizer),
-        "5mb_no_repeats": _time_tokenize_pack(docs[:half], tokenizer),
+        "10mb": _time_tokenize_pack(docs, tokenizer, info),
+        "5mb_no_repeats": _time_tokenize_pack(docs[:half], tokenizer, info),
         "note": "lmforge = build_lm_dataset (tokenize + pack into 512-token rows with document "
                 "positions; identical ids to the tokenizer); straightforward = "
                 "datasets.map(batched=True) tokenization only, no packing. Interleaved repetitions "
-                "in one process; the machine was shared with other jobs (load average ~7 on 2 cores).",
+                "in one process.",
+        "machine": finish(info),
     }
     for key in ("10mb", "5mb_no_repeats"):
         r = result[key]

@@ -18,8 +18,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lmforge.errors import LmforgeError
 
 ALGORITHMS = ("bpe", "wordpiece", "unigram")
@@ -67,29 +65,39 @@ def tokenizer_report_step(paths: dict[str, Path], texts: Any, label: str) -> lis
     return rows
 
 
+def model_tokenizer_path(out_dir: Path, vocab_size: int) -> Path:
+    return out_dir / f"bpe-{vocab_size}"
+
+
 def model_tokenizer_step(train_texts: Any, out_dir: Path, *, vocab_size: int, model_max_length: int) -> Path:
     """The byte-level BPE the model uses (train split only), sized for a small model."""
     from lmforge.tokenizers import train_tokenizer
 
-    path = out_dir / f"bpe-{vocab_size}"
+    path = model_tokenizer_path(out_dir, vocab_size)
     print(f"\ntraining the model's tokenizer: byte-level BPE (vocab {vocab_size}) -> {path}")
     train_tokenizer(train_texts, "bpe", vocab_size, model_max_length=model_max_length, output_dir=path,
                     overwrite=True, show_progress=False)
     return path
 
 
-def pretrain_step(config_path: Path, tokenizer: Path, out_dir: Path, *, minutes: float,
-                  threads: int | None, overwrite: bool = False) -> Any:
-    """Pretrain the small GPT of ``config_path`` for about ``minutes`` (a fresh run in ``out_dir``)."""
+def pretrain_config(config_path: Path, tokenizer: Path, out_dir: Path, *, minutes: float,
+                    threads: int | None, overwrite: bool = False, overrides: dict[str, Any] | None = None) -> Any:
+    """The pretraining configuration of the small GPT (``config_path`` plus the quickstart's
+    settings and ``overrides``, e.g. ``{"optim.lr": 1e-3}``), checked before anything is trained."""
     from lmforge.config import load_config
     from lmforge.train import PretrainConfig
+
+    overrides = {**(overrides or {}), "output_dir": str(out_dir), "overwrite": overwrite,
+                 "data.tokenizer": str(tokenizer), "train.max_minutes": minutes, "train.num_threads": threads}
+    return load_config(PretrainConfig, config_path, overrides)
+
+
+def pretrain_step(config: Any) -> Any:
+    """Pretrain the small GPT of ``config`` for about its ``train.max_minutes``."""
     from lmforge.train.pretrain import pretrain
 
-    overrides = {"output_dir": str(out_dir), "overwrite": overwrite, "data.tokenizer": str(tokenizer),
-                 "train.max_minutes": minutes, "train.num_threads": threads}
-    config = load_config(PretrainConfig, config_path, overrides)
-    print(f"\npretraining {config.model.preset} {config.model.overrides} for ~{minutes:g} min "
-          f"({threads or 'default'} thread(s)) -> {out_dir}")
+    print(f"\npretraining {config.model.preset} {config.model.overrides} for ~{config.train.max_minutes:g} min "
+          f"({config.train.num_threads or 'default'} thread(s)) -> {config.output_dir}")
     return pretrain(config)
 
 
@@ -217,25 +225,25 @@ def quickstart(
     if corpus not in BUILTIN_CORPORA:
         raise LmforgeError(f"quickstart runs on a built-in corpus ({', '.join(BUILTIN_CORPORA)}), got {corpus!r}")
     run_dir = choose_run_dir(run_dir, overwrite)
+    config_path = Path(pretrain_config) if pretrain_config else default_pretrain_config()
+    model_tok = model_tokenizer_path(run_dir / "tokenizers", model_vocab_size)
+    config = pretrain_config(config_path, model_tok, run_dir / "model", minutes=minutes, overwrite=overwrite,
+                             threads=threads if threads is not None else auto_threads())
     print(f"quickstart: everything goes to {run_dir}")
     fetch_step(corpus, cache_dir)
     train = load_corpus(corpus, "train", cache_dir=cache_dir)
     validation = load_corpus(corpus, "validation", cache_dir=cache_dir)
-    paths = tokenizers_step(train, Path(run_dir) / "tokenizers", vocab_size=vocab_size,
+    paths = tokenizers_step(train, run_dir / "tokenizers", vocab_size=vocab_size,
                             model_max_length=model_max_length)
     tokenizer_report_step(paths, validation, f"{corpus} validation (trained on {corpus} train)")
-
-    config_path = Path(pretrain_config) if pretrain_config else default_pretrain_config()
-    model_tok = model_tokenizer_step(train, run_dir / "tokenizers", vocab_size=model_vocab_size,
-                                     model_max_length=model_max_length)
-    result = pretrain_step(config_path, model_tok, run_dir / "model", minutes=minutes,
-                           threads=threads if threads is not None else auto_threads(), overwrite=overwrite)
+    model_tokenizer_step(train, run_dir / "tokenizers", vocab_size=model_vocab_size,
+                         model_max_length=model_max_length)
+    result = pretrain_step(config)
     if result.final_dir is None:
         print(f"pretraining stopped early ({result.train.status}); resume it with: lmforge pretrain "
               f"--config {result.run_dir / 'config.yaml'} --resume auto")
         return result.train.exit_code or 1
-    block_size = int(yaml.safe_load((result.run_dir / "config.yaml").read_text())["data"]["block_size"])
-    heldout_step(result.final_dir, corpus, "test", block_size=block_size, cache_dir=cache_dir)
+    heldout_step(result.final_dir, corpus, "test", block_size=config.data.block_size, cache_dir=cache_dir)
     generate_step(result.final_dir, prompt)
     where_step(result.final_dir)
     return 0
