@@ -46,10 +46,11 @@ def model_tokenizer(run_dir: Path, vocab_size: int) -> Path:
 def pretrain(run_dir: Path, tokenizer: Path, *, minutes: float, threads: int | None,
              overrides: dict[str, Any] | None = None) -> Any:
     """Quickstart step 5: pretrain for ``minutes``; evaluates on the validation split only."""
-    from lmforge.quickstart import pretrain_config, pretrain_step
+    from lmforge.quickstart import build_pretrain_config, pretrain_step
 
-    return pretrain_step(pretrain_config(CONFIG, tokenizer, run_dir / "model", minutes=minutes, threads=threads,
-                                         overwrite=True, overrides=overrides))
+    config = build_pretrain_config(CONFIG, tokenizer, run_dir / "model", minutes=minutes, threads=threads,
+                                   overwrite=True, overrides=overrides)
+    return pretrain_step(config)
 
 
 def validation_curve(metrics: list[dict]) -> list[dict]:

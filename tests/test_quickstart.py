@@ -35,3 +35,20 @@ def test_explicit_run_dir_with_files_needs_overwrite(tmp_path, capsys):
     assert main(["quickstart", "--run-dir", str(run), "--minutes", "0.01"]) == 2
     assert "already holds files" in capsys.readouterr().err
     assert (run / "model" / "config.yaml").read_text() == "kept\n"
+
+
+def test_quickstart_end_to_end_on_shakespeare(tmp_path, capsys):
+    """The README's main command with a few seconds of pretraining: tokenizers, table, model,
+    held-out test figure, sample, and the loading snippet; a second run keeps the first."""
+    run = tmp_path / "qs"
+    args = ["quickstart", "--run-dir", str(run), "--minutes", "0.05", "--vocab-size", "1000",
+            "--model-vocab-size", "512"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "Tokenizers measured on shakespeare validation" in out and "held-out test plays" in out
+    assert "AutoModelForCausalLM.from_pretrained" in out
+    final = run / "model" / "final"
+    assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
+    before = (final / "model.safetensors").read_bytes()
+    assert main(args) == 2  # the explicit folder holds the first run: refused, kept
+    assert (final / "model.safetensors").read_bytes() == before

@@ -80,7 +80,7 @@ def model_tokenizer_step(train_texts: Any, out_dir: Path, *, vocab_size: int, mo
     return path
 
 
-def pretrain_config(config_path: Path, tokenizer: Path, out_dir: Path, *, minutes: float,
+def build_pretrain_config(config_path: Path, tokenizer: Path, out_dir: Path, *, minutes: float,
                     threads: int | None, overwrite: bool = False, overrides: dict[str, Any] | None = None) -> Any:
     """The pretraining configuration of the small GPT (``config_path`` plus the quickstart's
     settings and ``overrides``, e.g. ``{"optim.lr": 1e-3}``), checked before anything is trained."""
@@ -227,8 +227,8 @@ def quickstart(
     run_dir = choose_run_dir(run_dir, overwrite)
     config_path = Path(pretrain_config) if pretrain_config else default_pretrain_config()
     model_tok = model_tokenizer_path(run_dir / "tokenizers", model_vocab_size)
-    config = pretrain_config(config_path, model_tok, run_dir / "model", minutes=minutes, overwrite=overwrite,
-                             threads=threads if threads is not None else auto_threads())
+    config = build_pretrain_config(config_path, model_tok, run_dir / "model", minutes=minutes, overwrite=overwrite,
+                                   threads=threads if threads is not None else auto_threads())
     print(f"quickstart: everything goes to {run_dir}")
     fetch_step(corpus, cache_dir)
     train = load_corpus(corpus, "train", cache_dir=cache_dir)
