@@ -105,10 +105,10 @@ def _to_chunks(v: torch.Tensor, k: int, t: int) -> torch.Tensor:
 
 
 def _from_chunks(v: torch.Tensor, batch: int, length: int) -> torch.Tensor:
-    """(T, B * K, ...) -> (B, L, ...), dropping the padding."""
+    """(T, B * K, ...) -> (B, L, ...), contiguous, dropping the padding."""
     t, p = v.shape[:2]
     v = v.reshape(t, batch, p // batch, *v.shape[2:]).movedim(0, 2)  # (B, K, T, ...)
-    return v.reshape(batch, p // batch * t, *v.shape[3:])[:, :length]
+    return v.reshape(batch, p // batch * t, *v.shape[3:])[:, :length].contiguous()
 
 
 class _Chunks:
@@ -133,6 +133,7 @@ class _Chunks:
         self._a = self.x.new_empty(self.s, p, d, n)  # decays of a block
         self._u = self.x.new_empty(self.s, p, d, n)  # inputs, then states of a block
         self._g: torch.Tensor | None = None  # adjoints of a block (backward only)
+        self.ones = self.x.new_ones(max(self.s * p, n))  # sums as matrix products
 
     def blocks(self) -> list[tuple[int, int]]:
         """[lo, hi) step ranges of the blocks that are vectorised together."""
@@ -248,16 +249,15 @@ def _contract_d(v: torch.Tensor, states: torch.Tensor, out: torch.Tensor) -> tor
     return torch.bmm(v.view(s * p, 1, d), states.view(s * p, d, n), out=out.view(s * p, 1, n))
 
 
-def _decay_grads(q: torch.Tensor, A: torch.Tensor, dt_t: torch.Tensor, ddt_t: torch.Tensor, dA: torch.Tensor):
-    """From q = dL/d(dt * A) (S, P, D, N): ddt_t (D, S*P) <- sum_n A q, and dA (D, N) += sum dt q.
+def _decay_grads(q: torch.Tensor, ch: _Chunks, lo: int, hi: int, ddt: torch.Tensor, dA: torch.Tensor):
+    """From q = dL/d(dt * A) (S, P, D, N) of steps lo..hi-1: ddt (S, P, D) <- sum_n A q, dA (D, N) += sum dt q.
 
-    Channel-major (dt_t is dt transposed, (D, S*P)) so that both are batched products over
-    channels that read q in place.
+    Both reductions are matrix products with a vector of ones; the block buffers hold the products.
     """
     s, p, d, n = q.shape
-    qd = q.view(s * p, d, n).transpose(0, 1)  # (D, S*P, N)
-    ddt_t.copy_(torch.bmm(A[:, None, :], qd.transpose(1, 2))[:, 0])  # (D, 1, N) @ (D, N, S*P)
-    dA.add_(torch.bmm(dt_t[:, None, :], qd)[:, 0])  # (D, 1, S*P) @ (D, S*P, N)
+    torch.mv(torch.mul(q, ch.A, out=ch._a[:s]).view(-1, n), ch.ones[:n], out=ddt.view(-1))
+    qdt = torch.mul(q, ch.dt[lo:hi, :, :, None], out=ch._u[:s]).view(s * p, d * n)
+    dA.view(1, -1).addmm_(ch.ones[None, : s * p], qdt)
 
 
 def _chunk_backward(ch: _Chunks, gy: torch.Tensor, states_at: torch.Tensor, ends: torch.Tensor):
@@ -267,10 +267,7 @@ def _chunk_backward(ch: _Chunks, gy: torch.Tensor, states_at: torch.Tensor, ends
     the adjoint recurrence through them and forms the gradients with batched products. Returns
     dx, ddt, dB, dC (chunked), dA, and the adjoint leaving each chunk through its first step.
     """
-    t, p, d = ch.x.shape
-    ddtx, dB, dC = torch.empty_like(ch.x), torch.empty_like(ch.B), torch.empty_like(ch.C)
-    dt_t = ch.dt.view(t * p, d).T.contiguous()  # (D, T*P), channel-major
-    ddt_t = torch.empty_like(dt_t)  # the part of dL/d(dt) through the decays, channel-major
+    ddtx, ddt, dB, dC = (torch.empty_like(v) for v in (ch.x, ch.x, ch.B, ch.C))
     dA = torch.zeros_like(ch.A)
     carry = ends
     for i, (lo, hi) in reversed(list(enumerate(ch.blocks()))):
@@ -284,9 +281,9 @@ def _chunk_backward(ch: _Chunks, gy: torch.Tensor, states_at: torch.Tensor, ends
         carry = q[0].clone()
         q[1:].mul_(states[:-1])
         q[0].mul_(states_at[i])  # q_t = dL/d(dt_t * A) = lambda_t * a_t * h_{t-1}
-        _decay_grads(q, ch.A, dt_t[:, lo * p : hi * p], ddt_t[:, lo * p : hi * p], dA)
+        _decay_grads(q, ch, lo, hi, ddt[lo:hi], dA)  # a and the states are not needed any more
     dx = ddtx * ch.dt
-    ddt = ddt_t.T.reshape(t, p, d).addcmul_(ddtx, ch.x)
+    ddt.addcmul_(ddtx, ch.x)
     return dx, ddt, dB, dC, dA, carry
 
 
