@@ -18,6 +18,9 @@ in (S, P, D, N) buffers that are allocated once and reused. The (B, L, D, N) sta
 never built: the forward keeps the state at each block start, (T / S + 1) x (P, D, N); the
 backward (a custom autograd Function) recomputes one block of states at a time from them, runs
 the adjoint recurrence backwards through it and reduces the gradients with batched products.
+(Mamba-2's chunked "SSD" form, which turns a chunk into (T, T) matrix products, needs one decay
+per head; Mamba-1 has one per (channel, state) pair, where that form costs T/2 times the exps or
+factors exp(+x) that overflow. The reductions over D, N and time are the matrix products here.)
 
 Chunks (K > 1) are for narrow scans, where one step's (B, D, N) tensor is too small for an
 operation on it to be efficient: the sequence is cut into K chunks scanned side by side. The
