@@ -507,6 +507,37 @@ def _mamba_train(args, info: dict) -> dict:
             "vs_transformers_sequential": slow, "step_peak_rss_mb": peak, "pscan_calls_per_forward": pscan_calls}
 
 
+def _mamba_scan(args) -> dict:
+    """The selective scan alone, forward + backward at the train step's size (B8, L256, D512, N16):
+    lmforge's ``selective_scan`` vs transformers' ``mamba_selective_scan`` on mambapy's path (both
+    from softplus-ed time steps, without the D skip and the gate)."""
+    from transformers.models.mamba.modeling_mamba import mamba_selective_scan
+
+    from lmforge.models.mamba_scan import selective_scan
+
+    b, length, d, n = 8, 256, 2 * MAMBA_BENCH["hidden_size"], MAMBA_BENCH["state_size"]
+    g = torch.Generator().manual_seed(0)
+    x, gy = torch.randn(b, length, d, generator=g), torch.randn(b, length, d, generator=g)
+    dt = torch.nn.functional.softplus(torch.randn(b, length, d, generator=g) - 4.0)
+    A = -torch.arange(1.0, n + 1).expand(d, n)  # the S4D-real initialisation
+    B, C = torch.randn(b, length, n, generator=g), torch.randn(b, length, n, generator=g)
+
+    def ours():
+        leaves = [v.clone().requires_grad_() for v in (x, dt, A, B, C)]
+        selective_scan(*leaves)[0].backward(gy)
+
+    def theirs():  # transformers' layout: (B, D, L) and (B, N, L)
+        leaves = [v.clone().requires_grad_() for v in (x, dt, A, B, C)]
+        xt, dtt, a, bt, ct = (v.transpose(1, 2) if v.dim() == 3 else v for v in leaves)
+        mamba_selective_scan(xt, dtt, a, bt, ct, use_mambapy=True).transpose(1, 2).backward(gy)
+
+    times = interleaved({"lmforge": ours, "transformers_mambapy": theirs}, reps=3 if args.quick else 9, warmup=1)
+    result = report("Mamba selective scan alone, forward + backward", times, "lmforge", "transformers_mambapy")
+    result["reps_per_side"] = {name: len(ts) for name, ts in times.items()}
+    result["shape_b_l_d_n"] = [b, length, d, n]
+    return result
+
+
 def _mamba_decode_step(model, cache, token):
     def run():
         with torch.no_grad():
@@ -592,7 +623,7 @@ def _mamba_prefill_generate(args) -> dict:
 
 def bench_mamba(args) -> dict:
     """lmforge Mamba vs transformers MambaForCausalLM (mambapy scan, then sequential): train step +
-    memory, prefill + generate, and lmforge's decode latency against context length.
+    memory, prefill + generate, the scan alone, and lmforge's decode latency against context length.
 
     Batch-1 decoding is many tiny ops: it runs single-threaded (on a shared 2-core machine, OpenMP
     threads spinning on tiny ops dominate otherwise); the training step uses the default threads,
@@ -603,6 +634,8 @@ def bench_mamba(args) -> dict:
     torch.set_num_threads(1)
     try:
         results = {"config": MAMBA_BENCH, "decode_threads": 1, "prefill_generate_256": _mamba_prefill_generate(args)}
+        sample_load(info)
+        results["scan_1_thread"] = _mamba_scan(args)
         sample_load(info)
         results["decode"] = _mamba_decode(args)
         sample_load(info)
