@@ -453,7 +453,8 @@ def _mamba_row(title: str, steps: dict, ours: str, ref: str, reps: int, warm: tu
     """Interleave ``steps`` ``reps`` times each after one untimed run of those in ``warm``.
 
     Wall times are the measure (``report``); the process CPU times of the same runs are recorded
-    beside them (steadier when other jobs share the machine), and the real count of runs per side.
+    beside them (with one thread, steadier than wall time when other jobs share the machine; with
+    more, they include OpenMP threads spinning), and the real count of runs per side.
     """
     for name in warm:
         steps[name]()
