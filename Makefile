@@ -4,6 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.lmforge-installed
+BENCH_STAMP := $(VENV)/.lmforge-bench-installed
 
 .PHONY: setup data quickstart test bench lint clean
 
@@ -33,7 +34,12 @@ quickstart: setup
 test: setup
 	$(PY) -m pytest -q
 
-bench: setup
+# the benchmarks' references need the [bench] extra (mambapy for transformers' fast Mamba path)
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	touch $@
+
+bench: setup $(BENCH_STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 lint: $(STAMP)

@@ -13,6 +13,7 @@ below (use ``interleaved`` and ``report``) and add it to ``FAMILIES``.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import platform
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from machine import finish, machine_info, sample_load  # benchmarks/machine.py, beside this file
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -343,6 +345,11 @@ def bench_bert(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------- Mamba
+# The references are transformers' MambaForCausalLM on the same weights, on its fastest stock CPU
+# path first: ``use_mambapy=True`` with the ``mambapy`` package installed (mambapy's parallel scan
+# over the materialised (B, D, L, N) tensors; pip install "lmforge[bench]"). Its default
+# sequential loop (``use_mambapy=False``, close to a minute per training step here) is the second
+# row, with fewer repetitions. Every row records the repetitions each side really ran.
 
 MAMBA_BENCH = dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, state_size=16, expand=2,
                    pad_token_id=0, bos_token_id=None, eos_token_id=None)
@@ -350,21 +357,56 @@ MAMBA_BENCH = dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, state_
 MAMBA_GPT_PEER = dict(vocab_size=8192, hidden_size=256, intermediate_size=344, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
                       tie_word_embeddings=True, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+MAMBA_KINDS = ("lmforge", "transformers_mambapy", "transformers_sequential")
 
 
-def _mamba_pair(seed: int = 0):
-    """(lmforge MambaForCausalLM, transformers MambaForCausalLM(use_mambapy=False)), same weights."""
+def _mamba_models(seed: int = 0) -> dict[str, torch.nn.Module]:
+    """lmforge MambaForCausalLM and transformers' MambaForCausalLM with mambapy's scan and with its
+    sequential loop, all three with the same weights (fp32), keyed by ``MAMBA_KINDS``."""
+    from transformers.utils.import_utils import is_mambapy_available
+
     from lmforge.models import MambaConfig, MambaForCausalLM
     from lmforge.models.convert import to_hf
 
+    if not is_mambapy_available():
+        raise SystemExit("bench_models --family mamba: the reference needs mambapy (pip install 'lmforge[bench]')")
     torch.manual_seed(seed)
     ours = MambaForCausalLM(MambaConfig(**MAMBA_BENCH))
-    ref = to_hf(ours)
-    assert not ref.config.use_mambapy
-    for model in (ours, ref):
+    sequential = to_hf(ours)
+    assert not sequential.config.use_mambapy
+    config = copy.deepcopy(sequential.config)
+    config.use_mambapy = True
+    mambapy = type(sequential)(config)
+    mambapy.load_state_dict(sequential.state_dict())
+    models = dict(zip(MAMBA_KINDS, (ours, mambapy, sequential), strict=True))
+    for model in models.values():
         model.generation_config.eos_token_id = None
         model.generation_config.pad_token_id = 0
-    return ours, ref
+    return models
+
+
+def _mamba_pscan_calls(model, ids) -> int:
+    """Calls of mambapy's parallel scan during one forward of ``model`` (transformers imports
+    ``mambapy.pscan.pscan`` on every call of its scan, so a wrapper there sees them)."""
+    import mambapy.pscan
+
+    original, calls = mambapy.pscan.pscan, []
+    mambapy.pscan.pscan = lambda *a: calls.append(1) or original(*a)
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        mambapy.pscan.pscan = original
+    return len(calls)
+
+
+def _mamba_check_paths(models: dict, ids) -> dict[str, int]:
+    """Fail unless the mambapy reference runs mambapy's scan in every layer and the sequential one never."""
+    calls = {name: _mamba_pscan_calls(models[name], ids) for name in MAMBA_KINDS[1:]}
+    want = {"transformers_mambapy": MAMBA_BENCH["num_hidden_layers"], "transformers_sequential": 0}
+    if calls != want:
+        raise SystemExit(f"mambapy scan calls per forward: {calls}, expected {want}")
+    return calls
 
 
 def _mamba_train_step(model, ids):
@@ -376,10 +418,8 @@ def _mamba_train_step(model, ids):
 
 
 def _mamba_train_memory_probe(kind: str) -> None:
-    """Child process: peak RSS added by one training step of ``kind`` (lmforge or transformers), JSON."""
-    ours, ref = _mamba_pair()
-    model = (ours if kind == "lmforge" else ref).train()
-    del ours, ref
+    """Child process: peak RSS added by one training step of ``kind`` (one of MAMBA_KINDS), JSON."""
+    model = _mamba_models()[kind].train()
     ids = torch.randint(0, 8192, (8, 256), generator=torch.Generator().manual_seed(0))
     gc.collect()
     if not reset_peak_rss():
@@ -396,26 +436,103 @@ def _mamba_child(fn: str, *args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _mamba_train(args) -> dict:
-    """Training step fp32 B8 T256: lmforge (chunked scan) vs transformers' CPU path (~50 s/step)."""
-    ours, ref = _mamba_pair()
-    ours.train()
-    ref.train()
+def _with_cpu_time(fn: Callable[[], object], sink: list[float]) -> Callable[[], None]:
+    """``fn`` that also appends its process CPU time (all threads) to ``sink``."""
+    def run():
+        start = time.process_time()
+        fn()
+        sink.append(time.process_time() - start)
+
+    return run
+
+
+def _mamba_row(title: str, steps: dict, ours: str, ref: str, reps: int, warm: tuple[str, ...]) -> dict:
+    """Interleave ``steps`` ``reps`` times each after one untimed run of those in ``warm``.
+
+    Wall times are the measure (``report``); the process CPU times of the same runs are recorded
+    beside them (with one thread, steadier than wall time when other jobs share the machine; with
+    more, they include OpenMP threads spinning), and the real count of runs per side.
+    """
+    for name in warm:
+        steps[name]()
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    wall = interleaved({name: _with_cpu_time(fn, cpu[name]) for name, fn in steps.items()}, reps=reps, warmup=0)
+    row = report(title, wall, ours, ref, unit_work=8 * 256, unit="tok")
+    row["reps_per_side"] = {name: len(ts) for name, ts in wall.items()}
+    row["warm_up_runs"] = {name: int(name in warm) for name in steps}
+    row["paired_speedup"] = _paired_ratios(wall, ref)[ours]
+    row["cpu_s"] = cpu
+    row["cpu_median_s"] = {name: statistics.median(ts) for name, ts in cpu.items()}
+    row["cpu_speedup"] = row["cpu_median_s"][ref] / row["cpu_median_s"][ours]
+    print(f"  median of paired ratios {row['paired_speedup']:.3f}x; process CPU time "
+          + ", ".join(f"{name} {t:.3f} s" for name, t in row["cpu_median_s"].items())
+          + f" ({row['cpu_speedup']:.3f}x)", flush=True)
+    return row
+
+
+def _mamba_train(args, info: dict) -> dict:
+    """Training step (forward + backward, fp32, B8 T256): lmforge against both transformers paths."""
+    models = {name: model.train() for name, model in _mamba_models().items()}
     ids = torch.randint(0, 8192, (8, 256), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():  # same function before timing it
-        torch.testing.assert_close(ours(ids, labels=ids).loss, ref(ids, labels=ids).loss, atol=1e-4, rtol=0)
-    steps = {"lmforge": _mamba_train_step(ours, ids), "transformers": _mamba_train_step(ref, ids)}
-    steps["lmforge"]()  # warm-up for lmforge only: one reference step takes ~50 s
-    reps = 1 if args.quick else 2
-    times = interleaved(steps, reps=reps, warmup=0)
-    times["lmforge"] += interleaved({"lmforge": steps["lmforge"]}, reps=4 if args.quick else 8, warmup=0)["lmforge"]
-    times["transformers"] = times["transformers"] * (len(times["lmforge"]) // len(times["transformers"]))
-    result = report("Mamba train step B8 T256", times, "lmforge", "transformers", unit_work=8 * 256, unit="tok")
-    result["note"] = (f"{reps} transformers reps interleaved with lmforge reps, then more lmforge reps; "
-                      "transformers times repeated to equal counts for the median")
-    result["step_peak_rss_mb"] = {kind: _mamba_child("_mamba_train_memory_probe", kind)["step_peak_mb"]
-                                  for kind in ("lmforge", "transformers")}
-    print(f"  peak RSS added by one step: {result['step_peak_rss_mb']}", flush=True)
+    pscan_calls = _mamba_check_paths(models, ids)
+    with torch.no_grad():  # the same function before timing it
+        want = models["lmforge"](ids, labels=ids).loss
+        for name in MAMBA_KINDS[1:]:
+            torch.testing.assert_close(models[name](ids, labels=ids).loss, want, atol=1e-4, rtol=0)
+    steps = {name: _mamba_train_step(model, ids) for name, model in models.items()}
+    fast = _mamba_row("Mamba train step B8 T256, vs transformers + mambapy",
+                      {name: steps[name] for name in MAMBA_KINDS[:2]}, "lmforge", "transformers_mambapy",
+                      reps=3 if args.quick else 10, warm=MAMBA_KINDS[:2])
+    sample_load(info)
+    # one thread: no OpenMP fork/join per operation, so this row holds up when other jobs load the machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fast_1 = _mamba_row("Mamba train step B8 T256, vs transformers + mambapy, 1 thread",
+                            {name: steps[name] for name in MAMBA_KINDS[:2]}, "lmforge", "transformers_mambapy",
+                            reps=2 if args.quick else 6, warm=MAMBA_KINDS[:2])
+    finally:
+        torch.set_num_threads(threads)
+    sample_load(info)
+    # the sequential path takes close to a minute a step: fewer reps, no warm-up run of it
+    slow = _mamba_row("Mamba train step B8 T256, vs transformers sequential",
+                      {name: steps[name] for name in MAMBA_KINDS[::2]}, "lmforge", "transformers_sequential",
+                      reps=1 if args.quick else 2, warm=())
+    sample_load(info)
+    peak = {kind: _mamba_child("_mamba_train_memory_probe", kind)["step_peak_mb"] for kind in MAMBA_KINDS}
+    print(f"  peak RSS added by one step (MB): {peak}", flush=True)
+    return {"threads": threads, "vs_transformers_mambapy": fast, "vs_transformers_mambapy_1_thread": fast_1,
+            "vs_transformers_sequential": slow, "step_peak_rss_mb": peak, "pscan_calls_per_forward": pscan_calls}
+
+
+def _mamba_scan(args) -> dict:
+    """The selective scan alone, forward + backward at the train step's size (B8, L256, D512, N16):
+    lmforge's ``selective_scan`` vs transformers' ``mamba_selective_scan`` on mambapy's path (both
+    from softplus-ed time steps, without the D skip and the gate)."""
+    from transformers.models.mamba.modeling_mamba import mamba_selective_scan
+
+    from lmforge.models.mamba_scan import selective_scan
+
+    b, length, d, n = 8, 256, 2 * MAMBA_BENCH["hidden_size"], MAMBA_BENCH["state_size"]
+    g = torch.Generator().manual_seed(0)
+    x, gy = torch.randn(b, length, d, generator=g), torch.randn(b, length, d, generator=g)
+    dt = torch.nn.functional.softplus(torch.randn(b, length, d, generator=g) - 4.0)
+    A = -torch.arange(1.0, n + 1).expand(d, n)  # the S4D-real initialisation
+    B, C = torch.randn(b, length, n, generator=g), torch.randn(b, length, n, generator=g)
+
+    def ours():
+        leaves = [v.clone().requires_grad_() for v in (x, dt, A, B, C)]
+        selective_scan(*leaves)[0].backward(gy)
+
+    def theirs():  # transformers' layout: (B, D, L) and (B, N, L)
+        leaves = [v.clone().requires_grad_() for v in (x, dt, A, B, C)]
+        xt, dtt, a, bt, ct = (v.transpose(1, 2) if v.dim() == 3 else v for v in leaves)
+        mamba_selective_scan(xt, dtt, a, bt, ct, use_mambapy=True).transpose(1, 2).backward(gy)
+
+    times = interleaved({"lmforge": ours, "transformers_mambapy": theirs}, reps=3 if args.quick else 9, warmup=1)
+    result = report("Mamba selective scan alone, forward + backward", times, "lmforge", "transformers_mambapy")
+    result["reps_per_side"] = {name: len(ts) for name, ts in times.items()}
+    result["shape_b_l_d_n"] = [b, length, d, n]
     return result
 
 
@@ -434,8 +551,7 @@ def _mamba_cache_bytes(cache) -> int:
 
 def _mamba_decode(args) -> dict:
     """Per-token decode latency after a 64- vs 4096-token prompt; state size and RSS along a long decode."""
-    ours, _ = _mamba_pair()
-    ours.eval()
+    ours = _mamba_models()["lmforge"].eval()
     runs, sizes = {}, {}
     for ctx in (64, 4096):
         prompt = torch.randint(1, 8192, (1, ctx), generator=torch.Generator().manual_seed(ctx))
@@ -459,7 +575,7 @@ def _mamba_decode(args) -> dict:
             out = ours(out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True)
             if (i + 1) % 512 == 0:
                 gc.collect()
-                samples.append((i + 1, int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20))
+                samples.append((i + 1, _rss_mb()))
     result["rss_mb_along_decode"] = samples
     print(f"  state bytes after ctx 64 / 4096: {sizes[64]} / {sizes[4096]}; RSS (step, MB) along a 2048-token "
           f"decode: {', '.join(f'{s}:{r:.1f}' for s, r in samples)}", flush=True)
@@ -477,41 +593,56 @@ def _mamba_generate(model, prompt, new_tokens: int):
 
 
 def _mamba_prefill_generate(args) -> dict:
-    """Prefill 256 + greedy-generate 256 tokens: lmforge Mamba vs transformers Mamba vs lmforge GPT."""
+    """Prefill 256 + greedy-generate 256 tokens: lmforge Mamba vs both transformers paths vs lmforge GPT."""
     from lmforge.models import GPTConfig, GPTForCausalLM
 
-    ours, ref = _mamba_pair()
+    mambas = {name: model.eval() for name, model in _mamba_models().items()}
     torch.manual_seed(0)
     gpt = GPTForCausalLM(GPTConfig(**MAMBA_GPT_PEER))
     gpt.generation_config.eos_token_id, gpt.generation_config.pad_token_id = None, 0
-    models = {"lmforge_mamba": ours.eval(), "transformers_mamba": ref.eval(), "lmforge_gpt": gpt.eval()}
+    models = {**mambas, "lmforge_gpt": gpt.eval()}
     prompt = torch.randint(1, 8192, (1, 256), generator=torch.Generator().manual_seed(3))
-    assert torch.equal(_mamba_generate(ours, prompt, 16)(), _mamba_generate(ref, prompt, 16)())
+    want = _mamba_generate(mambas["lmforge"], prompt, 16)()
+    for name in MAMBA_KINDS[1:]:
+        assert torch.equal(_mamba_generate(mambas[name], prompt, 16)(), want), name
     gens = {name: _mamba_generate(m, prompt, 256) for name, m in models.items()}
     times = interleaved(gens, reps=3 if args.quick else 7, warmup=1)
-    result = report("Prefill 256 + generate 256", times, "lmforge_mamba", "transformers_mamba",
+    result = report("Prefill 256 + generate 256", times, "lmforge", "transformers_mambapy",
                     unit_work=256, unit="new tok")
-    result["vs_lmforge_gpt"] = result["median_s"]["lmforge_gpt"] / result["median_s"]["lmforge_mamba"]
+    result["reps_per_side"] = {name: len(ts) for name, ts in times.items()}
+    med = result["median_s"]
+    result["vs_transformers_sequential"] = med["transformers_sequential"] / med["lmforge"]
+    result["vs_lmforge_gpt"] = med["lmforge_gpt"] / med["lmforge"]
     result["params"] = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
-    print(f"  lmforge Mamba vs lmforge GPT ({result['params']}): {result['vs_lmforge_gpt']:.3f}x", flush=True)
+    print(f"  lmforge Mamba vs transformers sequential {result['vs_transformers_sequential']:.3f}x, "
+          f"vs lmforge GPT ({result['params']}) {result['vs_lmforge_gpt']:.3f}x", flush=True)
     return result
 
 
 def bench_mamba(args) -> dict:
-    """lmforge Mamba vs transformers MambaForCausalLM: train step + memory, decode latency, generate.
+    """lmforge Mamba vs transformers MambaForCausalLM (mambapy scan, then sequential): train step +
+    memory, prefill + generate, the scan alone, and lmforge's decode latency against context length.
 
     Batch-1 decoding is many tiny ops: it runs single-threaded (on a shared 2-core machine, OpenMP
-    threads spinning on tiny ops dominate otherwise); the training step uses the default threads.
+    threads spinning on tiny ops dominate otherwise); the training step uses the default threads,
+    then one thread. The machine, thread counts and the load average seen go into the results.
     """
+    info = machine_info()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        results = {"config": MAMBA_BENCH, "decode_threads": 1,
-                   "prefill_generate_256": _mamba_prefill_generate(args), "decode": _mamba_decode(args)}
+        results = {"config": MAMBA_BENCH, "decode_threads": 1, "prefill_generate_256": _mamba_prefill_generate(args)}
+        sample_load(info)
+        results["scan_1_thread"] = _mamba_scan(args)
+        sample_load(info)
+        results["decode"] = _mamba_decode(args)
+        sample_load(info)
     finally:
         torch.set_num_threads(threads)
-    results["train_step"] = _mamba_train(args)
-    results["train_threads"] = threads
+    results["train_step"] = _mamba_train(args, info)
+    results["machine"] = finish(info)
+    print(f"  load average (1 min) at start {info['load_average_start'][0]:.2f}, highest seen "
+          f"{info['load_average_max_1min']:.2f}, at end {info['load_average_end'][0]:.2f}", flush=True)
     return results
 
 

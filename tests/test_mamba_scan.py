@@ -6,6 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmforge.models.mamba_scan import (
+    STEP_ELEMENTS,
+    default_chunk_size,
     selective_scan,
     selective_scan_ref,
     selective_state_step,
@@ -16,12 +18,12 @@ from tests.torch_threads import single_thread  # noqa: F401
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _inputs(b, length, d, n, *, dtype=torch.float64, h0=False, seed=0):
+def _inputs(b, length, d, n, *, dtype=torch.float64, h0=False, seed=0, decay_scale=1.0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, length, d, generator=g, dtype=dtype)
     # time steps as after softplus, spanning slow and fast decay
     dt = torch.nn.functional.softplus(torch.randn(b, length, d, generator=g, dtype=dtype) * 1.5 - 1.5)
-    A = -torch.exp(torch.randn(d, n, generator=g, dtype=dtype))
+    A = -torch.exp(torch.randn(d, n, generator=g, dtype=dtype)) * decay_scale
     B = torch.randn(b, length, n, generator=g, dtype=dtype)
     C = torch.randn(b, length, n, generator=g, dtype=dtype)
     state = torch.randn(b, d, n, generator=g, dtype=dtype) if h0 else None
@@ -56,10 +58,13 @@ def _assert_close(got, want, atol, rtol=0.0):
     [
         (2, 37, 5, 3, 8, 3, False, False),  # chunk does not divide L, block does not divide chunk
         (2, 40, 4, 4, 8, 8, True, False),  # chunk divides L, initial state
-        (1, 16, 3, 2, 64, 8, True, True),  # one chunk longer than L
+        (1, 16, 3, 2, 64, 8, True, True),  # chunk size above L: one chunk
+        (2, 37, 5, 3, 37, 8, True, True),  # one chunk, block does not divide L
         (3, 50, 6, 4, 1, 1, True, True),  # chunk of one step
         (2, 65, 3, 2, None, 8, False, True),  # default chunk size
-        (1, 700, 4, 3, None, 8, True, True),  # long sequence
+        (1, 700, 4, 3, None, 8, True, True),  # long sequence, default chunks (44 of 16 steps)
+        (2, 1, 3, 2, None, 8, True, True),  # one step (reset at 0 ignores h0)
+        (3, 1, 4, 5, 4, 8, False, False),  # one step, no state
     ],
 )
 def test_chunked_scan_equals_reference_float64(b, length, d, n, chunk, block, h0, resets):
@@ -81,6 +86,18 @@ def test_chunked_scan_random_shapes(b, length, d, n, chunk, block, h0, p_reset):
     want = _values_and_grads(selective_scan_ref, args, reset, seed=2)
     got = _values_and_grads(selective_scan, args, reset, seed=2, chunk_size=chunk, block=block)
     _assert_close(got, want, atol=1e-10)
+
+
+def test_scan_gradients_pass_gradcheck():
+    """Finite differences against the hand-written backward, every input, chunks and one chunk."""
+    for chunk, block in ((3, 2), (None, 8)):
+        x, dt, A, B, C, h0 = _inputs(2, 11, 3, 2, h0=True, seed=chunk or 0)
+        reset = _random_reset(2, 11, 0.15, seed=4)
+
+        def f(x, dt, A, B, C, h0, chunk=chunk, block=block, reset=reset):
+            return selective_scan(x, dt, A, B, C, h0=h0, reset=reset, chunk_size=chunk, block=block)
+
+        assert torch.autograd.gradcheck(f, (x, dt, A, B, C, h0), eps=1e-6, atol=1e-7)
 
 
 def test_float32_scan_close_to_float64_reference():
@@ -111,3 +128,35 @@ def test_state_step_continues_the_scan():
         _, h = selective_scan(x[:, :8], dt[:, :8], A, B[:, :8], C[:, :8], h0=h0)
         y, h = selective_state_step(h, x[:, 8], dt[:, 8], A, B[:, 8], C[:, 8])
     assert torch.allclose(y, y_all[:, 8], atol=1e-12) and torch.allclose(h, h_all, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_float32_strong_decay_stays_finite_and_close(chunk):
+    """dt * |A| up to ~100 per step: every exponent is <= 0, nothing overflows."""
+    args64 = _inputs(2, 96, 8, 16, h0=True, seed=8, decay_scale=20.0)
+    args32 = [a.detach().float().requires_grad_() for a in args64]
+    want = _values_and_grads(selective_scan_ref, args64, None, seed=4)
+    got = _values_and_grads(selective_scan, args32, None, seed=4, chunk_size=chunk)
+    assert all(torch.isfinite(v).all() for v in got)
+    _assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_default_chunking_keeps_steps_wide():
+    """One chunk when a step is wide enough; otherwise chunks side by side, each >= 16 steps."""
+    assert default_chunk_size(256, 8 * 512 * 16) == 256
+    assert default_chunk_size(2048, 512 * 16) == 2048 // (STEP_ELEMENTS // (512 * 16))
+    assert default_chunk_size(40, 1) == 20  # 2 chunks: not shorter than 16 steps
+    assert default_chunk_size(1, 1) == 1
+
+
+def test_backward_saves_no_state_sequence():
+    """Memory stays bounded: what the scan keeps for backward is a fraction of the (B, L, D, N) states."""
+    b, length, d, n = 2, 256, 32, 16
+    args = _inputs(b, length, d, n, dtype=torch.float32, h0=True, seed=9)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y, h = selective_scan(*args[:5], h0=args[5], chunk_size=length, block=8)
+    # x, dt, A, B, C, h0 and the state at every 8th step: (256 / 8 + 1) * (B, D, N)
+    assert max(saved) == (length // 8 + 1) * b * d * n, saved
+    assert sum(saved) < b * length * d * n / 3, saved
+    y.sum().backward()

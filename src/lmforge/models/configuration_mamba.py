@@ -35,7 +35,8 @@ class MambaConfig(PreTrainedConfig):
         rescale_prenorm_residual: scale out_proj init by 1/sqrt(num_hidden_layers).
         initializer_range: std of the embedding / linear initialisation.
         tie_word_embeddings: share the input embedding with the LM head.
-        scan_chunk_size: chunk length of the fast scan (None: about sqrt(sequence length)).
+        scan_chunk_size: chunk length of the fast scan (None: ``mamba_scan.default_chunk_size``,
+            the whole sequence unless batch x width x state is small).
     """
 
     model_type = "lmforge_mamba"
