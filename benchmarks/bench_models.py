@@ -671,7 +671,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of interleaved reps "
           "(the machine may be shared: expect noise)")
     for family in args.family or list(FAMILIES):
-        write_results(family, FAMILIES[family](args))
+        info = machine_info()
+        results = FAMILIES[family](args)
+        results.setdefault("machine", finish(info))  # Mamba samples the load along the way itself
+        write_results(family, results)
 
 
 if __name__ == "__main__":
