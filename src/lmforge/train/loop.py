@@ -178,7 +178,7 @@ class Trainer:
                                   grad_accum_steps=config.grad_accum_steps, total_steps=config.max_steps)
         self.last_checkpoint: Path | None = None
         self.last_eval: dict[str, float] = {}
-        self._announced: tuple[int, float | None] = (config.max_steps, None)  # time-budget step count, when
+        self._announced_total = config.max_steps  # the step count the time budget last printed
 
     def _check_stream(self, data: BatchStream) -> None:
         acc, cfg = self.accelerator, self.config
@@ -358,11 +358,9 @@ class Trainer:
             return
         state.total_steps = total
         refit_schedule(getattr(self.scheduler, "scheduler", self.scheduler), total)
-        now = time.perf_counter()
-        quiet = self._announced[1] is not None and now - self._announced[1] < 6 * self.config.max_minutes
-        if abs(total - self._announced[0]) > 0.05 * self._announced[0] and not quiet:  # at most every 10%
+        if abs(total - self._announced_total) > 0.05 * self._announced_total:  # not every small refit
             logger.write(f"time budget {self.config.max_minutes} min: training for {total} steps")
-            self._announced = (total, now)
+            self._announced_total = total
 
     def _evaluate(self, logger: MetricsLogger, final: bool = False) -> None:
         if self.evaluate_fn is None:
