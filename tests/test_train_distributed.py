@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from lmforge.errors import LmforgeError
 from lmforge.train import distributed as dist_mod
 from tests.pipeline_fixtures import gpt_tokenizer, make_corpus
+from tests.train_fixtures import snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -286,10 +287,6 @@ def test_fsdp_parameters_are_dtensor_shards_across_two_processes(tmp_path):
         assert sum(rows) == p.shape[0] and max(rows) == -(-p.shape[0] // 2), (name, rows)
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.parametrize("target", ["existing run", "new folder"])
 def test_launch_accelerate_cannot_see_is_refused_before_any_file_is_written(run_config, single_run, target):
     """torchrun starts 2 `lmforge pretrain` processes without ACCELERATE_USE_CPU=1 on this GPU-less
@@ -300,7 +297,7 @@ def test_launch_accelerate_cannot_see_is_refused_before_any_file_is_written(run_
     if target == "existing run":
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(single_run, out)
-    before = _snapshot(out) if out.exists() else None
+    before = snapshot(out) if out.exists() else None
     env = _env()
     env.pop("ACCELERATE_USE_CPU", None)
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "lmforge.cli", *_pretrain_args(run_config, out)]
@@ -311,7 +308,7 @@ def test_launch_accelerate_cannot_see_is_refused_before_any_file_is_written(run_
     if before is None:
         assert not out.exists()
     else:
-        assert _snapshot(out) == before
+        assert snapshot(out) == before
 
 
 def test_self_sharded_checkpoint_resumes_exactly():

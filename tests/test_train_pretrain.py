@@ -19,7 +19,7 @@ from lmforge.train import PretrainConfig
 from lmforge.train.loop import Trainer
 from lmforge.train.pretrain import pretrain
 from lmforge.train.tracking import read_metrics
-from tests.train_fixtures import save_tokenizers, write_corpus, write_preset
+from tests.train_fixtures import save_tokenizers, snapshot, write_corpus, write_preset
 
 FAMILIES = {"gpt": "causal", "mamba": "causal", "bert": "mlm"}
 
@@ -168,12 +168,6 @@ def test_bad_input_fails_before_training(ws, case, match):
     assert _no_training_happened(config)
 
 
-def _snapshot(folder) -> dict[str, bytes]:
-    from pathlib import Path
-
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
-
-
 def test_nothing_is_written_before_every_check_passed(ws):
     """The README order: pretrain before the tokenizer exists fails with the tokenizer message and
     creates nothing; the corrected rerun then trains (no "already holds a run")."""
@@ -192,7 +186,7 @@ def test_an_existing_run_is_untouched_when_a_check_fails(ws, overwrite):
     even with overwrite (the old run is replaced only when training starts)."""
     run = make_config(ws, "gpt", f"kept-{overwrite}", train={"max_steps": 2})
     pretrain(run)
-    before = _snapshot(run.output_dir)
+    before = snapshot(run.output_dir)
     assert "config.yaml" in before and "final/model.safetensors" in before
     bad = make_config(ws, "gpt", f"kept-{overwrite}", overwrite=overwrite,
                       model={"overrides": {"num_hidden_layer": 4}})
@@ -200,11 +194,11 @@ def test_an_existing_run_is_untouched_when_a_check_fails(ws, overwrite):
                      else "already holds a run.*resume: auto.*overwrite: true")
     with pytest.raises(LmforgeError, match=first_failure):
         pretrain(bad)
-    assert _snapshot(run.output_dir) == before
+    assert snapshot(run.output_dir) == before
     if not overwrite:
         with pytest.raises(LmforgeError, match="already holds a run"):
             pretrain(run)
-        assert _snapshot(run.output_dir) == before
+        assert snapshot(run.output_dir) == before
     else:
         replaced = pretrain(make_config(ws, "gpt", f"kept-{overwrite}", overwrite=True, train={"max_steps": 3}))
         assert replaced.train.step == 3 and list(train_losses(replaced.run_dir)) == [1, 2, 3]  # old metrics gone

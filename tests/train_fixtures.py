@@ -36,6 +36,12 @@ def write_corpus(folder: Path, n_train: int = 160, n_eval: int = 24) -> Path:
     return folder
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` (relative path -> bytes), to show a folder was left untouched."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def save_tokenizers(folder: Path) -> dict[str, Path]:
     out = {}
     for name, make in (("gpt", gpt_tokenizer), ("bert", bert_tokenizer)):
@@ -45,5 +51,5 @@ def save_tokenizers(folder: Path) -> dict[str, Path]:
     return out
 
 
-__all__ = ["PRESETS", "bert_tokenizer", "gpt_tokenizer", "make_corpus", "save_tokenizers", "write_corpus",
-           "write_preset"]
+__all__ = ["PRESETS", "bert_tokenizer", "gpt_tokenizer", "make_corpus", "save_tokenizers", "snapshot",
+           "write_corpus", "write_preset"]

@@ -81,7 +81,8 @@ def model_tokenizer_step(train_texts: Any, out_dir: Path, *, vocab_size: int, mo
 
 
 def build_pretrain_config(config_path: Path, tokenizer: Path, out_dir: Path, *, minutes: float,
-                    threads: int | None, overwrite: bool = False, overrides: dict[str, Any] | None = None) -> Any:
+                          threads: int | None, overwrite: bool = False,
+                          overrides: dict[str, Any] | None = None) -> Any:
     """The pretraining configuration of the small GPT (``config_path`` plus the quickstart's
     settings and ``overrides``, e.g. ``{"optim.lr": 1e-3}``), checked before anything is trained."""
     from lmforge.config import load_config
@@ -174,8 +175,10 @@ def choose_run_dir(run_dir: Path | None, overwrite: bool) -> Path:
             raise LmforgeError(f"run_dir {run_dir} already holds files (an earlier quickstart?); pass "
                                "--overwrite to replace them, or another --run-dir")
         return run_dir
+    from itertools import count
+
     candidates = (DEFAULT_RUN_DIR.with_name(f"{DEFAULT_RUN_DIR.name}-{i}") if i > 1 else DEFAULT_RUN_DIR
-                  for i in range(1, 10**6))
+                  for i in count(1))
     return next(c for c in candidates if not c.exists() or not any(c.iterdir()))
 
 

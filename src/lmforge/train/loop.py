@@ -353,10 +353,7 @@ class Trainer:
 
     def _refit(self, total: int, logger: MetricsLogger) -> None:
         """Stretch or shrink the run (and its learning-rate schedule) to ``total`` steps."""
-        state = self.state
-        if total == state.total_steps:
-            return
-        state.total_steps = total
+        self.state.total_steps = total
         refit_schedule(getattr(self.scheduler, "scheduler", self.scheduler), total)
         if abs(total - self._announced_total) > 0.05 * self._announced_total:  # not every small refit
             logger.write(f"time budget {self.config.max_minutes} min: training for {total} steps")
