@@ -194,6 +194,78 @@ def test_two_process_checkpoint_resumes_in_one_process(run_config, ddp_run):
 
 
 @pytest.fixture(scope="module")
+def muon_ddp_run(run_config) -> Path:
+    """The 2-process run with Muon, a checkpoint after every step."""
+    out = run_config / "muon-ddp"
+    _accelerate(run_config, out, "--optim.name", "muon", "--train.save-every", "1")
+    return out
+
+
+def test_two_process_muon_steps_match_one_process(run_config, muon_ddp_run, monkeypatch):
+    """Every optimizer step of the 2-process Muon run, taken again in one process from the same
+    checkpoint (weights, AdamW moments, Muon momentum, data position), gives the same step.
+
+    - The optimizer state after the step (AdamW's moments, Muon's momentum: float32 functions of
+      the gradient) and the AdamW-updated weights agree to float noise: the gradient is the same.
+    - Muon orthogonalizes the momentum in bfloat16 (8 significant bits), so when a 1e-7 difference
+      in how the gradient was summed rounds differently there, its whole update moves by a few
+      bfloat16 steps (measured: 1.4% of the step in one matrix). Muon-updated matrices are held to
+      2^-5 of the step's largest change; a gradient that was not averaged across processes, or
+      another batch, changes the direction by far more. Over many steps such roundings add up
+      (~1e-3 after 4 steps), which is why this compares step by step, not whole runs.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.cli import main
+    from lmforge.train.loop import Trainer
+    from lmforge.train.optim import muon_parameters
+
+    original = Trainer.resume
+
+    def resume_for_one_step(self, checkpoint):
+        original(self, checkpoint)
+        self.state.total_steps = self.state.step + 1
+
+    monkeypatch.setattr(Trainer, "resume", resume_for_one_step)
+    checkpoints = muon_ddp_run / "checkpoints"
+    model = AutoModelForCausalLM.from_pretrained(muon_ddp_run / "final", trust_remote_code=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    matrices = {names[id(p)] for p in muon_parameters(model)}
+    two = _losses(muon_ddp_run)
+    assert len(two) == _steps(run_config) and two[-1] < two[0]
+    for step in range(1, _steps(run_config)):
+        out = run_config / f"muon-one-step-{step}"
+        assert main(_pretrain_args(run_config, out, "--optim.name", "muon",
+                                   "--resume", str(checkpoints / f"step_{step}"))) == 0
+        assert _losses(out)[-1] == pytest.approx(two[step], rel=1e-6)
+        after = f"step_{step + 1}"
+        want = torch.load(checkpoints / after / "optimizer.bin", weights_only=True)["state"]
+        got = torch.load(out / "checkpoints" / after / "optimizer.bin", weights_only=True)["state"]
+        assert want.keys() == got.keys() and {"exp_avg", "momentum_buffer"} <= {k for s in want.values() for k in s}
+        for index, state in want.items():
+            for key, value in state.items():
+                torch.testing.assert_close(got[index][key], value, rtol=1e-5, atol=1e-8, msg=f"{after}: {key}")
+
+        want = load_file(checkpoints / after / "model.safetensors")
+        before = load_file(checkpoints / f"step_{step}" / "model.safetensors")
+        got = load_file(out / "final" / "model.safetensors")
+        assert matrices < want.keys()
+        for key in want:
+            moved = (want[key] - before[key]).abs().max().item()
+            assert moved > 1e-5, key  # the step changed every tensor
+            atol = 2**-5 * moved if key in matrices else 1e-6
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=atol, msg=f"{after}: {key}")
+
+
+def test_muon_under_fsdp_is_refused_before_any_file_is_written(run_config):
+    from lmforge.cli import main
+
+    out = run_config / "muon-fsdp"
+    assert main(_pretrain_args(run_config, out, "--optim.name", "muon", "--distributed", "fsdp")) != 0
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
 def fsdp_run(run_config) -> tuple[Path, str]:
     out = run_config / "fsdp"
     return out, _accelerate(run_config, out, "--distributed", "fsdp").stdout

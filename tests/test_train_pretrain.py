@@ -91,10 +91,12 @@ def test_each_family_learns_and_final_folder_loads(ws, family):
     assert load_config(PretrainConfig, result.run_dir / "config.yaml") == config
 
 
-def test_exact_resume_after_sigint(ws, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_exact_resume_after_sigint(ws, monkeypatch, optimizer):
     """Stop at step 5 with a real SIGINT, resume, and match an uninterrupted run exactly
-    (shuffling and dropout on)."""
-    full = pretrain(make_config(ws, "gpt", "full", train={"max_steps": 9}))
+    (shuffling and dropout on; with Muon its momentum travels in the checkpoint too)."""
+    optim = {"name": optimizer, "scheduler": "wsd" if optimizer == "muon" else "cosine"}
+    full = pretrain(make_config(ws, "gpt", f"full-{optimizer}", optim=optim, train={"max_steps": 9}))
 
     original = Trainer._train_step
 
@@ -105,13 +107,14 @@ def test_exact_resume_after_sigint(ws, monkeypatch):
         return out
 
     monkeypatch.setattr(Trainer, "_train_step", interrupt_at_step_5)
-    stopped = pretrain(make_config(ws, "gpt", "resumed", train={"max_steps": 9}))
+    stopped = pretrain(make_config(ws, "gpt", f"resumed-{optimizer}", optim=optim, train={"max_steps": 9}))
     assert stopped.train.status == "interrupted" and stopped.train.step == 5
     assert stopped.train.exit_code == 130  # 128 + SIGINT, as shells report Ctrl-C
     assert stopped.final_dir is None and stopped.train.last_checkpoint.name == "step_5"
     monkeypatch.setattr(Trainer, "_train_step", original)
 
-    resumed = pretrain(make_config(ws, "gpt", "resumed", resume="auto", train={"max_steps": 9}))
+    resumed = pretrain(make_config(ws, "gpt", f"resumed-{optimizer}", optim=optim, resume="auto",
+                                   train={"max_steps": 9}))
     assert resumed.train.status == "completed" and resumed.train.step == 9
     assert train_losses(resumed.run_dir) == train_losses(full.run_dir)
     a = load_file(full.final_dir / "model.safetensors")

@@ -13,26 +13,45 @@ from typing import Any, Literal
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule.
+    """The optimizer (AdamW, or Muon with AdamW) and the learning-rate schedule.
 
     Attributes:
-        lr: peak learning rate (reached after the warmup).
-        weight_decay: AdamW weight decay on matrices; never applied to norms, biases or embeddings.
+        name: adamw for every parameter, or muon: torch.optim.Muon for the weight matrices of the
+            linear layers inside the repeated blocks, AdamW (lr, betas, eps) for everything else
+            (embeddings, the output head, norms, biases, convolutions). The split is printed at
+            start-up.
+        lr: peak learning rate of AdamW (reached after the warmup).
+        weight_decay: decoupled weight decay on matrices (AdamW's and Muon's); never applied to
+            norms, biases or embeddings.
         betas: AdamW (beta1, beta2).
         eps: AdamW epsilon.
-        scheduler: learning-rate shape after the warmup: cosine, linear or constant.
+        muon_lr: peak learning rate of the Muon group (optim.name: muon); the schedule scales both
+            groups alike.
+        muon_momentum: Muon's (Nesterov) momentum.
+        muon_adjust_lr: Muon's per-matrix learning-rate scaling: original (Keller Jordan's
+            sqrt(max(1, rows/cols)); muon_lr around 0.02) or match_rms_adamw (Moonshot's
+            0.2 * sqrt(max(rows, cols)), so AdamW-like learning rates carry over).
+        scheduler: learning-rate shape after the warmup: cosine, linear, constant or wsd
+            (warmup-stable-decay: flat at the peak, then a linear decay over the last
+            decay_fraction of the run).
         warmup_steps: optimizer steps of linear warmup from 0 to lr.
-        min_lr_ratio: the cosine/linear decay ends at lr * min_lr_ratio.
+        min_lr_ratio: the cosine/linear/wsd decay ends at lr * min_lr_ratio.
+        decay_fraction: share of the run spent decaying with scheduler wsd.
         max_grad_norm: clip the global gradient norm to this value (0 disables clipping).
     """
 
+    name: Literal["adamw", "muon"] = "adamw"
     lr: float = 3e-4
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = "original"
+    scheduler: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
     max_grad_norm: float = 1.0
 
     def __post_init__(self):
@@ -44,6 +63,12 @@ class OptimConfig:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.muon_lr <= 0:
+            raise ValueError(f"optim.muon_lr must be > 0, got {self.muon_lr}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}")
 
 
 @dataclass
@@ -168,3 +193,11 @@ class PretrainConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+
+    def __post_init__(self):
+        if self.optim.name == "muon" and self.distributed == "fsdp":
+            raise ValueError(
+                "optim.name: muon cannot run with distributed: fsdp: Muon orthogonalizes each whole weight "
+                "matrix, and FSDP gives every process only a shard of it. Use distributed: ddp with muon, "
+                "or optim.name: adamw with fsdp."
+            )

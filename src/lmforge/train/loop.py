@@ -163,7 +163,11 @@ class Trainer:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._check_stream(train_data)
-        optimizer = build_optimizer(model, optim)
+        kind = str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
+        if optim.name == "muon" and kind in ("FSDP", "DEEPSPEED"):
+            raise LmforgeError(f"optim.name: muon cannot run under {kind}, which shards or wraps the weight "
+                               "matrices that Muon orthogonalizes whole; launch with DDP, or use optim.name: adamw")
+        optimizer = build_optimizer(model, optim, log=self.accelerator.is_main_process)
         scheduler = build_scheduler(optimizer, optim, config.max_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.forward = torch.compile(self.model) if config.compile else self.model

@@ -1,26 +1,30 @@
-"""AdamW with decay only on weight matrices, and a warmup + cosine/linear/constant schedule."""
+"""The optimizers (AdamW; Muon for the blocks' matrices with AdamW for the rest) and the
+learning-rate schedules (warmup, then cosine, linear, constant or warmup-stable-decay)."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
+from lmforge.errors import LmforgeError
 from lmforge.train.config import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, exclude: set[int] = frozenset()) -> list[dict]:
     """Split trainable parameters into decayed (matrices) and not decayed (norms, biases, embeddings).
 
     Embeddings are found by module type (``nn.Embedding``), norms and biases by being 1-D; a
     weight tied to an embedding (the LM head) is a single parameter and is not decayed.
+    Parameters whose ``id`` is in ``exclude`` (another optimizer's) are left out.
     """
     no_decay: set[int] = set()
     for module in model.modules():
         if isinstance(module, nn.Embedding):
             no_decay.update(id(p) for p in module.parameters(recurse=False))
-    decay, other, seen = [], [], set()
+    decay, other, seen = [], [], set(exclude)
     for _, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -30,33 +34,143 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over ``param_groups`` (fused/foreach picked by torch)."""
-    groups = param_groups(model, config.weight_decay)
-    if not groups:
-        raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+def muon_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters Muon updates: weight matrices of ``nn.Linear`` layers inside the model's
+    repeated blocks (any ``nn.ModuleList``), trainable, and not the output head.
+
+    Everything else (embeddings, the LM head tied or not, a classification head, norms, biases,
+    convolutions, Mamba's ``A_log``) is left to AdamW, the usual split (Keller Jordan's Muon,
+    modded-nanogpt).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    excluded = {id(p) for p in head.parameters()} if head is not None else set()
+    chosen: dict[int, nn.Parameter] = {}
+    for blocks in model.modules():
+        if not isinstance(blocks, nn.ModuleList):
+            continue
+        for module in blocks.modules():
+            weight = getattr(module, "weight", None)
+            if (isinstance(module, nn.Linear) and weight is not None and weight.requires_grad
+                    and weight.ndim == 2 and id(weight) not in excluded):
+                chosen[id(weight)] = weight
+    return list(chosen.values())
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """``torch.optim.Muon`` over some parameters and ``torch.optim.AdamW`` over the others, as one
+    optimizer (one ``step``, one ``state_dict``, one set of ``param_groups``) so that the
+    learning-rate scheduler, gradient clipping and accelerate's checkpointing treat it like any
+    other.
+
+    The two inner optimizers work on this optimizer's own group dicts and state, so a scheduler
+    that sets ``group["lr"]`` reaches them, and ``load_state_dict`` restores both (AdamW's groups
+    come first: ``param_groups[0]["lr"]`` is AdamW's learning rate).
+    """
+
+    def __init__(self, adamw_groups: list[dict[str, Any]], muon_groups: list[dict[str, Any]], *,
+                 adamw: dict[str, Any], muon: dict[str, Any]):
+        self.adamw = torch.optim.AdamW(adamw_groups, **adamw) if adamw_groups else None
+        self.muon = torch.optim.Muon(muon_groups, **muon)
+        inner = [o for o in (self.adamw, self.muon) if o is not None]
+        super().__init__([g for o in inner for g in o.param_groups], defaults={})
+        self._link()
+
+    def _link(self) -> None:
+        """Point the inner optimizers at this optimizer's groups and state (again after a load)."""
+        n_adamw = len(self.adamw.param_groups) if self.adamw is not None else 0
+        if self.adamw is not None:
+            self.adamw.param_groups = self.param_groups[:n_adamw]
+            self.adamw.state = self.state
+        self.muon.param_groups = self.param_groups[n_adamw:]
+        self.muon.state = self.state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.adamw is not None:
+            self.adamw.step()
+        self.muon.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._link()
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig, *, log: bool = False) -> torch.optim.Optimizer:
+    """The optimizer ``config.name`` asks for over ``model``'s trainable parameters.
+
+    - ``adamw``: AdamW over ``param_groups`` (fused/foreach picked by torch).
+    - ``muon``: ``MuonWithAdamW``: Muon (``muon_lr``, ``muon_momentum``, ``weight_decay``) over
+      ``muon_parameters``, AdamW (``lr``, with ``param_groups``' decay rule) over the rest. With
+      ``log`` the split is printed. Refused for sharded (FSDP ``DTensor``) parameters: Muon needs
+      each whole matrix on every process.
+    """
+    if config.name == "adamw":
+        groups = param_groups(model, config.weight_decay)
+        if not groups:
+            raise LmforgeError("the model has no trainable parameters")
+        return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+    if config.name != "muon":
+        raise LmforgeError(f"optim.name: unknown optimizer {config.name!r}; valid: adamw, muon")
+    matrices = muon_parameters(model)
+    if not matrices:
+        raise LmforgeError(f"optim.name: muon: {type(model).__name__} has no trainable linear layers inside "
+                           "repeated blocks for Muon to update; use optim.name: adamw")
+    if any(type(p).__name__ == "DTensor" or not p.is_contiguous() for p in matrices):
+        raise LmforgeError("optim.name: muon needs each weight matrix whole on every process, but the model "
+                           "is sharded (FSDP); use distributed: ddp with muon, or optim.name: adamw")
+    muon_ids = {id(p) for p in matrices}
+    adamw_groups = param_groups(model, config.weight_decay, exclude=muon_ids)
+    optimizer = MuonWithAdamW(
+        adamw_groups, [{"params": matrices}],
+        adamw={"lr": config.lr, "betas": tuple(config.betas), "eps": config.eps},
+        muon={"lr": config.muon_lr, "momentum": config.muon_momentum, "weight_decay": config.weight_decay,
+              "adjust_lr_fn": config.muon_adjust_lr},
+    )
+    if log:
+        names = {id(p): n for n, p in model.named_parameters()}
+        n_muon = sum(p.numel() for p in matrices)
+        n_adamw = sum(p.numel() for g in adamw_groups for p in g["params"])
+        print(f"optimizer: Muon (lr {config.muon_lr:g}) on {len(matrices)} block matrices, {n_muon:,} weights "
+              f"(e.g. {names[id(matrices[0])]}); AdamW (lr {config.lr:g}) on the other "
+              f"{sum(len(g['params']) for g in adamw_groups)} tensors, {n_adamw:,} weights "
+              "(embeddings, head, norms, biases)", flush=True)
+    return optimizer
 
 
 class Schedule:
-    """Learning-rate multiplier: linear warmup, then cosine/linear decay to ``min_lr_ratio`` or constant.
+    """Learning-rate multiplier: linear warmup, then cosine/linear decay to ``min_lr_ratio``,
+    constant, or warmup-stable-decay (``wsd``: flat, then linear to ``min_lr_ratio`` over the last
+    ``decay_fraction`` of ``total_steps``).
 
-    Same shapes as transformers' ``get_scheduler`` (plus a floor), written as a callable object
-    whose ``total_steps`` can be refitted to a time budget; ``LambdaLR`` saves its attributes in
-    the scheduler state, so a resumed run continues on the same curve.
+    Same shapes as transformers' ``get_scheduler`` (plus a floor; ``wsd`` as its
+    ``warmup_stable_decay`` with a linear decay), written as a callable object whose
+    ``total_steps`` can be refitted to a time budget; ``LambdaLR`` saves its attributes in the
+    scheduler state, so a resumed run continues on the same curve.
     """
 
-    def __init__(self, kind: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
+    def __init__(self, kind: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0,
+                 decay_fraction: float = 0.2):
         self.kind = kind
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.min_lr_ratio = min_lr_ratio
+        self.decay_fraction = decay_fraction
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
         if self.kind == "constant":
             return 1.0
+        if self.kind == "wsd":
+            decay_steps = max(1, round(self.decay_fraction * self.total_steps))
+            start = max(self.warmup_steps, self.total_steps - decay_steps)
+            progress = min(1.0, max(0, step - start) / max(1, self.total_steps - start))
+            return 1.0 - (1.0 - self.min_lr_ratio) * progress
         span = max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / span)
         if self.kind == "cosine":
@@ -70,7 +184,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig,
                     total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` driven by ``Schedule`` (one scheduler step per optimizer step)."""
     warmup = min(config.warmup_steps, max(0, total_steps - 1))
-    schedule = Schedule(config.scheduler, warmup, total_steps, config.min_lr_ratio)
+    schedule = Schedule(config.scheduler, warmup, total_steps, config.min_lr_ratio, config.decay_fraction)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
