@@ -257,6 +257,47 @@ def test_two_process_muon_steps_match_one_process(run_config, muon_ddp_run, monk
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=atol, msg=f"{after}: {key}")
 
 
+_MUON_ON_SHARDS = """
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from lmforge.errors import LmforgeError
+from lmforge.models import GPTConfig, GPTForCausalLM
+from lmforge.train import OptimConfig
+from lmforge.train.optim import build_optimizer
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+dist.init_process_group("gloo", rank=0, world_size=1)
+model = GPTForCausalLM(GPTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2))
+mesh = init_device_mesh("cpu", (1,))
+for block in model.model.layers:
+    fully_shard(block, mesh=mesh)
+fully_shard(model, mesh=mesh)
+build_optimizer(model, OptimConfig(name="adamw"))  # AdamW works on shards
+try:
+    build_optimizer(model, OptimConfig(name="muon"))
+except LmforgeError as error:
+    print("REFUSED:", error)
+dist.destroy_process_group()
+"""
+
+
+def test_muon_refuses_fsdp_sharded_parameters(tmp_path):
+    """However the model got sharded (here torch's fully_shard in a 1-rank group), Muon is refused
+    on DTensor parameters with the way out, where AdamW builds."""
+    script = tmp_path / "muon_on_shards.py"
+    script.write_text(_MUON_ON_SHARDS)
+    result = _launch([sys.executable, str(script)], _env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REFUSED: optim.name: muon needs each weight matrix whole on every process" in result.stdout
+    assert "use distributed: ddp with muon" in result.stdout
+
+
 def test_muon_under_fsdp_is_refused_before_any_file_is_written(run_config):
     from lmforge.cli import main
 

@@ -4,6 +4,7 @@ learning-rate schedules (warmup, then cosine, linear, constant or warmup-stable-
 from __future__ import annotations
 
 import math
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from lmforge.errors import LmforgeError
 from lmforge.train.config import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float, exclude: set[int] = frozenset()) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, exclude: AbstractSet[int] = frozenset()) -> list[dict]:
     """Split trainable parameters into decayed (matrices) and not decayed (norms, biases, embeddings).
 
     Embeddings are found by module type (``nn.Embedding``), norms and biases by being 1-D; a
@@ -120,7 +121,9 @@ def build_optimizer(model: nn.Module, config: OptimConfig, *, log: bool = False)
     if not matrices:
         raise LmforgeError(f"optim.name: muon: {type(model).__name__} has no trainable linear layers inside "
                            "repeated blocks for Muon to update; use optim.name: adamw")
-    if any(type(p).__name__ == "DTensor" or not p.is_contiguous() for p in matrices):
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in matrices):
         raise LmforgeError("optim.name: muon needs each weight matrix whole on every process, but the model "
                            "is sharded (FSDP); use distributed: ddp with muon, or optim.name: adamw")
     muon_ids = {id(p) for p in matrices}
