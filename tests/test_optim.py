@@ -27,7 +27,7 @@ from tests.train_fixtures import gpt_tokenizer, make_corpus
 MUON = OptimConfig(name="muon", lr=3e-3, muon_lr=0.02, warmup_steps=0, weight_decay=0.1)
 
 
-def tiny(family: str, **kw) -> nn.Module:
+def tiny(family: str, vocab: int = 97, **kw) -> nn.Module:
     from lmforge.models import (
         GPTConfig,
         GPTForCausalLM,
@@ -40,22 +40,14 @@ def tiny(family: str, **kw) -> nn.Module:
 
     torch.manual_seed(0)
     if family.startswith("gpt"):
-        cfg = GPTConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        cfg = GPTConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **kw)
         return GPTForSequenceClassification(cfg) if family == "gpt-classifier" else GPTForCausalLM(cfg)
     if family == "bert":
-        cfg = LmforgeBertConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        cfg = LmforgeBertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                 num_attention_heads=4, max_position_embeddings=64, **kw)
         return LmforgeBertForMaskedLM(cfg)
-    return MambaForCausalLM(MambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, state_size=8, **kw))
-
-
-def _gpt(vocab: int) -> nn.Module:
-    from lmforge.models import GPTConfig, GPTForCausalLM
-
-    torch.manual_seed(0)
-    return GPTForCausalLM(GPTConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    return MambaForCausalLM(MambaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, state_size=8, **kw))
 
 
 def split(model: nn.Module) -> tuple[set[str], set[str]]:
@@ -226,7 +218,7 @@ def test_grad_accumulation_equals_a_bigger_batch_with_muon(tmp_path):
     def trainer(micro: int, accum: int) -> Trainer:
         stream = BatchStream(rows, micro, collate, shuffle=True, seed=1, grad_accum_steps=accum)
         loop = LoopConfig(micro_batch_size=micro, grad_accum_steps=accum, max_steps=5, progress_bar=False)
-        return Trainer(_gpt(len(tok)), stream, loop, MUON, tmp_path / f"run{micro}x{accum}")
+        return Trainer(tiny("gpt", vocab=len(tok)), stream, loop, MUON, tmp_path / f"run{micro}x{accum}")
 
     def step(t: Trainer) -> None:
         t._train_step()
@@ -291,7 +283,7 @@ def test_wsd_and_muon_run_under_the_time_budget(tmp_path):
                       save_every=0, eval_every=0)
     optim = OptimConfig(name="muon", scheduler="wsd", warmup_steps=0, decay_fraction=0.2, min_lr_ratio=0.1,
                         lr=1e-3, muon_lr=0.01)
-    trainer = Trainer(_gpt(len(tok)), BatchStream(rows, 4, timed),
+    trainer = Trainer(tiny("gpt", vocab=len(tok)), BatchStream(rows, 4, timed),
                       loop, optim, tmp_path / "run", clock=lambda: now[0])
     result = trainer.fit()
     from lmforge.train.tracking import read_metrics
@@ -313,7 +305,7 @@ def test_muon_with_fsdp_is_refused_by_the_config():
     PretrainConfig(distributed="ddp", optim=OptimConfig(name="muon"))
 
 
-def test_muon_refuses_sharded_or_missing_matrices():
+def test_muon_refuses_a_model_without_block_matrices():
     class NoBlocks(nn.Module):
         def __init__(self):
             super().__init__()

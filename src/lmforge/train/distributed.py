@@ -72,6 +72,12 @@ def check_launch(accelerator: Any, env: Mapping[str, str] | None = None) -> None
     )
 
 
+def distributed_kind(accelerator: Any) -> str:
+    """accelerate's ``DistributedType`` as a bare name: ``NO``, ``MULTI_CPU``, ``MULTI_GPU``,
+    ``FSDP``, ``DEEPSPEED``, ..."""
+    return str(accelerator.distributed_type).rsplit(".", 1)[-1]
+
+
 def shard_model(accelerator: Any, model: nn.Module, strategy: Strategy = "ddp") -> nn.Module:
     """Prepare ``model``'s distribution ``strategy`` where accelerate will not do it itself.
 
@@ -88,7 +94,7 @@ def shard_model(accelerator: Any, model: nn.Module, strategy: Strategy = "ddp") 
     """
     if strategy not in STRATEGIES:
         raise LmforgeError(f"unknown distributed strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
-    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    kind = distributed_kind(accelerator)
     if strategy == "deepspeed":
         if kind != "DEEPSPEED":
             raise LmforgeError(
@@ -152,7 +158,7 @@ def strategy_name(accelerator: Any, model: nn.Module) -> str:
     ``"fsdp2 (2 processes, gloo, fully_shard by lmforge)"``, ``"deepspeed zero-3 (8 processes)"``.
     """
     n = accelerator.num_processes
-    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    kind = distributed_kind(accelerator)
     backend = _backend_name()
     if kind == "DEEPSPEED":
         stage = getattr(getattr(accelerator.state, "deepspeed_plugin", None), "zero_stage", "?")

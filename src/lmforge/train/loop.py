@@ -39,6 +39,7 @@ from lmforge.train.checkpoint import (
     save_checkpoint,
 )
 from lmforge.train.config import LoopConfig, OptimConfig
+from lmforge.train.distributed import distributed_kind
 from lmforge.train.optim import build_optimizer, build_scheduler, refit_schedule
 from lmforge.train.tracking import MetricsLogger, measure_peak_flops
 
@@ -163,7 +164,7 @@ class Trainer:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._check_stream(train_data)
-        kind = str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
+        kind = distributed_kind(self.accelerator)
         if optim.name == "muon" and kind in ("FSDP", "DEEPSPEED"):
             raise LmforgeError(f"optim.name: muon cannot run under {kind}, which shards or wraps the weight "
                                "matrices that Muon orthogonalizes whole; launch with DDP, or use optim.name: adamw")
@@ -260,7 +261,7 @@ class Trainer:
         a step, measured in benchmarks/bench_train.py). Sharded/DeepSpeed/fp16 go through accelerate."""
         from torch.distributed.tensor import DTensor
 
-        kind = str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
+        kind = distributed_kind(self.accelerator)
         return (kind in ("NO", "MULTI_CPU", "MULTI_GPU") and self.accelerator.mixed_precision != "fp16"
                 and not any(isinstance(p, DTensor) for p in self._params))
 
