@@ -20,7 +20,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("tokenizer", "train"): ("lmforge.tokenizers.train:train_command", "train a BPE, WordPiece or Unigram tokenizer"),
     ("tokenizer", "eval"): ("lmforge.tokenizers.metrics:eval_command", "compare tokenizers on a corpus"),
     ("pretrain",): ("lmforge.train.pretrain:pretrain_command", "pretrain a model (causal or masked LM)"),
+    ("finetune",): ("lmforge.train.finetune:finetune_command", "fine-tune a model: classification or chat SFT, full or LoRA"),
+    ("eval",): ("lmforge.eval.command:eval_command", "evaluate models: perplexity, masked-token or classification metrics"),
     ("quickstart",): ("lmforge.quickstart:quickstart", "the end-to-end default job on Shakespeare"),
+    ("merge",): ("lmforge.train.merge:merge_command", "merge a LoRA adapter into its base model"),
 }
 
 _HELP = ("-h", "--help", "help")

@@ -98,8 +98,21 @@ def coerce(value: Any, tp: Any, *, name: str) -> Any:
 
 
 def docstring_args(fn: Callable) -> dict[str, str]:
-    """Parse the ``Args:`` section of a Google-style docstring into {name: help}."""
-    doc = inspect.getdoc(fn) or ""
+    """Parse the ``Args:`` section of a Google-style docstring into {name: help}.
+
+    For a class, the sections of its bases count too (a subclass documents only what it adds
+    or changes)."""
+    if inspect.isclass(fn):
+        out: dict[str, str] = {}
+        for klass in reversed(fn.__mro__):
+            doc = klass.__dict__.get("__doc__")
+            if isinstance(doc, str) and klass is not object:
+                out.update(_parse_args(inspect.cleandoc(doc)))
+        return out
+    return _parse_args(inspect.getdoc(fn) or "")
+
+
+def _parse_args(doc: str) -> dict[str, str]:
     out: dict[str, str] = {}
     in_args, current = False, None
     for line in doc.splitlines():

@@ -1,4 +1,8 @@
-"""Load any text source as a ``datasets`` dataset with a ``text`` column.
+"""Load any data source as a ``datasets`` dataset.
+
+``load_table(source, split)`` returns the source with all its columns (labelled text,
+conversations, ...); ``load_corpus(source, split)`` is ``load_table`` plus picking the text
+column, renamed to ``text``, and refusing a loaded (not streamed) split without rows.
 
 A source is, in this order of precedence:
 
@@ -7,7 +11,7 @@ A source is, in this order of precedence:
    ``lmforge data fetch NAME``;
 3. a local file, glob or folder of ``.txt`` / ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet``
    files (a folder with ``train.*`` / ``validation.*`` / ``test.*`` files is read split-aware;
-   otherwise every file is the corpus and ``split`` is ignored);
+   otherwise all the files make up the source and ``split`` is ignored);
 4. otherwise a Hugging Face Hub dataset id (needs network access to the Hub).
 
 Local text files are checked before ``datasets`` sees them, so a missing, empty, binary or
@@ -248,6 +252,55 @@ def _select_text(ds: Dataset | IterableDataset, text_column: str, source: str) -
     return ds
 
 
+def _is_dataset(source: Any) -> bool:
+    return hasattr(source, "column_names") and hasattr(source, "features")
+
+
+def load_table(
+    source: Any,
+    split: str = "train",
+    *,
+    streaming: bool = False,
+    errors: Literal["strict", "replace"] = "strict",
+    sample_by: Literal["line", "paragraph", "document"] = "line",
+    cache_dir: Path | None = None,
+) -> Dataset | IterableDataset:
+    """Load a split of any source with all its columns (names unchanged).
+
+    The source is resolved like ``load_corpus`` resolves it (see the module docstring), with
+    the same errors: a built-in corpus name, a local file / glob / folder, else a Hub dataset id.
+    An existing dataset is returned as it is, whatever ``split``. Unlike ``load_corpus`` no
+    column is required or renamed, and a split without rows is returned (the caller decides
+    whether that is an error).
+
+    Args:
+        source: a built-in corpus name, a local file / glob / folder (txt, jsonl, json, csv,
+            parquet), a Hub dataset id, or an existing dataset.
+        split: which split to load (built-in corpora, split-named files in a folder, Hub).
+            A single local file or glob is the whole source and ignores it.
+        streaming: return an IterableDataset that reads lazily.
+        errors: ``strict`` refuses non-UTF-8 bytes (naming file and byte offset); ``replace``
+            decodes them as U+FFFD.
+        sample_by: for .txt files, one row per line, paragraph or whole file.
+        cache_dir: the lmforge cache (default: ``lmforge.data.cache_dir()``).
+
+    Returns:
+        The split as a Dataset (or IterableDataset when ``streaming``) with every column.
+    """
+    if errors not in ("strict", "replace"):
+        raise LmforgeError(f"errors: {errors!r} is not one of strict, replace")
+    if _is_dataset(source):
+        return source
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    text = str(source)
+    if text in BUILTIN_CORPORA:
+        return _load_builtin(text, split, streaming=streaming, root=root)
+    if Path(text).expanduser().exists() or _is_pathlike(text):
+        files = resolve_local_files(text, split)
+        return _load_local(files, streaming=streaming, errors=errors, root=root, sample_by=sample_by)
+    return _load_hub(text, split, streaming=streaming)
+
+
 def load_corpus(
     source: Any,
     split: str = "train",
@@ -259,6 +312,8 @@ def load_corpus(
     cache_dir: Path | None = None,
 ) -> Dataset | IterableDataset:
     """Load a corpus as a ``datasets`` Dataset (or IterableDataset when ``streaming``).
+
+    ``load_table`` (which resolves the source) followed by the choice of the text column.
 
     Args:
         source: a built-in corpus name, a local file / glob / folder (txt, jsonl, json, csv,
@@ -275,19 +330,11 @@ def load_corpus(
     Returns:
         A dataset whose ``text`` column holds the documents.
     """
-    if errors not in ("strict", "replace"):
-        raise LmforgeError(f"errors: {errors!r} is not one of strict, replace")
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    if hasattr(source, "column_names") and hasattr(source, "features"):  # already a dataset
-        return _select_text(source, text_column, type(source).__name__)
+    ds = load_table(source, split, streaming=streaming, errors=errors, sample_by=sample_by,
+                    cache_dir=cache_dir)
+    if _is_dataset(source):  # passed in: used as it is, named by its type
+        return _select_text(ds, text_column, type(source).__name__)
     text = str(source)
-    if text in BUILTIN_CORPORA:
-        ds = _load_builtin(text, split, streaming=streaming, root=root)
-    elif Path(text).expanduser().exists() or _is_pathlike(text):
-        files = resolve_local_files(text, split)
-        ds = _load_local(files, streaming=streaming, errors=errors, root=root, sample_by=sample_by)
-    else:
-        ds = _load_hub(text, split, streaming=streaming)
     if not streaming and len(ds) == 0:
         raise LmforgeError(f"{text}: the corpus has no rows")
     return _select_text(ds, text_column, text)

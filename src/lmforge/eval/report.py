@@ -93,3 +93,50 @@ def write_model_card(folder: str | Path, *, model_type: str, objective: str, con
     path = Path(folder) / "README.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def write_finetune_card(folder: str | Path, *, base_model: str, model_type: str, task: str, method: str,
+                        config: dict[str, Any], data: str, steps: int, metrics: dict[str, dict[str, float]],
+                        trainable: int, total: int, labels: list[str] | None = None,
+                        plot: str | None = None) -> Path:
+    """Write ``folder/README.md`` for a fine-tuned model or LoRA adapter: metadata naming the base
+    model, how to load it, the data, the selected model's eval/test metrics and the configuration."""
+    adapter = method == "lora"
+    pipeline = "text-classification" if task == "classification" else "text-generation"
+    header = {"library_name": "peft" if adapter else "transformers", "base_model": base_model,
+              "pipeline_tag": pipeline, "tags": ["lmforge", model_type, task] + (["lora"] if adapter else [])}
+    rows = [f"| {split} | {k} | {v:.4f} |" if isinstance(v, float) else f"| {split} | {k} | {v} |"
+            for split, values in metrics.items() for k, v in values.items()]
+    auto = "AutoModelForSequenceClassification" if task == "classification" else "AutoModelForCausalLM"
+    if adapter:
+        load = ["from peft import PeftModel", f"from transformers import AutoTokenizer, {auto}", "",
+                f'base = {auto}.from_pretrained("{base_model}", trust_remote_code=True)',
+                'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
+                'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")']
+    else:
+        load = [f"from transformers import AutoTokenizer, {auto}", "",
+                f'model = {auto}.from_pretrained("path/to/this/folder", trust_remote_code=True)',
+                'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")']
+    what = "a LoRA adapter for" if adapter else "a fine-tune of"
+    lines = [
+        "---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
+        f"# {task} fine-tune of {base_model} (lmforge)", "",
+        f"This folder holds {what} `{base_model}` ({model_type}), trained with `lmforge finetune` "
+        f"({method}; {trainable:,} of {total:,} parameters trained).", "",
+        "## Load", "", "```python", *load, "```", "",
+    ]
+    if adapter:
+        lines += ["`lmforge merge path/to/this/folder --output merged/` folds the adapter into the base "
+                  "weights and saves a plain model.", ""]
+    lines += ["## Training", "", f"- task: {task}", f"- data: `{data}`", f"- optimizer steps: {steps}"]
+    if labels:
+        lines.append(f"- labels: {', '.join(map(str, labels))}")
+    lines += ["", "## Evaluation (the selected model)", "", "| split | metric | value |", "|---|---|---|",
+              *(rows or ["| (no evaluation) | | |"]), ""]
+    if plot:
+        lines += ["## Loss curve", "", f"![loss curve]({plot})", ""]
+    lines += ["## Configuration", "", "```yaml", yaml.safe_dump(_without_secrets(config), sort_keys=False).strip(),
+              "```", ""]
+    path = Path(folder) / "README.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -37,6 +37,7 @@ from .layers import (
     causal_lm_loss,
     check_positions,
     init_weights,
+    last_token_index,
 )
 
 
@@ -203,7 +204,8 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
 
 
 class GPTForSequenceClassification(GPTPreTrainedModel):
-    """GPT with a linear head on the last non-padding token (from ``attention_mask`` or ``pad_token_id``)."""
+    """GPT with a linear head on the last real token (``layers.last_token_index``: from
+    ``attention_mask``, else ``config.pad_token_id``; left or right padding)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__(config)
@@ -217,18 +219,6 @@ class GPTForSequenceClassification(GPTPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
-
-    def _last_token_index(self, input_ids, attention_mask, batch_size: int, length: int, device) -> torch.Tensor:
-        """Index of the rightmost real token per row (works with left and right padding)."""
-        if attention_mask is not None:
-            real = attention_mask.to(device, torch.int64)
-        elif input_ids is not None and self.config.pad_token_id is not None:
-            real = (input_ids != self.config.pad_token_id).to(device, torch.int64)
-        elif batch_size == 1 or input_ids is None:
-            return torch.full((batch_size,), length - 1, device=device)
-        else:
-            raise ValueError("GPTForSequenceClassification: batches need an attention_mask or config.pad_token_id")
-        return (torch.arange(length, device=device) * real).argmax(-1)
 
     @deprecate_kwarg("past_key_values", LEGACY_CACHE_NAMES_UNTIL, new_name="cache")
     @can_return_tuple
@@ -255,7 +245,8 @@ class GPTForSequenceClassification(GPTPreTrainedModel):
         )
         hidden = outputs.last_hidden_state  # (B, T, D)
         b, t = hidden.shape[:2]
-        last = self._last_token_index(input_ids, attention_mask, b, t, hidden.device)
+        last = last_token_index(input_ids, attention_mask, self.config.pad_token_id, batch_size=b, length=t,
+                                device=hidden.device)  # (B,)
         logits = self.score(hidden[torch.arange(b, device=hidden.device), last])  # (B, num_labels)
         loss = None
         if labels is not None:

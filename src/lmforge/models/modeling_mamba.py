@@ -34,7 +34,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_mamba import MambaConfig
-from .layers import LEGACY_CACHE_NAMES_UNTIL, RMSNorm, causal_lm_loss
+from .layers import LEGACY_CACHE_NAMES_UNTIL, RMSNorm, causal_lm_loss, last_token_index
 from .mamba_scan import selective_scan, selective_state_step, seq_idx_to_reset
 
 try:  # optional CUDA kernels (pip install lmforge[mamba])
@@ -362,7 +362,9 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
 
 
 class MambaForSequenceClassification(MambaPreTrainedModel):
-    """Mamba with a linear head on the last real token (from ``attention_mask`` or ``pad_token_id``)."""
+    """Mamba with a linear head on the last real token (``layers.last_token_index``: from
+    ``attention_mask``, else ``config.pad_token_id``). The mask also zeroes padded positions
+    inside the mixers, so left and right padding both give each row's own logits."""
 
     def __init__(self, config: MambaConfig):
         super().__init__(config)
@@ -376,15 +378,6 @@ class MambaForSequenceClassification(MambaPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.backbone.embeddings = value
-
-    def _last_index(self, input_ids, attention_mask, batch: int, length: int, device) -> torch.Tensor:
-        if attention_mask is not None:
-            real = attention_mask.to(device, torch.int64)
-        elif input_ids is not None and self.config.pad_token_id is not None:
-            real = (input_ids != self.config.pad_token_id).to(device, torch.int64)
-        else:
-            return torch.full((batch,), length - 1, device=device)
-        return (torch.arange(length, device=device) * real).argmax(-1)
 
     @can_return_tuple
     def forward(
@@ -403,7 +396,8 @@ class MambaForSequenceClassification(MambaPreTrainedModel):
         )
         hidden = outputs.last_hidden_state  # (B, L, H)
         b, length = hidden.shape[:2]
-        last = self._last_index(input_ids, attention_mask, b, length, hidden.device)
+        last = last_token_index(input_ids, attention_mask, self.config.pad_token_id, batch_size=b, length=length,
+                                device=hidden.device)  # (B,)
         logits = self.score(hidden[torch.arange(b, device=hidden.device), last].to(self.score.weight.dtype))
         loss = None
         if labels is not None:

@@ -3,16 +3,25 @@
     Trainer(model, BatchStream(...), LoopConfig(), OptimConfig(), run_dir).fit()
 
 ``lmforge.train.pretrain.pretrain`` builds model, tokenizer and data from a ``PretrainConfig``
-and runs the loop; the fine-tuning task reuses the same ``Trainer``.
+and runs the loop; ``lmforge.train.finetune.finetune`` (from a ``FinetuneConfig``) reuses the
+same ``Trainer`` with other data, collators and model wrapping.
 """
 
 from lmforge.train.batches import BatchStream
-from lmforge.train.config import DataSection, LoopConfig, ModelSection, OptimConfig, PretrainConfig
+from lmforge.train.config import (
+    DataSection,
+    FinetuneConfig,
+    LoopConfig,
+    ModelSection,
+    OptimConfig,
+    PretrainConfig,
+)
 from lmforge.train.loop import NonFiniteLossError, Trainer, TrainResult, make_accelerator
 
 __all__ = [
     "BatchStream",
     "DataSection",
+    "FinetuneConfig",
     "LoopConfig",
     "ModelSection",
     "NonFiniteLossError",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ class TrainerState:
 
     ``data`` is the data position (``BatchStream.state_dict()``); the batch geometry is stored so
     a resume whose steps would hold another number of rows is refused instead of silently diverging.
+    ``best_*`` and ``evals_since_best`` carry model selection and early stopping across a resume.
     """
 
     step: int = 0
@@ -40,6 +42,9 @@ class TrainerState:
     total_steps: int = 0
     skipped_steps: int = 0
     elapsed_seconds: float = 0.0
+    best_value: float | None = None  # model selection: the best eval metric so far
+    best_step: int | None = None
+    evals_since_best: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -129,8 +134,25 @@ def _quiet_tied_weight_notice():
         logger.removeFilter(notice)
 
 
-def save_checkpoint(accelerator: Any, run_dir: str | Path, state: TrainerState, keep_last: int) -> Path:
-    """Write ``step_N`` atomically on all processes; return its final path."""
+def link_tree(source: Path, target: Path) -> None:
+    """Copy the folder ``source`` to ``target`` by hard links where the file system allows (the
+    files of ``source`` are replaced, never rewritten in place, so a link stays a snapshot)."""
+    shutil.copytree(source, target, copy_function=_link_or_copy)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def save_checkpoint(accelerator: Any, run_dir: str | Path, state: TrainerState, keep_last: int,
+                    extra: dict[str, Path] | None = None) -> Path:
+    """Write ``step_N`` atomically on all processes; return its final path.
+
+    ``extra``: folders to snapshot into the checkpoint under the given names (the best model so
+    far, so that resuming from this checkpoint restores the selection it had made)."""
     root = checkpoints_dir(run_dir)
     final = root / f"step_{state.step}"
     tmp = root / f".tmp-step_{state.step}"
@@ -142,6 +164,9 @@ def save_checkpoint(accelerator: Any, run_dir: str | Path, state: TrainerState, 
     with _quiet_tied_weight_notice():
         accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
+        for name, folder in (extra or {}).items():
+            if folder.is_dir():
+                link_tree(folder, tmp / name)
         (tmp / STATE_FILE).write_text(state.to_json())
     accelerator.wait_for_everyone()  # every process has finished writing
     if accelerator.is_main_process:

@@ -201,3 +201,156 @@ class PretrainConfig:
                 "matrix, and FSDP gives every process only a shard of it. Use distributed: ddp with muon, "
                 "or optim.name: adamw with fsdp."
             )
+
+
+# ----------------------------------------------------------------------------------- fine-tuning
+
+
+@dataclass
+class FinetuneModelSection:
+    """Where fine-tuning starts.
+
+    Attributes:
+        path: an lmforge run folder (its final/ is used), a saved model folder, or a Hub id that
+            AutoModelForSequenceClassification (task classification) or AutoModelForCausalLM (task
+            sft) can load: ours, or stock BERT, Llama, GPT-2, Mamba and others.
+        trust_remote_code: run model code saved next to the weights (needed for other projects'
+            custom models; lmforge's own families are registered in-process).
+    """
+
+    path: str = ""
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoraSection:
+    """LoRA settings (method: lora), passed to peft's LoraConfig.
+
+    Attributes:
+        r: rank of the update matrices.
+        alpha: scaling numerator (the update is scaled by alpha / r).
+        dropout: dropout on the LoRA input.
+        target_modules: module names to adapt (null: the family's default, printed at start;
+            for an unknown family, the linear layers of the attention).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ValueError(f"lora.r must be >= 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class FinetuneDataSection:
+    """The labelled (classification) or chat (sft) data.
+
+    Attributes:
+        source: built-in corpus (rotten-tomatoes), jsonl/csv/parquet file, split-aware folder
+            (train.* / validation.* / test.*) or Hub dataset id.
+        tokenizer: tokenizer folder (null: the one saved with model.path).
+        text_column: the text to classify.
+        text_pair_column: an optional second text (sentence-pair tasks).
+        label_column: the label: a string or int (single-label), a list of them (multi-label) or
+            a float (regression).
+        problem_type: single_label_classification, multi_label_classification or regression
+            (null: inferred from the training labels).
+        messages_column: (sft) the conversation: a list of {role, content}.
+        train_split: split to train on.
+        eval_split: split for periodic evaluation, model selection and early stopping (null: none).
+        test_split: split evaluated once at the end with the selected model (null: none).
+        max_length: tokens per example (longer ones are truncated).
+        train_rows: train on N rows drawn at random (seeded by train.seed) from the training
+            split (null: all).
+        pack: (sft) pack short conversations into rows of max_length tokens; attention (and
+            Mamba's state) never crosses conversations.
+    """
+
+    source: str = "rotten-tomatoes"
+    tokenizer: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    problem_type: Literal["single_label_classification", "multi_label_classification", "regression"] | None = None
+    messages_column: str = "messages"
+    train_split: str = "train"
+    eval_split: str | None = "validation"
+    test_split: str | None = "test"
+    max_length: int = 128
+    train_rows: int | None = None
+    pack: bool = False
+
+    def __post_init__(self):
+        if self.max_length < 2:
+            raise ValueError(f"data.max_length must be >= 2, got {self.max_length}")
+        if self.train_rows is not None and self.train_rows < 1:
+            raise ValueError(f"data.train_rows must be >= 1, got {self.train_rows}")
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    """The optimizer and schedule of fine-tuning: OptimConfig's keys, with fine-tuning defaults
+    (lr 2e-4, no warmup, weight decay 0.01)."""
+
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+
+
+@dataclass
+class FinetuneLoopConfig(LoopConfig):
+    """The training loop for fine-tuning: the pretraining loop's keys plus epochs and model selection.
+
+    Attributes:
+        epochs: passes over the training split (null: train.max_steps steps instead).
+        metric_for_best: eval metric that selects the model kept in final/ (auto: accuracy for
+            classification, pearson for regression, loss for sft).
+        greater_is_better: whether a larger metric_for_best is better (null: false for loss/mse,
+            true otherwise).
+        early_stopping_patience: stop after this many evaluations without improvement (0: never).
+    """
+
+    epochs: float | None = 3.0
+    metric_for_best: str = "auto"
+    greater_is_better: bool | None = None
+    early_stopping_patience: int = 0
+    eval_every: int = 100
+    save_every: int = 100
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"train.epochs must be > 0, got {self.epochs}")
+        if self.early_stopping_patience < 0:
+            raise ValueError(f"train.early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything ``lmforge finetune`` needs.
+
+    Attributes:
+        task: classification (sequence classification: single-label, multi-label or regression)
+            or sft (chat supervised fine-tuning of a causal LM; the loss covers assistant turns).
+        method: full (every weight trains) or lora (peft LoRA adapters; the new head trains fully,
+            everything else is frozen).
+        output_dir: the run directory (config, metrics, checkpoints, best/, final/).
+        resume: 'auto' (latest checkpoint in output_dir, if any) or a checkpoint path.
+        overwrite: allow reusing an output_dir that holds another run (its files are removed).
+    """
+
+    task: Literal["classification", "sft"] = "classification"
+    method: Literal["full", "lora"] = "lora"
+    output_dir: str = "runs/finetune"
+    resume: str | None = None
+    overwrite: bool = False
+    model: FinetuneModelSection = field(default_factory=FinetuneModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: FinetuneDataSection = field(default_factory=FinetuneDataSection)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    train: FinetuneLoopConfig = field(default_factory=FinetuneLoopConfig)

@@ -8,7 +8,8 @@ Per optimizer step ``s``:
      ``n`` = targets in the whole window on all processes.
   3. Each micro-batch's loss is (sum of its token losses) / ``n`` (``num_items_in_batch``),
      times the world size because DDP averages gradients: the gradient is exactly the one of a
-     single big batch, whatever the padding or masking of each micro-batch.
+     single big batch, whatever the padding or masking of each micro-batch. A model whose loss
+     is a mean over rows (sequence classification) is weighted by its share of the window's rows.
   4. Non-finite loss/gradient: stop (saving the last good state) or skip the step.
   5. Clip, step, schedule, log, evaluate, checkpoint; Ctrl-C/SIGTERM ends at a step every
      process agrees on, after a checkpoint.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import shutil
 import signal
 import time
 from collections import deque
@@ -36,6 +38,7 @@ from lmforge.train.batches import BatchStream
 from lmforge.train.checkpoint import (
     TrainerState,
     check_compatible,
+    link_tree,
     save_checkpoint,
 )
 from lmforge.train.config import LoopConfig, OptimConfig
@@ -54,12 +57,14 @@ class TrainResult:
 
     step: int
     tokens_seen: int
-    status: str  # "completed", "interrupted" or "time budget"
+    status: str  # "completed", "interrupted", "time budget" or "early stopped"
     last_checkpoint: Path | None
     last_eval: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0
     elapsed_seconds: float = 0.0
     stop_signal: int | None = None  # SIGINT/SIGTERM that interrupted the run (None: another process's)
+    best_step: int | None = None  # model selection: the step of the best evaluation
+    best_value: float | None = None
 
     @property
     def exit_code(self) -> int:
@@ -68,6 +73,35 @@ class TrainResult:
         if self.status != "interrupted":
             return 0
         return 128 + (self.stop_signal or signal.SIGTERM)
+
+
+@dataclass
+class ModelSelection:
+    """Keep the best model by an evaluation metric, and stop early when it stops improving.
+
+    After every evaluation, ``metric`` is compared with the best so far; on improvement
+    ``on_best(model, step, metrics)`` is called on every process (it saves the model into
+    ``folder``, replacing its files rather than rewriting them in place). With ``patience`` > 0
+    the run ends ("early stopped") after ``patience`` evaluations in a row without improvement.
+    Every checkpoint holds a snapshot of ``folder`` and the best value and count, so a resume
+    (into this run folder or another) continues with the selection as it was at that step.
+    """
+
+    metric: str
+    greater_is_better: bool
+    on_best: Callable[[nn.Module, int, dict[str, float]], None]
+    patience: int = 0
+    folder: Path | None = None
+
+    def improves(self, value: float, best: float | None) -> bool:
+        if not math.isfinite(value):
+            return False
+        return best is None or (value > best if self.greater_is_better else value < best)
+
+
+def rows_of(batch: dict[str, torch.Tensor]) -> int:
+    """Loss terms of a batch whose model averages its loss over rows (sequence classification)."""
+    return int(batch["labels"].shape[0])
 
 
 def make_accelerator(run_dir: str | Path, mixed_precision: str = "no", *, trackers: bool = True):
@@ -140,12 +174,19 @@ class Trainer:
             may use the whole eval split); returns metrics such as loss and bits_per_byte.
         flops_per_token: training FLOPs per token for the MFU estimate (None: not reported).
         clock: the wall clock of the time budget (seconds; tests pass a simulated one).
+        count_targets: for a model whose ``loss`` is a mean over something other than the
+            ``labels != -100`` tokens (sequence classification: rows, see ``rows_of``), the count
+            of that in a micro-batch; each micro-batch's loss is then weighted by its share of the
+            window. None: token-level losses, normalized through ``num_items_in_batch``.
+        select: keep the best model by an eval metric and stop early (see ``ModelSelection``).
     """
 
     def __init__(self, model: nn.Module, train_data: BatchStream, config: LoopConfig, optim: OptimConfig,
                  run_dir: str | Path, *, accelerator: Any = None,
                  evaluate: Callable[[nn.Module, bool], dict[str, float]] | None = None,
-                 flops_per_token: float | None = None, clock: Callable[[], float] = time.perf_counter):
+                 flops_per_token: float | None = None, clock: Callable[[], float] = time.perf_counter,
+                 count_targets: Callable[[dict[str, torch.Tensor]], int] | None = None,
+                 select: ModelSelection | None = None):
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config
@@ -155,6 +196,9 @@ class Trainer:
         self.evaluate_fn = evaluate
         self.flops_per_token = flops_per_token
         self.clock = clock
+        self.select = select
+        self._early_stop = False
+        self._count_fn = count_targets
         self.shift = target_shift(model)
         if config.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
@@ -173,7 +217,7 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.forward = torch.compile(self.model) if config.compile else self.model
         forward_fn = self.accelerator.unwrap_model(self.model).forward
-        self._pass_num_items = _accepts(forward_fn, "num_items_in_batch")
+        self._pass_num_items = count_targets is None and _accepts(forward_fn, "num_items_in_batch")
         self._pass_no_cache = _accepts(forward_fn, "use_cache") and self.shift == 1
         self.max_grad_norm = optim.max_grad_norm
         self._params = [p for p in self.model.parameters() if p.requires_grad]
@@ -205,12 +249,22 @@ class Trainer:
                          grad_accum_steps=self.config.grad_accum_steps, checkpoint=checkpoint)
         self.accelerator.load_state(str(checkpoint))
         self.train_data.load_state_dict(state.data)
+        folder = self.select.folder if self.select is not None else None
+        if folder is not None and (checkpoint / folder.name).is_dir() and state.best_step is not None:
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:  # the best model as of the checkpoint
+                if folder.exists():
+                    shutil.rmtree(folder)
+                link_tree(checkpoint / folder.name, folder)
+            self.accelerator.wait_for_everyone()
         self.state = state
         self.last_checkpoint = checkpoint
 
     # --------------------------------------------------------------------------- one step
 
     def _count_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        if self._count_fn is not None:
+            return self._count_fn(batch)
         labels = batch["labels"]
         if self.shift:
             labels = labels[..., self.shift:]
@@ -321,15 +375,21 @@ class Trainer:
                         break
                     if cfg.eval_every and state.step % cfg.eval_every == 0:
                         self._evaluate(logger)
-                    if cfg.save_every and state.step % cfg.save_every == 0:
+                    if cfg.save_every and state.step % cfg.save_every == 0 or self._early_stop:
                         self._save()
+                    if self._early_stop:
+                        status = "early stopped"
+                        logger.write(f"step {state.step}: {self.select.metric} has not improved for "
+                                     f"{state.evals_since_best} evaluations; stopping early (best: "
+                                     f"{state.best_value:.4f} at step {state.best_step})")
+                        break
                     if stop_requested:
                         status = "interrupted"
                         break
                     if over_budget:
                         status = "time budget"
                         break
-            if status != "interrupted":
+            if status not in ("interrupted", "early stopped"):
                 self._evaluate(logger, final=True)
             if self.last_checkpoint is None or self.last_checkpoint.name != f"step_{state.step}":
                 self._save()
@@ -343,7 +403,7 @@ class Trainer:
         return TrainResult(step=state.step, tokens_seen=state.tokens_seen, status=status,
                            last_checkpoint=self.last_checkpoint, last_eval=self.last_eval,
                            skipped_steps=state.skipped_steps, elapsed_seconds=state.elapsed_seconds,
-                           stop_signal=stop.signal)
+                           stop_signal=stop.signal, best_step=state.best_step, best_value=state.best_value)
 
     # --------------------------------------------------------------------------- helpers
 
@@ -371,10 +431,29 @@ class Trainer:
         logger.log({"step": self.state.step, **{f"eval_{k}": v for k, v in self.last_eval.items()}})
         shown = ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items() if isinstance(v, float))
         logger.write(f"step {self.state.step}: eval {shown}")
+        if self.select is not None:
+            self._select(self.last_eval)
         self.model.train()
 
+    def _select(self, metrics: dict[str, float]) -> None:
+        """Track the best evaluation, save its model, and decide on early stopping."""
+        select, state = self.select, self.state
+        if select.metric not in metrics:
+            raise LmforgeError(f"train.metric_for_best: the evaluation reports no {select.metric!r}; it "
+                               f"reports {', '.join(sorted(metrics))}")
+        value = float(metrics[select.metric])
+        if select.improves(value, state.best_value):
+            state.best_value, state.best_step, state.evals_since_best = value, state.step, 0
+            select.on_best(self.model, state.step, metrics)
+        else:
+            state.evals_since_best += 1
+            self._early_stop = 0 < select.patience <= state.evals_since_best
+
     def _save(self) -> Path:
-        self.last_checkpoint = save_checkpoint(self.accelerator, self.run_dir, self.state, self.config.keep_last)
+        folder = self.select.folder if self.select is not None else None
+        extra = {folder.name: folder} if folder is not None and self.state.best_step is not None else None
+        self.last_checkpoint = save_checkpoint(self.accelerator, self.run_dir, self.state, self.config.keep_last,
+                                               extra=extra)
         return self.last_checkpoint
 
     def _stop_on_nonfinite(self, loss: float, grad_norm: float, before: tuple[dict, int],

@@ -1,0 +1,563 @@
+"""``lmforge finetune``: a pretrained model (ours or a stock checkpoint) + labelled or chat data ->
+the same training loop as pretraining -> the selected model (or LoRA adapter) in ``final/``.
+
+Run directory layout::
+
+    run_dir/config.yaml        the resolved configuration
+    run_dir/metrics.jsonl      one JSON object per log/eval line (test_* at the end)
+    run_dir/checkpoints/step_N accelerate state + trainer_state.json (the last K)
+    run_dir/best/              the best model (or adapter) so far by train.metric_for_best
+    run_dir/final/             the selected model (or adapter) + tokenizer + README.md (model card)
+    run_dir/eval_results.json  the selected model's eval and test metrics
+
+Tasks: ``classification`` (``AutoModelForSequenceClassification``; a head is added when the
+checkpoint has none, with the labels of the training split) and ``sft`` (``AutoModelForCausalLM``;
+conversations rendered with the tokenizer's chat template, loss on assistant turns only).
+Methods: ``full`` or ``lora`` (peft; the new head and any other newly initialised module train
+fully through ``modules_to_save``, everything else is frozen).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from lmforge.config import to_dict
+from lmforge.errors import LmforgeError
+from lmforge.train.batches import BatchStream, eval_batches
+from lmforge.train.checkpoint import resolve_resume
+from lmforge.train.config import FinetuneConfig
+from lmforge.train.loop import ModelSelection, Trainer, TrainResult, make_accelerator, rows_of
+
+CONFIG_FILE = "config.yaml"
+RESULTS_FILE = "eval_results.json"
+_RUN_FILES = (CONFIG_FILE, "metrics.jsonl", "checkpoints", "best", "final", RESULTS_FILE, "loss.png")
+
+# LoRA target modules per model_type when lora.target_modules is not set (peft's own table covers
+# the stock families it knows; ours and Mamba are added here)
+DEFAULT_LORA_TARGETS = {
+    "lmforge_gpt": ["q_proj", "v_proj"],
+    "lmforge_bert": ["q_proj", "v_proj"],
+    "lmforge_mamba": ["in_proj", "out_proj"],
+    "mamba": ["in_proj", "out_proj"],
+}
+
+
+@dataclass
+class FinetuneResult:
+    """Where things are after ``finetune``."""
+
+    run_dir: Path
+    final_dir: Path | None
+    train: TrainResult
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # {"eval": ..., "test": ...}
+
+
+# ----------------------------------------------------------------------------------- run dir
+
+
+def check_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder unless resuming or told to overwrite (reads only)."""
+    existing = [name for name in _RUN_FILES if (run_dir / name).exists()]
+    if existing and not resuming and not overwrite:
+        raise LmforgeError(
+            f"output_dir {run_dir} already holds a run ({', '.join(existing)}); set resume: auto to continue "
+            "it (--resume auto), overwrite: true to replace it (--overwrite), or choose another output_dir")
+
+
+def start_run_dir(run_dir: Path, config: FinetuneConfig, *, restart: bool) -> None:
+    """Create (or, with ``overwrite``, clear) the run folder and write the resolved config."""
+    if config.overwrite and config.resume is None:
+        for name in _RUN_FILES:
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    if restart:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------- model
+
+
+def resolve_model_path(path: str) -> str:
+    """``model.path`` -> what ``from_pretrained`` should read: a run folder's ``final/``, a model
+    folder, or (anything that is not a local path) a Hub id."""
+    if not path:
+        raise LmforgeError("model.path is required: an lmforge run folder, a saved model folder or a Hub id")
+    folder = Path(path)
+    if not folder.exists():
+        if path.startswith((".", "/", "~")) or folder.suffix or path.count("/") > 1:
+            raise LmforgeError(f"model.path: {path} does not exist")
+        return path  # a Hub id such as user/name
+    if (folder / "final" / "config.json").is_file():
+        folder = folder / "final"
+    if (folder / "adapter_config.json").is_file():
+        raise LmforgeError(f"model.path: {path} holds a LoRA adapter, not a model; merge it first "
+                           f"(lmforge merge {path} --output DIR) and fine-tune DIR")
+    if not (folder / "config.json").is_file():
+        raise LmforgeError(f"model.path: {path} holds no model (no config.json, and no final/config.json "
+                           "of an lmforge run)")
+    return str(folder)
+
+
+def load_tokenizer(config: FinetuneConfig, model_path: str) -> Any:
+    """``data.tokenizer``, or the tokenizer saved with the model; a pad token is guaranteed."""
+    from transformers import AutoTokenizer
+
+    source = config.data.tokenizer or model_path
+    where = "data.tokenizer" if config.data.tokenizer else f"model.path {model_path} (its tokenizer)"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.model.trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise LmforgeError(f"{where}: no tokenizer could be loaded from {source} ({str(e).splitlines()[0]}); "
+                           "set data.tokenizer to a tokenizer folder") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise LmforgeError(f"{where}: the tokenizer has neither a pad nor an eos token to pad batches with")
+        tokenizer.pad_token = tokenizer.eos_token
+        print(f"tokenizer: no pad token; padding with the eos token {tokenizer.eos_token!r} "
+              "(masked out of the loss and of pooling by the attention mask)")
+    return tokenizer
+
+
+def _check_vocab(model: nn.Module, tokenizer: Any, config: FinetuneConfig) -> None:
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) <= vocab:
+        return
+    if config.method == "lora":
+        raise LmforgeError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab}; "
+                           "LoRA cannot train new embedding rows: use method: full (the embedding is resized), "
+                           "or a tokenizer that fits the model")
+    model.resize_token_embeddings(len(tokenizer))
+    print(f"model: embedding resized from {vocab} to {len(tokenizer)} tokens for the tokenizer")
+
+
+def load_model(config: FinetuneConfig, model_path: str, tokenizer: Any, spec: Any | None) -> tuple[nn.Module, list[str]]:
+    """The model to fine-tune and the names of the modules it had to initialise (a new head).
+
+    Classification: ``num_labels``, ``id2label``/``label2id`` and ``problem_type`` come from the
+    training labels (``spec``); a checkpoint whose head has another size gets a new head.
+    """
+    import transformers
+
+    import lmforge.models  # noqa: F401  (registers the lmforge families with the Auto classes)
+
+    kwargs: dict[str, Any] = {"trust_remote_code": config.model.trust_remote_code}
+    if config.task == "classification":
+        auto = transformers.AutoModelForSequenceClassification
+        kwargs.update(spec.config_kwargs(), ignore_mismatched_sizes=True)
+    else:
+        auto = transformers.AutoModelForCausalLM
+    torch.manual_seed(config.train.seed)  # the new head's initialisation
+    try:
+        model, info = auto.from_pretrained(model_path, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise LmforgeError(f"model.path {model_path}: {auto.__name__} cannot load it: "
+                           f"{str(e).strip().splitlines()[0]}") from None
+    new_keys = sorted(set(info.get("missing_keys", [])) | {k for k, *_ in info.get("mismatched_keys", [])})
+    new_modules = sorted({key.rsplit(".", 1)[0] for key in new_keys})
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # last-token pooling without a mask
+    _check_vocab(model, tokenizer, config)
+    return model, new_modules
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """The family's LoRA targets; for a model we do not know, the linear layers of its attention."""
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS,
+    )
+
+    model_type = getattr(model.config, "model_type", "")
+    targets = DEFAULT_LORA_TARGETS.get(model_type) or PEFT_TARGETS.get(model_type)
+    if targets:
+        return list(targets)
+    found = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and any(part in name.lower() for part in ("attn", "attention"))}
+    if not found:
+        raise LmforgeError(f"lora.target_modules: no default for model_type {model_type!r} and no linear layers "
+                           "inside attention modules; set lora.target_modules (the linear layers are: "
+                           f"{', '.join(_linear_names(model))})")
+    return sorted(found)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
+def apply_lora(model: nn.Module, config: FinetuneConfig, new_modules: list[str]) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters; the newly initialised modules (the head) train fully."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = config.lora
+    targets = list(lora.target_modules) if lora.target_modules else default_target_modules(model)
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unmatched = [t for t in targets if t not in names and not any(n.endswith(t) for n, _ in model.named_modules())]
+    if unmatched:
+        raise LmforgeError(f"lora.target_modules: {', '.join(unmatched)} match no module of "
+                           f"{type(model).__name__}; its linear layers are: {', '.join(_linear_names(model))}")
+    task_type = TaskType.SEQ_CLS if config.task == "classification" else TaskType.CAUSAL_LM
+    peft_config = LoraConfig(task_type=task_type, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=targets, modules_to_save=new_modules or None)
+    print(f"LoRA: r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout} on {', '.join(targets)}"
+          + (f"; trained fully: {', '.join(new_modules)}" if new_modules else ""))
+    return get_peft_model(model, peft_config)
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters, tied weights counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+# ----------------------------------------------------------------------------------- data
+
+
+def _inputs_filter(model: nn.Module, collate: Any) -> Any:
+    """Keep the batch columns the (base) model's forward names, plus labels."""
+    names = set(inspect.signature(base_model(model).forward).parameters) | {"labels"}
+
+    def collate_for_model(rows: list[dict]) -> dict:
+        return {k: v for k, v in collate(rows).items() if k in names}
+
+    return collate_for_model
+
+
+@dataclass
+class _Data:
+    train: Any
+    eval: Any | None
+    test: Any | None
+    spec: Any | None  # LabelSpec for classification
+
+
+def _where(config: FinetuneConfig, split: str) -> str:
+    return f"data.source {config.data.source} (split {split!r})"
+
+
+def _sample(ds: Any, rows: int | None, seed: int) -> Any:
+    """``rows`` rows drawn at random (seeded) from ``ds``, in their original order; all without
+    ``rows``. Files are often sorted (by label, by date): the first N rows are no sample."""
+    if rows is None or rows >= len(ds):
+        return ds
+    keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:rows]
+    return ds.select(sorted(keep.tolist()))
+
+
+def load_data(config: FinetuneConfig, tokenizer: Any) -> _Data:
+    """Every split, tokenized and checked, before anything is written."""
+    data = config.data
+    splits = {"train": data.train_split, "eval": data.eval_split, "test": data.test_split}
+    if config.task == "classification":
+        from lmforge.data.classification import (
+            encode_classification,
+            infer_label_spec,
+            load_labelled,
+        )
+
+        raw = {}
+        for key, split in splits.items():
+            if split is None:
+                continue
+            ds = load_labelled(data.source, split, text_column=data.text_column,
+                               text_pair_column=data.text_pair_column, label_column=data.label_column)
+            if key == "train":
+                ds = _sample(ds, data.train_rows, config.train.seed)
+            raw[key] = ds
+        spec = infer_label_spec(raw["train"], data.label_column, where=_where(config, data.train_split),
+                                problem_type=data.problem_type)
+        encoded = {key: encode_classification(ds, tokenizer, spec, text_column=data.text_column,
+                                              text_pair_column=data.text_pair_column,
+                                              label_column=data.label_column, max_length=data.max_length,
+                                              where=_where(config, splits[key]))
+                   for key, ds in raw.items()}
+        return _Data(encoded["train"], encoded.get("eval"), encoded.get("test"), spec)
+
+    from lmforge.data.chat import build_sft_dataset, check_chat_tokenizer
+
+    check_chat_tokenizer(tokenizer, where="data.tokenizer" if data.tokenizer else f"model.path {config.model.path}")
+    built = {}
+    for key, split in splits.items():
+        if split is None:
+            continue
+        ds = build_sft_dataset(data.source, split, tokenizer, messages_column=data.messages_column,
+                               max_length=data.max_length, pack=data.pack)
+        if key == "train":
+            ds = _sample(ds, data.train_rows, config.train.seed)
+        built[key] = ds
+    return _Data(built["train"], built.get("eval"), built.get("test"), None)
+
+
+def _collator(config: FinetuneConfig, tokenizer: Any, spec: Any | None) -> Any:
+    if config.task == "classification":
+        from lmforge.data.classification import ClassificationCollator
+
+        return ClassificationCollator(tokenizer.pad_token_id, spec.problem_type)
+    from lmforge.data.collators import CausalLMCollator
+
+    return CausalLMCollator(tokenizer.pad_token_id)
+
+
+def _selection_metric(config: FinetuneConfig, spec: Any | None) -> tuple[str, bool]:
+    metric = config.train.metric_for_best
+    if metric == "auto":
+        if config.task == "sft":
+            metric = "loss"
+        elif spec.problem_type == "regression":
+            metric = "pearson"
+        else:
+            metric = "accuracy"
+    greater = config.train.greater_is_better
+    if greater is None:
+        greater = metric not in ("loss", "mse", "perplexity", "bits_per_byte")
+    return metric, greater
+
+
+# ----------------------------------------------------------------------------------- saving
+
+
+def save_model(model: nn.Module, folder: Path, tokenizer: Any) -> None:
+    """``save_pretrained`` of the model (or, under peft, the adapter) with the tokenizer."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def load_saved_weights(model: nn.Module, folder: Path) -> None:
+    """Load the weights ``save_model`` wrote into ``folder`` back into ``model`` (in place)."""
+    from safetensors.torch import load_file
+
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+        return
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith(("lm_head.weight", "decoder.weight"))}
+    if unexpected or set(missing) - tied:
+        raise LmforgeError(f"{folder}: the saved weights do not fit the model (missing "
+                           f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+# ----------------------------------------------------------------------------------- the task
+
+
+def finetune(config: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune a model as described by ``config`` (see ``FinetuneConfig``); usable from Python.
+
+    Every check (launch, run folder, model, tokenizer, data, LoRA targets, checkpoint) runs
+    before the run folder is created or changed.
+    """
+    from lmforge.train import distributed
+
+    run_dir = Path(config.output_dir)
+    accelerator = make_accelerator(run_dir, config.train.mixed_precision)
+    distributed.check_launch(accelerator)  # first: a broken launch must not race on the run folder
+    checkpoint = resolve_resume(config.resume, run_dir)
+    check_run_dir(run_dir, resuming=config.resume is not None, overwrite=config.overwrite)
+    is_main = accelerator.is_main_process
+
+    model_path = resolve_model_path(config.model.path)
+    tokenizer = load_tokenizer(config, model_path)
+    data = load_data(config, tokenizer)
+    model, new_modules = load_model(config, model_path, tokenizer, data.spec)
+    if config.method == "lora":
+        model = apply_lora(model, config, new_modules)
+    trainable, total = parameter_counts(model)
+
+    ranks = dict(process_index=accelerator.process_index, num_processes=accelerator.num_processes)
+    collate = _inputs_filter(model, _collator(config, tokenizer, data.spec))
+    train = config.train
+    train_data = BatchStream(data.train, train.micro_batch_size, collate, seed=train.seed,
+                             grad_accum_steps=train.grad_accum_steps, **ranks)
+    if len(train_data) == 0:
+        raise LmforgeError(
+            f"{_where(config, config.data.train_split)} has {len(data.train)} rows, fewer than one optimizer "
+            f"step of {train_data.rows_per_step} (train.micro_batch_size {train.micro_batch_size} x "
+            f"train.grad_accum_steps {train.grad_accum_steps} x {accelerator.num_processes} process(es))")
+    if train.epochs is not None:
+        train.max_steps = max(1, math.ceil(train.epochs * len(train_data)))
+
+    evaluate = _evaluator(config, data, collate, accelerator, tokenizer, model)
+    select = None
+    if evaluate is not None:
+        metric, greater = _selection_metric(config, data.spec)
+        best_dir = run_dir / "best"
+
+        def on_best(prepared: nn.Module, step: int, metrics: dict[str, float]) -> None:
+            if accelerator.is_main_process:  # written aside, then swapped in: never half-written
+                tmp, old = run_dir / ".best-tmp", run_dir / ".best-old"
+                for stale in (tmp, old):
+                    shutil.rmtree(stale, ignore_errors=True)
+                save_model(accelerator.unwrap_model(prepared), tmp, tokenizer)
+                (tmp / "best_step.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+                if best_dir.exists():
+                    best_dir.rename(old)
+                tmp.rename(best_dir)
+                shutil.rmtree(old, ignore_errors=True)
+
+        select = ModelSelection(metric, greater, on_best, patience=train.early_stopping_patience,
+                                folder=best_dir)
+
+    trainer = Trainer(model, train_data, train, config.optim, run_dir, accelerator=accelerator,
+                      evaluate=(lambda m, final: evaluate(m, "eval", final)) if evaluate else None,
+                      count_targets=rows_of if config.task == "classification" else None, select=select)
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
+    accelerator.wait_for_everyone()  # every process passed every check
+    strategy = distributed.strategy_name(accelerator, trainer.model)  # what really runs, after prepare
+    if is_main:
+        start_run_dir(run_dir, config, restart=config.resume is not None and checkpoint is None)
+        print(f"lmforge finetune: {config.task} ({config.method}) of {model_path}: "
+              f"{type(base_model(model)).__name__}, trainable {trainable:,} of {total:,} parameters "
+              f"({100 * trainable / total:.2f}%), {len(data.train):,} training rows, {train.max_steps} steps, "
+              f"strategy {strategy}, {accelerator.num_processes} process(es), run dir {run_dir}"
+              + (f", resuming from {checkpoint}" if checkpoint else ""), flush=True)
+    accelerator.wait_for_everyone()
+    result = trainer.fit()
+
+    final_dir, metrics = None, {}
+    if result.status != "interrupted":
+        unwrapped = accelerator.unwrap_model(trainer.model)
+        if select is not None and result.best_step is not None and result.best_step != result.step:
+            load_saved_weights(unwrapped, run_dir / "best")  # the selected model, on every process
+            if is_main:
+                print(f"selected the model of step {result.best_step} ({select.metric} {result.best_value:.4f})")
+        if evaluate is not None:
+            metrics["eval"] = evaluate(trainer.model, "eval", True)
+            if data.test is not None:
+                metrics["test"] = evaluate(trainer.model, "test", True)
+        if is_main:
+            final_dir = _save_final(unwrapped, tokenizer, config, model_path, result, metrics,
+                                    trainable=trainable, total=total)
+    accelerator.wait_for_everyone()
+    return FinetuneResult(run_dir=run_dir, final_dir=final_dir, train=result, metrics=metrics)
+
+
+def _evaluator(config: FinetuneConfig, data: _Data, collate: Any, accelerator: Any, tokenizer: Any,
+               model: nn.Module) -> Any:
+    """``evaluate(model, "eval" | "test", final) -> metrics``, or None without an eval split."""
+    if data.eval is None:
+        return None
+    ranks = dict(process_index=accelerator.process_index, num_processes=accelerator.num_processes)
+    batch_size, limit = config.train.micro_batch_size, config.train.eval_batches
+    splits = {"eval": data.eval, "test": data.test}
+    if limit is not None:  # periodic evaluations see a fixed random sample, not a (sorted?) file's head
+        rows = limit * batch_size * accelerator.num_processes
+        splits["eval-sample"] = _sample(data.eval, rows, config.train.seed)
+
+    def rows_of_split(split: str, final: bool) -> Any:
+        return splits[split] if final or limit is None or split != "eval" else splits["eval-sample"]
+    if config.task == "classification":
+        from lmforge.eval.classification import evaluate_classifier
+
+        def evaluate(prepared: nn.Module, split: str, final: bool) -> dict[str, float]:
+            batches = eval_batches(rows_of_split(split, final), batch_size, collate, None, **ranks)
+            return evaluate_classifier(prepared, batches, problem_type=data.spec.problem_type,
+                                       accelerator=accelerator)
+        return evaluate
+
+    from lmforge.eval.perplexity import evaluate_lm, token_byte_lengths
+
+    byte_lengths = token_byte_lengths(tokenizer, base_model(model).config.vocab_size)
+
+    def evaluate_sft(prepared: nn.Module, split: str, final: bool) -> dict[str, float]:
+        batches = eval_batches(rows_of_split(split, final), batch_size, collate, None, **ranks)
+        return evaluate_lm(prepared, batches, byte_lengths=byte_lengths, accelerator=accelerator, shift=1)
+    return evaluate_sft
+
+
+def _save_final(model: nn.Module, tokenizer: Any, config: FinetuneConfig, model_path: str, result: TrainResult,
+                metrics: dict[str, dict[str, float]], *, trainable: int, total: int) -> Path:
+    """final/: the selected model or adapter, tokenizer, generation config, model card; eval_results.json."""
+    from lmforge.eval.report import plot_loss_curve, write_finetune_card
+    from lmforge.train.tracking import read_metrics
+
+    run_dir = Path(config.output_dir)
+    final = run_dir / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    inner = base_model(model)
+    generation = getattr(inner, "generation_config", None)
+    if generation is not None and config.task == "sft":
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(tokenizer, key, None)
+            if value is not None:
+                setattr(generation, key, value)
+    save_model(model, final, tokenizer)
+    if hasattr(model, "peft_config"):  # the adapter's labels (id2label, problem_type) and generation settings
+        inner.config.save_pretrained(final)
+        if generation is not None and config.task == "sft":
+            generation.save_pretrained(final)
+    results = {"step": result.step, "status": result.status, "best_step": result.best_step, **metrics}
+    for folder in (run_dir, final):
+        (folder / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    logged = {f"{split}_{k}": v for split, values in metrics.items() for k, v in values.items()}
+    if logged:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": result.step, "selected_step": result.best_step, **logged}) + "\n")
+    plot = plot_loss_curve(read_metrics(run_dir), run_dir / "loss.png",
+                           title=f"{config.task} fine-tuning of {model_path}")
+    if plot is not None:
+        shutil.copy(plot, final / "loss.png")
+    write_finetune_card(final, base_model=model_path, model_type=inner.config.model_type, task=config.task,
+                        method=config.method, config=to_dict(config), data=config.data.source,
+                        steps=result.step, metrics=metrics, trainable=trainable, total=total,
+                        labels=list(getattr(inner.config, "id2label", {}).values()) if config.task == "classification" else None,
+                        plot="loss.png" if plot else None)
+    return final
+
+
+def finetune_command(config: FinetuneConfig) -> int:
+    """Fine-tune a pretrained model: sequence classification or chat SFT, full or LoRA.
+
+    Reads a YAML config (``--config configs/finetune/<preset>.yaml``) and dotted flags that
+    override it (``--method lora --lora.r 16``). ``model.path`` is an lmforge run folder, a saved
+    model or a Hub id (ours or stock BERT, Llama, GPT-2, Mamba...). Runs on one process, or many
+    under ``accelerate launch -m lmforge.cli finetune ...``. Ctrl-C saves a checkpoint; continue
+    with ``--resume auto``. final/ holds the selected model (or the LoRA adapter; ``lmforge merge``
+    folds it into the base).
+
+    Args:
+        config: the run configuration (see the settings below).
+    """
+    from accelerate import PartialState
+
+    result = finetune(config)
+    if result.final_dir is not None and PartialState().is_main_process:
+        lines = [f"done: {result.train.step} steps ({result.train.status})"]
+        for split, values in result.metrics.items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float))
+            lines.append(f"  {split}: {shown}")
+        lines.append(f"model: {result.final_dir}")
+        print("\n".join(lines))
+    return result.train.exit_code
