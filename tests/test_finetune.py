@@ -304,6 +304,11 @@ def test_lora_targets_that_match_nothing_are_refused(tmp_path, bases, labelled):
     _refused(tmp_path, config, "query", "q_proj", "o_proj")
 
 
+def test_unknown_selection_metric_is_refused(tmp_path, bases, labelled):
+    config = finetune_config(tmp_path / "run", bases["bert"], labelled, train={"metric_for_best": "f1"})
+    _refused(tmp_path, config, "'f1'", "macro_f1")
+
+
 def test_missing_model_is_refused(tmp_path, labelled):
     _refused(tmp_path, finetune_config(tmp_path / "run", tmp_path / "nowhere", labelled), "nowhere")
 

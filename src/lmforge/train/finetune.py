@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from lmforge.config import to_dict
@@ -37,10 +36,10 @@ from lmforge.train.batches import BatchStream, eval_batches
 from lmforge.train.checkpoint import resolve_resume
 from lmforge.train.config import FinetuneConfig
 from lmforge.train.loop import ModelSelection, Trainer, TrainResult, make_accelerator, rows_of
+from lmforge.train.pretrain import check_run_dir, start_run_dir
 
-CONFIG_FILE = "config.yaml"
 RESULTS_FILE = "eval_results.json"
-_RUN_FILES = (CONFIG_FILE, "metrics.jsonl", "checkpoints", "best", "final", RESULTS_FILE, "loss.png")
+_RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "best", "final", RESULTS_FILE, "loss.png")
 
 # LoRA target modules per model_type when lora.target_modules is not set (peft's own table covers
 # the stock families it knows; ours and Mamba are added here)
@@ -63,30 +62,6 @@ class FinetuneResult:
 
 
 # ----------------------------------------------------------------------------------- run dir
-
-
-def check_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder unless resuming or told to overwrite (reads only)."""
-    existing = [name for name in _RUN_FILES if (run_dir / name).exists()]
-    if existing and not resuming and not overwrite:
-        raise LmforgeError(
-            f"output_dir {run_dir} already holds a run ({', '.join(existing)}); set resume: auto to continue "
-            "it (--resume auto), overwrite: true to replace it (--overwrite), or choose another output_dir")
-
-
-def start_run_dir(run_dir: Path, config: FinetuneConfig, *, restart: bool) -> None:
-    """Create (or, with ``overwrite``, clear) the run folder and write the resolved config."""
-    if config.overwrite and config.resume is None:
-        for name in _RUN_FILES:
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    if restart:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------------- model
@@ -323,15 +298,24 @@ def _collator(config: FinetuneConfig, tokenizer: Any, spec: Any | None) -> Any:
     return CausalLMCollator(tokenizer.pad_token_id)
 
 
+# what each kind of run's evaluation reports (train.metric_for_best must be one of them)
+EVAL_METRICS = {
+    "single_label_classification": ("accuracy", "macro_f1", "matthews_correlation", "loss"),
+    "multi_label_classification": ("accuracy", "micro_f1", "macro_f1", "loss"),
+    "regression": ("pearson", "spearman", "mse", "loss"),
+    "sft": ("loss", "perplexity", "bits_per_byte"),
+}
+
+
 def _selection_metric(config: FinetuneConfig, spec: Any | None) -> tuple[str, bool]:
+    """(metric, greater is better) of model selection, checked before training starts."""
+    kind = "sft" if config.task == "sft" else spec.problem_type
     metric = config.train.metric_for_best
     if metric == "auto":
-        if config.task == "sft":
-            metric = "loss"
-        elif spec.problem_type == "regression":
-            metric = "pearson"
-        else:
-            metric = "accuracy"
+        metric = {"sft": "loss", "regression": "pearson"}.get(kind, "accuracy")
+    elif metric not in EVAL_METRICS[kind]:
+        raise LmforgeError(f"train.metric_for_best: {metric!r} is not reported for {kind.replace('_', ' ')}; "
+                           f"choose one of {', '.join(EVAL_METRICS[kind])} (or auto)")
     greater = config.train.greater_is_better
     if greater is None:
         greater = metric not in ("loss", "mse", "perplexity", "bits_per_byte")
@@ -383,7 +367,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     accelerator = make_accelerator(run_dir, config.train.mixed_precision)
     distributed.check_launch(accelerator)  # first: a broken launch must not race on the run folder
     checkpoint = resolve_resume(config.resume, run_dir)
-    check_run_dir(run_dir, resuming=config.resume is not None, overwrite=config.overwrite)
+    check_run_dir(run_dir, resuming=config.resume is not None, overwrite=config.overwrite, files=_RUN_FILES)
     is_main = accelerator.is_main_process
 
     model_path = resolve_model_path(config.model.path)
@@ -436,7 +420,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     accelerator.wait_for_everyone()  # every process passed every check
     strategy = distributed.strategy_name(accelerator, trainer.model)  # what really runs, after prepare
     if is_main:
-        start_run_dir(run_dir, config, restart=config.resume is not None and checkpoint is None)
+        start_run_dir(run_dir, config, restart=config.resume is not None and checkpoint is None, is_main=True,
+                      files=_RUN_FILES)
         print(f"lmforge finetune: {config.task} ({config.method}) of {model_path}: "
               f"{type(base_model(model)).__name__}, trainable {trainable:,} of {total:,} parameters "
               f"({100 * trainable / total:.2f}%), {len(data.train):,} training rows, {train.max_steps} steps, "

@@ -48,24 +48,27 @@ class PretrainResult:
 # ``start_run_dir`` is the first write, called when training is about to start.
 
 
-def check_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder unless resuming or told to overwrite (reads only)."""
-    existing = [name for name in _RUN_FILES if (run_dir / name).exists()]
+def check_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool, files: tuple[str, ...] = _RUN_FILES) -> None:
+    """Refuse to mix two runs in one folder unless resuming or told to overwrite (reads only).
+    ``files``: the names a run of this task writes."""
+    existing = [name for name in files if (run_dir / name).exists()]
     if existing and not resuming and not overwrite:
         raise LmforgeError(
             f"output_dir {run_dir} already holds a run ({', '.join(existing)}); set resume: auto to continue "
             "it (--resume auto), overwrite: true to replace it (--overwrite), or choose another output_dir")
 
 
-def start_run_dir(run_dir: Path, config: PretrainConfig, *, restart: bool, is_main: bool) -> None:
-    """Create (or, with ``overwrite``, clear) the run folder and write the resolved config.
+def start_run_dir(run_dir: Path, config: Any, *, restart: bool, is_main: bool,
+                  files: tuple[str, ...] = _RUN_FILES) -> None:
+    """Create (or, with ``overwrite``, clear ``files`` of) the run folder and write the resolved
+    config (a ``PretrainConfig`` or ``FinetuneConfig``).
 
     ``restart``: ``resume: auto`` found no checkpoint, so earlier metrics belong to nothing.
     """
     if not is_main:
         return
     if config.overwrite and config.resume is None:
-        for name in _RUN_FILES:
+        for name in files:
             target = run_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
