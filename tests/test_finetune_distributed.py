@@ -38,6 +38,7 @@ from tests.finetune_fixtures import (
     write_chats,
     write_labelled,
 )
+from tests.train_fixtures import launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -49,11 +50,9 @@ GLOBAL_BATCH = MICRO * PROCESSES  # the 1-process run's micro-batch
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     # the launch gets its own datasets cache: it tokenizes the same files while this process does
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="1",
-               HF_DATASETS_CACHE=str(tmp / "hf-datasets-two"), TOKENIZERS_PARALLELISM="false")
-    return env
+    return launch_env(ACCELERATE_USE_CPU="1", HF_DATASETS_CACHE=str(tmp / "hf-datasets-two"),
+                      TOKENIZERS_PARALLELISM="false")
 
 
 def _one_and_two(tmp: Path, config: dict[str, Any]) -> tuple[Path, Path, str]:

@@ -40,6 +40,7 @@ from lmforge.eval.classification import (
 )
 from lmforge.train.batches import eval_batches
 from tests.torch_threads import single_thread  # noqa: F401  (fixture)
+from tests.train_fixtures import launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -381,9 +382,7 @@ def test_two_process_gather_equals_one_process(tmp_path):
     n = 9
     script = tmp_path / "gather.py"
     script.write_text(_GATHER)
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'src'}", HF_HUB_OFFLINE="1",
-               ACCELERATE_USE_CPU="1")
+    env = launch_env(ROOT, ACCELERATE_USE_CPU="1")
     cmd = [str(BIN / "accelerate"), "launch", "--config_file",
            str(ROOT / "configs" / "accelerate" / "cpu_multiprocess.yaml"), str(script), str(n)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)

@@ -8,7 +8,6 @@ unit tests of lmforge.train.distributed and the shipped accelerate configs."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from safetensors.torch import load_file
 from lmforge.errors import LmforgeError
 from lmforge.train import distributed as dist_mod
 from tests.pipeline_fixtures import gpt_tokenizer, make_corpus
-from tests.train_fixtures import snapshot
+from tests.train_fixtures import launch_env, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -120,9 +119,7 @@ def _steps(cfg: Path) -> int:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1")
-    return env
+    return launch_env()
 
 
 def _launch(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

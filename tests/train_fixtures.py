@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -36,6 +37,17 @@ def write_corpus(folder: Path, n_train: int = 160, n_eval: int = 24) -> Path:
     return folder
 
 
+def launch_env(*paths: Path, **extra: str) -> dict[str, str]:
+    """The environment of a test's subprocess or ``accelerate launch``: this checkout's ``src``
+    (and ``paths``) importable, one torch thread per process, offline, and no rank variables
+    inherited from an outer launcher; ``extra`` adds or overrides variables."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(str(x) for x in (*paths, root / "src")),
+               HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file below ``folder`` (relative path -> bytes), to show a folder was left untouched."""
     folder = Path(folder)
@@ -51,5 +63,5 @@ def save_tokenizers(folder: Path) -> dict[str, Path]:
     return out
 
 
-__all__ = ["PRESETS", "bert_tokenizer", "gpt_tokenizer", "make_corpus", "save_tokenizers", "snapshot",
+__all__ = ["PRESETS", "bert_tokenizer", "gpt_tokenizer", "launch_env", "make_corpus", "save_tokenizers", "snapshot",
            "write_corpus", "write_preset"]

@@ -150,8 +150,9 @@ def check_model_fits(model: Any, tokenizer: Any, block_size: int | None, *, sour
                            f"set model.overrides.max_position_embeddings >= {block_size}")
 
 
-def count_parameters(model: Any, *, exclude_embeddings: bool = False) -> int:
-    """Trainable parameters (tied weights counted once), optionally without embedding tables."""
+def count_parameters(model: Any, *, exclude_embeddings: bool = False, trainable_only: bool = False) -> int:
+    """Parameters (tied weights counted once), optionally without embedding tables or only those
+    that train (``requires_grad``)."""
     from torch import nn
 
     skip = set()
@@ -161,7 +162,7 @@ def count_parameters(model: Any, *, exclude_embeddings: bool = False) -> int:
                 skip.update(id(p) for p in m.parameters(recurse=False))
     seen, total = set(), 0
     for p in model.parameters():
-        if id(p) in seen or id(p) in skip:
+        if id(p) in seen or id(p) in skip or (trainable_only and not p.requires_grad):
             continue
         seen.add(id(p))
         total += p.numel()

@@ -19,7 +19,6 @@ fully through ``modules_to_save``, everything else is frozen).
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import shutil
@@ -35,8 +34,9 @@ from lmforge.errors import LmforgeError
 from lmforge.train.batches import BatchStream, eval_batches
 from lmforge.train.checkpoint import resolve_resume
 from lmforge.train.config import FinetuneConfig
+from lmforge.train.factory import count_parameters
 from lmforge.train.loop import ModelSelection, Trainer, TrainResult, make_accelerator, rows_of
-from lmforge.train.pretrain import check_run_dir, start_run_dir
+from lmforge.train.pretrain import check_run_dir, model_inputs_filter, start_run_dir
 
 RESULTS_FILE = "eval_results.json"
 _RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "best", "final", RESULTS_FILE, "loss.png")
@@ -197,30 +197,7 @@ def base_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters, tied weights counted once."""
-    seen: set[int] = set()
-    trainable = total = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return trainable, total
-
-
 # ----------------------------------------------------------------------------------- data
-
-
-def _inputs_filter(model: nn.Module, collate: Any) -> Any:
-    """Keep the batch columns the (base) model's forward names, plus labels."""
-    names = set(inspect.signature(base_model(model).forward).parameters) | {"labels"}
-
-    def collate_for_model(rows: list[dict]) -> dict:
-        return {k: v for k, v in collate(rows).items() if k in names}
-
-    return collate_for_model
 
 
 @dataclass
@@ -376,10 +353,10 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     model, new_modules = load_model(config, model_path, tokenizer, data.spec)
     if config.method == "lora":
         model = apply_lora(model, config, new_modules)
-    trainable, total = parameter_counts(model)
+    trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
 
     ranks = dict(process_index=accelerator.process_index, num_processes=accelerator.num_processes)
-    collate = _inputs_filter(model, _collator(config, tokenizer, data.spec))
+    collate = model_inputs_filter(model, _collator(config, tokenizer, data.spec))
     train = config.train
     train_data = BatchStream(data.train, train.micro_batch_size, collate, seed=train.seed,
                              grad_accum_steps=train.grad_accum_steps, **ranks)

@@ -96,9 +96,11 @@ def load_tokenizer(path: str) -> Any:
         raise LmforgeError(f"data.tokenizer: {e}") from None
 
 
-def _model_inputs_filter(model: Any, collate: Any) -> Any:
-    """Drop batch columns the model's forward does not name (seq_idx for GPT, position_ids for Mamba)."""
-    names = set(inspect.signature(model.forward).parameters) | {"labels"}
+def model_inputs_filter(model: Any, collate: Any) -> Any:
+    """Drop batch columns the model's forward does not name (seq_idx for GPT, position_ids for
+    Mamba, token_type_ids for GPT). Under a peft wrapper, the wrapped model's forward decides."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(inspect.signature(base.forward).parameters) | {"labels"}
 
     def collate_for_model(rows: list[dict]) -> dict:
         return {k: v for k, v in collate(rows).items() if k in names}
@@ -131,7 +133,7 @@ def _data(config: PretrainConfig, tokenizer: Any, model: Any, accelerator: Any) 
     common = dict(streaming=data.streaming, document_masks=data.document_masks, text_column=data.text_column)
     train_ds = build_lm_dataset(data.source, tokenizer, data.block_size, split=data.train_split, **common)
     ranks = dict(process_index=accelerator.process_index, num_processes=accelerator.num_processes)
-    collate = _model_inputs_filter(model, _collator(config.objective, tokenizer, config))
+    collate = model_inputs_filter(model, _collator(config.objective, tokenizer, config))
     train_data = BatchStream(train_ds, train.micro_batch_size, collate, seed=train.seed,
                              grad_accum_steps=train.grad_accum_steps, **ranks)
     if not data.streaming and len(train_data) == 0:
