@@ -40,6 +40,15 @@ from .layers import (
     last_token_index,
 )
 
+# What ``save_pretrained`` writes into config.json's ``auto_map`` (files copied next to the weights):
+# every head, so a classifier loads from a pretrained causal LM where lmforge is not installed.
+AUTO_MAP = {
+    "AutoConfig": "configuration_gpt.GPTConfig",
+    "AutoModel": "modeling_gpt.GPTModel",
+    "AutoModelForCausalLM": "modeling_gpt.GPTForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_gpt.GPTForSequenceClassification",
+}
+
 
 class GPTPreTrainedModel(PreTrainedModel):
     """Shared settings of the GPT models (init, attention backends, checkpointing, device maps)."""
@@ -54,6 +63,10 @@ class GPTPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": TransformerBlock, "attentions": Attention}
+
+    def __init__(self, config: GPTConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
 
     def _init_weights(self, module: nn.Module) -> None:
         init_weights(module, self.config)

@@ -177,6 +177,16 @@ class MambaBlock(GradientCheckpointingLayer):
         return residual + self.mixer(hidden_states, cache, attention_mask, seq_idx)
 
 
+# What ``save_pretrained`` writes into config.json's ``auto_map`` (files copied next to the weights):
+# every head, so a classifier loads from a pretrained causal LM where lmforge is not installed.
+AUTO_MAP = {
+    "AutoConfig": "configuration_mamba.MambaConfig",
+    "AutoModel": "modeling_mamba.MambaModel",
+    "AutoModelForCausalLM": "modeling_mamba.MambaForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_mamba.MambaForSequenceClassification",
+}
+
+
 class MambaPreTrainedModel(PreTrainedModel):
     """Shared settings and initialisation of the Mamba models."""
 
@@ -186,6 +196,10 @@ class MambaPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["MambaBlock"]
     _is_stateful = True
+
+    def __init__(self, config: MambaConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
