@@ -11,8 +11,9 @@ to a temporary sibling folder that is renamed into place only when complete.
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -110,27 +111,28 @@ def resolve_base(adapter_dir: Path, peft_config: Any, base: str | None) -> str:
     return name  # a Hub id
 
 
-def check_output_dir(output: Path, *, overwrite: bool, inputs: list[Path]) -> None:
+def check_output_dir(output: Path, *, overwrite: bool, inputs: list[Path], flag: str = "--output",
+                     what: str = "merged model") -> None:
     """Refuse an existing non-empty folder unless ``overwrite``, and even then one that holds no
-    saved model (``--overwrite`` replaces an earlier merge, not any folder); never write over or
-    around an input folder."""
+    saved model (``--overwrite`` replaces an earlier result, not any folder); never write over,
+    around or inside an input folder. Messages name the option ``flag`` and the ``what`` written."""
     output = Path(output)
     if output.exists() and not output.is_dir():
-        raise LmforgeError(f"--output {output} is a file; give a folder for the merged model")
+        raise LmforgeError(f"{flag} {output} is a file; give a folder for the {what}")
     out = output.resolve()
     for folder in inputs:
-        if out == folder.resolve() or out in folder.resolve().parents:
-            raise LmforgeError(f"--output {output} is or holds the input folder {folder}; write the merged "
-                               "model to another folder")
+        if out == folder.resolve() or out in folder.resolve().parents or folder.resolve() in out.parents:
+            raise LmforgeError(f"{flag} {output} is, holds or is inside the input folder {folder}; write the "
+                               f"{what} to another folder")
     if not output.is_dir() or not any(output.iterdir()):
         return
     if not overwrite:
-        raise LmforgeError(f"--output {output} exists and is not empty; choose another folder or pass "
+        raise LmforgeError(f"{flag} {output} exists and is not empty; choose another folder or pass "
                            "--overwrite to replace the model in it")
     if not (output / "config.json").is_file():
         names = sorted(p.name for p in output.iterdir())
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        raise LmforgeError(f"--output {output} holds files that are not a saved model ({shown}); "
+        raise LmforgeError(f"{flag} {output} holds files that are not a saved model ({shown}); "
                            "--overwrite only replaces a model folder: choose another folder")
 
 
@@ -299,19 +301,29 @@ def _merge(adapter_dir: Path, peft_config: Any, base_path: str, *,
 
 def save_merged(model: Any, tokenizer: Any, output: Path, *, overwrite: bool, record: dict[str, Any]) -> None:
     """Write model (safetensors), generation config, tokenizer and ``lmforge_merge.json`` (where it
-    came from) to a temporary sibling folder, then move it into place (replacing ``output`` when
-    ``overwrite``)."""
+    came from) into place (see ``write_model_folder``)."""
+    write_model_folder(output, model, tokenizer, overwrite=overwrite, doing="merging", flag="--output ",
+                       files={MERGE_RECORD: json.dumps(record, indent=2) + "\n"})
+
+
+def write_model_folder(output: Path, model: Any, tokenizer: Any, *, overwrite: bool, doing: str, flag: str = "",
+                       files: dict[str, str] | None = None) -> None:
+    """Save model (safetensors, + generation config when it generates), tokenizer and ``files``
+    (name -> text) into a temporary sibling of ``output``, then move it into place (replacing
+    ``output`` when ``overwrite``): a failure part-way leaves nothing behind."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.merging-", dir=output.parent))
+    tmp = output.parent / f".{output.name}.{doing}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # the umask's permissions, as a folder the user made (mkdtemp's are 0700)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)  # + generation_config.json when it generates
+        model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         if output.exists():
-            if not overwrite and any(output.iterdir()):  # filled while merging
-                raise LmforgeError(f"--output {output} was filled while merging; nothing replaced")
+            if not overwrite and any(output.iterdir()):  # filled meanwhile
+                raise LmforgeError(f"{flag}{output} was filled while {doing}; nothing replaced")
             shutil.rmtree(output)
         tmp.rename(output)
     finally:
