@@ -72,15 +72,19 @@ def _results(stdout: str) -> dict | list | None:
     return json.loads(results[-1]) if results else None
 
 
-def run_isolated(code: str, *, path: str | Path = "", timeout: float = 300.0) -> dict | list | None:
+def run_isolated(
+    code: str, *, path: str | Path = "", timeout: float = 300.0, env: dict[str, str] | None = None
+) -> dict | list | None:
     """Run ``code`` in a fresh interpreter that cannot import lmforge; return what it ``emit``-ted.
 
     The subprocess runs in ``path``'s parent folder (not the repo), offline, with its own
-    ``HF_MODULES_CACHE`` so the remote code is copied fresh. Raises AssertionError with the
-    subprocess's stderr when it fails.
+    ``HF_MODULES_CACHE`` so the remote code is copied fresh. ``env`` is merged over that
+    environment last, e.g. ``env=fake_hub.env()`` to go online against a fake Hub. Raises
+    AssertionError with the subprocess's stderr when it fails.
     """
-    workdir, env = _env(Path(path) if path else Path.cwd())
-    env.pop("PYTHONPATH", None)
+    workdir, base = _env(Path(path) if path else Path.cwd())
+    base.pop("PYTHONPATH", None)
+    env = {**base, **(env or {})}
     program = _PRELUDE + "\n" + textwrap.dedent(code)
     proc = subprocess.run(
         [sys.executable, "-c", program],

@@ -24,6 +24,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("eval",): ("lmforge.eval.command:eval_command", "evaluate models: perplexity, masked-token or classification metrics"),
     ("quickstart",): ("lmforge.quickstart:quickstart", "the end-to-end default job on Shakespeare"),
     ("merge",): ("lmforge.train.merge:merge_command", "merge a LoRA adapter into its base model"),
+    ("push",): ("lmforge.hub:push_command", "push a model, adapter or tokenizer to the Hugging Face Hub"),
     ("convert",): ("lmforge.export:convert_command", "convert a model to or from stock transformers classes"),
 }
 

@@ -173,7 +173,28 @@ class DataSection:
 
 
 @dataclass
-class PretrainConfig:
+class PublishConfig:
+    """Publishing a run to the Hugging Face Hub (pretraining and fine-tuning share it).
+
+    Attributes:
+        push_to_hub: a Hub repo id (USER/NAME): push the final model there when training ends
+            (created if missing). The token comes from HF_TOKEN or the login cache
+            (`hf auth login`); it is never printed or saved. A failed push is retried, then
+            reported; it never stops the training.
+        push_checkpoints: with push_to_hub, also push every saved checkpoint's model to its own
+            branch (step-1000, ...), loadable with from_pretrained(repo, revision="step-1000").
+        hub_private: create the repo as private.
+        license: the license declared in the model card's metadata.
+    """
+
+    push_to_hub: str | None = None
+    push_checkpoints: bool = False
+    hub_private: bool = False
+    license: str = "apache-2.0"
+
+
+@dataclass
+class PretrainConfig(PublishConfig):
     """Everything ``lmforge pretrain`` needs.
 
     Attributes:
@@ -331,7 +352,7 @@ class FinetuneLoopConfig(LoopConfig):
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(PublishConfig):
     """Everything ``lmforge finetune`` needs.
 
     Attributes:
@@ -342,6 +363,9 @@ class FinetuneConfig:
         output_dir: the run directory (config, metrics, checkpoints, best/, final/).
         resume: 'auto' (latest checkpoint in output_dir, if any) or a checkpoint path.
         overwrite: allow reusing an output_dir that holds another run (its files are removed).
+        hub_base_model: the Hub id of the base model, written into a pushed LoRA adapter's
+            adapter_config.json and card when model.path is a local folder (others could not
+            load the adapter from a path on this disk).
     """
 
     task: Literal["classification", "sft"] = "classification"
@@ -349,6 +373,7 @@ class FinetuneConfig:
     output_dir: str = "runs/finetune"
     resume: str | None = None
     overwrite: bool = False
+    hub_base_model: str | None = None
     model: FinetuneModelSection = field(default_factory=FinetuneModelSection)
     lora: LoraSection = field(default_factory=LoraSection)
     data: FinetuneDataSection = field(default_factory=FinetuneDataSection)

@@ -31,6 +31,8 @@ from torch import nn
 
 from lmforge.config import to_dict
 from lmforge.errors import LmforgeError
+from lmforge.eval.report import plot_loss_curve, write_card
+from lmforge.hub import RunPublisher
 from lmforge.train.batches import BatchStream, eval_batches
 from lmforge.train.checkpoint import resolve_resume
 from lmforge.train.config import FinetuneConfig
@@ -346,6 +348,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     checkpoint = resolve_resume(config.resume, run_dir)
     check_run_dir(run_dir, resuming=config.resume is not None, overwrite=config.overwrite, files=_RUN_FILES)
     is_main = accelerator.is_main_process
+    RunPublisher.check(config)
+    hub_base = _hub_base_model(config)
 
     model_path = resolve_model_path(config.model.path)
     tokenizer = load_tokenizer(config, model_path)
@@ -389,9 +393,20 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         select = ModelSelection(metric, greater, on_best, patience=train.early_stopping_patience,
                                 folder=best_dir)
 
+    publisher = None
+    if config.push_to_hub:
+        def export(trainer: Trainer, folder: Path | None) -> None:
+            if folder is not None:
+                inner = export_model(accelerator.unwrap_model(trainer.model), folder, tokenizer, config)
+                write_card(folder, _facts(inner, config, model_path, step=trainer.state.step,
+                                          elapsed=trainer.state.elapsed_seconds, metrics={}, trainable=trainable,
+                                          total=total))
+
+        publisher = RunPublisher(config, is_main=is_main, export=export, base_model=hub_base)
     trainer = Trainer(model, train_data, train, config.optim, run_dir, accelerator=accelerator,
                       evaluate=(lambda m, final: evaluate(m, "eval", final)) if evaluate else None,
-                      count_targets=rows_of if config.task == "classification" else None, select=select)
+                      count_targets=rows_of if config.task == "classification" else None, select=select,
+                      on_checkpoint=publisher.on_checkpoint if publisher else None)
     if checkpoint is not None:
         trainer.resume(checkpoint)
     accelerator.wait_for_everyone()  # every process passed every check
@@ -405,8 +420,22 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
               f"strategy {strategy}, {accelerator.num_processes} process(es), run dir {run_dir}"
               + (f", resuming from {checkpoint}" if checkpoint else ""), flush=True)
     accelerator.wait_for_everyone()
-    result = trainer.fit()
+    final_dir, metrics = None, {}
+    try:
+        result = trainer.fit()
+        final_dir, metrics = _finish(trainer, result, config, data, evaluate, select, tokenizer, model_path,
+                                     trainable=trainable, total=total)
+    finally:  # the checkpoints already queued are pushed even when training failed
+        if publisher is not None:
+            publisher.finish(final_dir)
+    return FinetuneResult(run_dir=run_dir, final_dir=final_dir, train=result, metrics=metrics)
 
+
+def _finish(trainer: Trainer, result: TrainResult, config: FinetuneConfig, data: _Data, evaluate: Any,
+            select: ModelSelection | None, tokenizer: Any, model_path: str, *, trainable: int,
+            total: int) -> tuple[Path | None, dict[str, dict[str, float]]]:
+    """After training: the selected model back in place, its eval/test metrics, final/ written."""
+    accelerator, run_dir, is_main = trainer.accelerator, Path(config.output_dir), trainer.accelerator.is_main_process
     final_dir, metrics = None, {}
     if result.status != "interrupted":
         unwrapped = accelerator.unwrap_model(trainer.model)
@@ -422,7 +451,28 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             final_dir = _save_final(unwrapped, tokenizer, config, model_path, result, metrics,
                                     trainable=trainable, total=total)
     accelerator.wait_for_everyone()
-    return FinetuneResult(run_dir=run_dir, final_dir=final_dir, train=result, metrics=metrics)
+    return final_dir, metrics
+
+
+def _hub_base_model(config: FinetuneConfig) -> str | None:
+    """The base model's Hub id for a pushed card (and a LoRA adapter's config), checked before training:
+    a LoRA adapter on a local base without ``hub_base_model`` is refused."""
+    from lmforge.hub import check_repo_id, is_local_path
+
+    if not config.push_to_hub:
+        return None
+    if config.hub_base_model:
+        return check_repo_id(config.hub_base_model, "hub_base_model") if "/" in config.hub_base_model \
+            else config.hub_base_model
+    if not is_local_path(config.model.path):
+        return config.model.path
+    if config.method != "lora":
+        return None  # a full fine-tune stands alone; its card just names no base on the Hub
+    raise LmforgeError(
+        f"push_to_hub with method lora: the base model.path {config.model.path!r} is a folder on this disk, "
+        "which nobody who downloads the adapter has. Publish the base first (lmforge push "
+        f"{config.model.path} --repo-id USER/BASE) and set hub_base_model: USER/BASE"
+    )
 
 
 def _evaluator(config: FinetuneConfig, data: _Data, collate: Any, accelerator: Any, tokenizer: Any,
@@ -458,16 +508,9 @@ def _evaluator(config: FinetuneConfig, data: _Data, collate: Any, accelerator: A
     return evaluate_sft
 
 
-def _save_final(model: nn.Module, tokenizer: Any, config: FinetuneConfig, model_path: str, result: TrainResult,
-                metrics: dict[str, dict[str, float]], *, trainable: int, total: int) -> Path:
-    """final/: the selected model or adapter, tokenizer, generation config, model card; eval_results.json."""
-    from lmforge.eval.report import plot_loss_curve, write_finetune_card
-    from lmforge.train.tracking import read_metrics
-
-    run_dir = Path(config.output_dir)
-    final = run_dir / "final"
-    if final.exists():
-        shutil.rmtree(final)
+def export_model(model: nn.Module, folder: Path, tokenizer: Any, config: FinetuneConfig) -> nn.Module:
+    """Save the (unwrapped) model, or under peft the adapter with the fine-tuned config (labels) and
+    generation settings, and the tokenizer into ``folder``; returns the inner transformers model."""
     inner = base_model(model)
     generation = getattr(inner, "generation_config", None)
     if generation is not None and config.task == "sft":
@@ -475,11 +518,35 @@ def _save_final(model: nn.Module, tokenizer: Any, config: FinetuneConfig, model_
             value = getattr(tokenizer, key, None)
             if value is not None:
                 setattr(generation, key, value)
-    save_model(model, final, tokenizer)
+    save_model(model, folder, tokenizer)
     if hasattr(model, "peft_config"):  # the adapter's labels (id2label, problem_type) and generation settings
-        inner.config.save_pretrained(final)
+        inner.config.save_pretrained(folder)
         if generation is not None and config.task == "sft":
-            generation.save_pretrained(final)
+            generation.save_pretrained(folder)
+    return inner
+
+
+def _facts(inner: nn.Module, config: FinetuneConfig, model_path: str, *, step: int, elapsed: float,
+           metrics: dict[str, dict[str, float]], trainable: int, total: int, plot: str | None = None) -> Any:
+    from lmforge.eval.report import finetune_facts
+
+    labels = list(getattr(inner.config, "id2label", {}).values()) if config.task == "classification" else None
+    return finetune_facts(model_config=inner.config, base_model=model_path, task=config.task, method=config.method,
+                          config=to_dict(config), data=config.data.source, steps=step, elapsed_seconds=elapsed,
+                          metrics=metrics, trainable=trainable, total=total, labels=labels, plot=plot,
+                          license=config.license)
+
+
+def _save_final(model: nn.Module, tokenizer: Any, config: FinetuneConfig, model_path: str, result: TrainResult,
+                metrics: dict[str, dict[str, float]], *, trainable: int, total: int) -> Path:
+    """final/: the selected model or adapter, tokenizer, generation config, model card; eval_results.json."""
+    from lmforge.train.tracking import read_metrics
+
+    run_dir = Path(config.output_dir)
+    final = run_dir / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    inner = export_model(model, final, tokenizer, config)
     results = {"step": result.step, "status": result.status, "best_step": result.best_step, **metrics}
     for folder in (run_dir, final):
         (folder / RESULTS_FILE).write_text(json.dumps(results, indent=2))
@@ -491,11 +558,8 @@ def _save_final(model: nn.Module, tokenizer: Any, config: FinetuneConfig, model_
                            title=f"{config.task} fine-tuning of {model_path}")
     if plot is not None:
         shutil.copy(plot, final / "loss.png")
-    write_finetune_card(final, base_model=model_path, model_type=inner.config.model_type, task=config.task,
-                        method=config.method, config=to_dict(config), data=config.data.source,
-                        steps=result.step, metrics=metrics, trainable=trainable, total=total,
-                        labels=list(getattr(inner.config, "id2label", {}).values()) if config.task == "classification" else None,
-                        plot="loss.png" if plot else None)
+    write_card(final, _facts(inner, config, model_path, step=result.step, elapsed=result.elapsed_seconds,
+                             metrics=metrics, trainable=trainable, total=total, plot="loss.png" if plot else None))
     return final
 
 

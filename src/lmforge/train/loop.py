@@ -179,6 +179,8 @@ class Trainer:
             of that in a micro-batch; each micro-batch's loss is then weighted by its share of the
             window. None: token-level losses, normalized through ``num_items_in_batch``.
         select: keep the best model by an eval metric and stop early (see ``ModelSelection``).
+        on_checkpoint: ``(trainer, checkpoint_dir)`` called on every process after each saved
+            checkpoint (to publish that point of training; collectives are allowed).
     """
 
     def __init__(self, model: nn.Module, train_data: BatchStream, config: LoopConfig, optim: OptimConfig,
@@ -186,7 +188,8 @@ class Trainer:
                  evaluate: Callable[[nn.Module, bool], dict[str, float]] | None = None,
                  flops_per_token: float | None = None, clock: Callable[[], float] = time.perf_counter,
                  count_targets: Callable[[dict[str, torch.Tensor]], int] | None = None,
-                 select: ModelSelection | None = None):
+                 select: ModelSelection | None = None,
+                 on_checkpoint: Callable[[Trainer, Path], None] | None = None):
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config
@@ -197,6 +200,7 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.clock = clock
         self.select = select
+        self.on_checkpoint = on_checkpoint
         self._early_stop = False
         self._count_fn = count_targets
         self.shift = target_shift(model)
@@ -454,6 +458,8 @@ class Trainer:
         extra = {folder.name: folder} if folder is not None and self.state.best_step is not None else None
         self.last_checkpoint = save_checkpoint(self.accelerator, self.run_dir, self.state, self.config.keep_last,
                                                extra=extra)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self, self.last_checkpoint)
         return self.last_checkpoint
 
     def _stop_on_nonfinite(self, loss: float, grad_norm: float, before: tuple[dict, int],

@@ -22,6 +22,7 @@ import yaml
 
 from lmforge.config import to_dict
 from lmforge.errors import LmforgeError
+from lmforge.hub import RunPublisher
 from lmforge.train.batches import BatchStream, eval_batches
 from lmforge.train.checkpoint import resolve_resume
 from lmforge.train.config import PretrainConfig
@@ -181,6 +182,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     distributed.check_launch(accelerator)  # first: a broken launch must not race on the run folder
     checkpoint = resolve_resume(config.resume, run_dir)
     check_run_dir(run_dir, resuming=config.resume is not None, overwrite=config.overwrite)
+    RunPublisher.check(config)
 
     tokenizer = load_tokenizer(config.data.tokenizer)
     model = build_model(config.objective, config.model.preset, tokenizer, overrides=config.model.overrides,
@@ -189,8 +191,13 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     train_data, evaluate = _data(config, tokenizer, model, accelerator)
 
     n_params = count_parameters(model)
+    publisher = None
+    if config.push_to_hub:
+        publisher = RunPublisher(config, is_main=accelerator.is_main_process,
+                                 export=_checkpoint_export(tokenizer, config, n_params))
     trainer = Trainer(model, train_data, config.train, config.optim, run_dir, accelerator=accelerator,
-                      evaluate=evaluate, flops_per_token=_flops_per_token(model, config.data.block_size))
+                      evaluate=evaluate, flops_per_token=_flops_per_token(model, config.data.block_size),
+                      on_checkpoint=publisher.on_checkpoint if publisher else None)
     if checkpoint is not None:
         trainer.resume(checkpoint)
     accelerator.wait_for_everyone()  # every process passed every check
@@ -202,46 +209,80 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         print(f"lmforge pretrain: {type(model).__name__} {n_params / 1e6:.2f}M params, strategy {strategy}, "
               f"{accelerator.num_processes} process(es), run dir {run_dir}"
               + (f", resuming from {checkpoint}" if checkpoint else ""), flush=True)
-    result = trainer.fit()
-
     final_dir = None
-    if result.status != "interrupted":
-        final_dir = save_final(trainer, tokenizer, config, result, n_params)
-    accelerator.wait_for_everyone()
+    try:
+        result = trainer.fit()
+        if result.status != "interrupted":
+            final_dir = save_final(trainer, tokenizer, config, result, n_params)
+        accelerator.wait_for_everyone()
+    finally:  # the checkpoints already queued are pushed even when training failed
+        if publisher is not None:
+            publisher.finish(final_dir)
     return PretrainResult(run_dir=run_dir, final_dir=final_dir, train=result, strategy=strategy)
 
 
-def save_final(trainer: Trainer, tokenizer: Any, config: PretrainConfig, result: TrainResult,
-               n_params: int) -> Path | None:
-    """``save_pretrained`` model + tokenizer + generation config, loss plot and model card."""
-    from lmforge.eval.report import plot_loss_curve, write_model_card
+def export_model(trainer: Trainer, tokenizer: Any, folder: Path | None) -> Any:
+    """``save_pretrained`` of the trained model (gathered when sharded: call on every process),
+    tokenizer and generation config into ``folder`` on the main process; returns the saved model."""
     from lmforge.train.distributed import full_state_dict
 
-    accelerator = trainer.accelerator
-    run_dir = Path(config.output_dir)
-    final = run_dir / "final"
     state_dict = full_state_dict(trainer.model)  # collective when sharded: every process calls it
-    if not accelerator.is_main_process:
-        return final
-    model = _unsharded(accelerator.unwrap_model(trainer.model), state_dict)
+    if not trainer.accelerator.is_main_process:
+        return None
+    model = _unsharded(trainer.accelerator.unwrap_model(trainer.model), state_dict)
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(tokenizer, key, None)
             if value is not None:
                 setattr(generation, key, value)
-    model.save_pretrained(final, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(final)
+    model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def _facts(model: Any, config: PretrainConfig, *, step: int, tokens_seen: int, elapsed: float,
+           metrics: dict[str, float], n_params: int, status: str, plot: str | None = None) -> Any:
+    from lmforge.eval.report import pretrain_facts
+
+    return pretrain_facts(model_config=model.config, objective=config.objective, config=to_dict(config),
+                          data=config.data.source, steps=step, tokens_seen=tokens_seen, elapsed_seconds=elapsed,
+                          metrics=metrics, eval_split=config.data.eval_split, n_params=n_params, status=status,
+                          plot=plot, license=config.license)
+
+
+def save_final(trainer: Trainer, tokenizer: Any, config: PretrainConfig, result: TrainResult,
+               n_params: int) -> Path | None:
+    """``save_pretrained`` model + tokenizer + generation config, loss plot and model card."""
+    from lmforge.eval.report import plot_loss_curve, write_card
+
+    run_dir = Path(config.output_dir)
+    final = run_dir / "final"
+    model = export_model(trainer, tokenizer, final)
+    if model is None:
+        return final
     plot = plot_loss_curve(read_metrics(run_dir), run_dir / "loss.png",
                            title=f"{model.config.model_type} on {config.data.source}")
     if plot is not None:
         shutil.copy(plot, final / "loss.png")
-    write_model_card(final, model_type=model.config.model_type, objective=config.objective,
-                     config=to_dict(config), data=f"{config.data.source} (train split "
-                     f"'{config.data.train_split}', eval split '{config.data.eval_split}')",
-                     steps=result.step, tokens_seen=result.tokens_seen, metrics=result.last_eval,
-                     n_params=n_params, plot="loss.png" if plot else None, status=result.status)
+    write_card(final, _facts(model, config, step=result.step, tokens_seen=result.tokens_seen,
+                             elapsed=result.elapsed_seconds, metrics=result.last_eval, n_params=n_params,
+                             status=result.status, plot="loss.png" if plot else None))
     return final
+
+
+def _checkpoint_export(tokenizer: Any, config: PretrainConfig, n_params: int) -> Any:
+    """``export(trainer, folder)`` for ``RunPublisher``: a checkpoint as a loadable model with its card."""
+    from lmforge.eval.report import write_card
+
+    def export(trainer: Trainer, folder: Path | None) -> None:
+        saved = export_model(trainer, tokenizer, folder)
+        if saved is not None:
+            state = trainer.state
+            write_card(folder, _facts(saved, config, step=state.step, tokens_seen=state.tokens_seen,
+                                      elapsed=state.elapsed_seconds, metrics=trainer.last_eval,
+                                      n_params=n_params, status=f"checkpoint of a {state.total_steps}-step run"))
+    return export
 
 
 def _unsharded(model: Any, state_dict: dict) -> Any:

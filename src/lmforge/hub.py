@@ -1,0 +1,457 @@
+"""Publishing to the Hugging Face Hub: ``lmforge push``, and the pushes of a training run.
+
+    push_folder(folder, "user/name")     one commit of a model, LoRA adapter or tokenizer folder
+    BackgroundPusher("user/name", ...)   pushes from a worker thread, with retries, for training
+
+What is pushed is what a reader needs to load the folder: safetensors weights, config (with its
+``auto_map``) and the self-contained model code, tokenizer files, generation config, adapter files
+and the model card, whose "## Load" section is rewritten to name the repo (and branch). Files are
+staged in a temporary folder, so nothing in the user's folder changes.
+
+The token is never handled here: ``huggingface_hub`` reads it from ``HF_TOKEN`` or the login
+cache and sends it in a request header. No message, log line or file written here contains it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import queue
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import LmforgeError
+
+# the files of a folder that are published (hidden files, pickles, optimizer states never are)
+PUSHED_FILES = ("*.safetensors", "*.json", "*.py", "*.txt", "*.model", "*.jinja", "README.md", "*.png")
+# weights a revision keeps only if this push writes them again (no stale shards next to new ones)
+STALE_WEIGHTS = ("*.safetensors", "*.safetensors.index.json")
+# seconds to wait before each retry of a failed background push
+RETRY_DELAYS = (5.0, 30.0)
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_BRANCH = re.compile(r"[\w][\w.-]*(?:/[\w.-]+)*")
+
+
+class HubAuthError(LmforgeError):
+    """The Hub refused the token (or there is none): retrying cannot help."""
+
+
+@dataclass
+class PushResult:
+    """A confirmed commit: the Hub answered with its id."""
+
+    repo_id: str
+    revision: str
+    commit_id: str
+    url: str
+    kind: str
+    files: list[str]
+
+
+# ----------------------------------------------------------------------------------- checks
+
+
+def check_repo_id(repo_id: str, what: str = "--repo-id") -> str:
+    """``repo_id`` if it is ``USER/NAME`` as the Hub accepts it, else an error saying what is wrong."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    problem = None
+    if not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id):
+        problem = "it must be USER/NAME (or ORG/NAME): letters, digits, '-', '_' and '.', one '/'"
+    else:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as e:
+            problem = str(e).split("\n")[0]
+    if problem:
+        raise LmforgeError(f"{what}: {repo_id!r} is not a Hub repo id: {problem}")
+    return repo_id
+
+
+def check_branch(revision: str) -> str:
+    if not _BRANCH.fullmatch(revision) or ".." in revision or revision.endswith((".", ".lock")):
+        raise LmforgeError(f"--revision: {revision!r} is not a valid branch name (e.g. main, step-1000, v1)")
+    return revision
+
+
+def repo_name(model_id: str) -> str:
+    """``user/name@branch`` -> ``name``."""
+    return model_id.partition("@")[0].split("/")[-1]
+
+
+def is_local_path(name: str) -> bool:
+    """True when ``name`` names a folder on this disk rather than a Hub repo id."""
+    return Path(name).expanduser().exists() or not _REPO_ID.fullmatch(name) and "/" in name
+
+
+def find_publishable(folder: str | Path) -> tuple[Path, str]:
+    """(the folder to push, its kind: ``model``, ``adapter`` or ``tokenizer``). A run folder
+    stands for its ``final/``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LmforgeError(f"{folder}: no such folder")
+    if not (folder / "config.json").is_file() and (folder / "final").is_dir():
+        folder = folder / "final"
+    elif (folder / "config.yaml").is_file() and not (folder / "final").is_dir():
+        raise LmforgeError(f"{folder} is a run folder without final/ (the run has not finished): finish "
+                           f"or resume it first (--resume auto), or push a model folder")
+    if (folder / "adapter_config.json").is_file():
+        if not (folder / "adapter_model.safetensors").is_file():
+            raise LmforgeError(f"{folder}: adapter_config.json but no adapter_model.safetensors (lmforge "
+                               "publishes safetensors weights only)")
+        return folder, "adapter"
+    if (folder / "config.json").is_file():
+        if not any(folder.glob("*.safetensors")):
+            raise LmforgeError(f"{folder}: config.json but no *.safetensors weights (lmforge publishes "
+                               "safetensors only; re-save with save_pretrained(..., safe_serialization=True))")
+        return folder, "model"
+    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        return folder, "tokenizer"
+    raise LmforgeError(
+        f"{folder} is neither a model (config.json + *.safetensors), a LoRA adapter (adapter_config.json), "
+        "a tokenizer (tokenizer.json) nor a run folder with final/"
+    )
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+
+
+def adapter_base(folder: Path, base_model: str | None) -> str:
+    """The Hub id a pushed adapter names as its base: ``base_model``, or the adapter's own
+    ``base_model_name_or_path`` when that is a Hub id (a local path is refused: nobody else has it)."""
+    recorded = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    if base_model:
+        return check_repo_id(base_model, "--base-model") if "/" in base_model else base_model
+    if recorded and not is_local_path(recorded):
+        return recorded
+    raise LmforgeError(
+        f"{folder}/adapter_config.json: the adapter's base model is {recorded!r}, a folder on this disk that "
+        "nobody who downloads the adapter has. Publish the base first (lmforge push BASE_DIR --repo-id "
+        "USER/BASE) and name it with --base-model USER/BASE (finetune: hub_base_model)"
+    )
+
+
+# ----------------------------------------------------------------------------------- staging
+
+
+def _published(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and any(fnmatch(p.name, pattern) for pattern in PUSHED_FILES))
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        target.hardlink_to(source)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _rewrite(path: Path, text: str) -> None:
+    """Replace a staged file's content without touching a hard-linked original."""
+    path.unlink(missing_ok=True)
+    path.write_text(text)
+
+
+def stage(folder: Path, kind: str, target: Path, model_id: str, *, to_hf: bool = False,
+          base_model: str | None = None) -> Path:
+    """Lay out in ``target`` (which must not exist) the files to push for ``folder``, with the model
+    card naming ``model_id`` (``repo`` or ``repo@branch``), converted to stock classes with ``to_hf``."""
+    from huggingface_hub import ModelCard
+
+    from lmforge.eval.report import build_card, folder_facts, retarget
+
+    if to_hf:
+        if kind != "model":
+            raise LmforgeError(f"--to-hf converts a model to stock transformers classes; {folder} is a {kind} "
+                               "folder" + (" (merge it first: lmforge merge)" if kind == "adapter" else ""))
+        from lmforge.export import convert_folder
+
+        convert_folder(folder, target, to_hf=True)
+        for name in ("README.md", "loss.png", "eval_results.json"):
+            if (folder / name).is_file() and not (target / name).exists():
+                shutil.copy2(folder / name, target / name)
+    else:
+        target.mkdir(parents=True)
+        for path in _published(folder):
+            _link_or_copy(path, target / path.name)
+    card_path = target / "README.md"
+    if kind == "adapter":
+        base_model = adapter_base(folder, base_model)
+        adapter_config = json.loads((target / "adapter_config.json").read_text())
+        adapter_config["base_model_name_or_path"] = base_model
+        _rewrite(target / "adapter_config.json", json.dumps(adapter_config, indent=2) + "\n")
+    if card_path.is_file():
+        card = ModelCard(retarget(card_path.read_text(), target, model_id))
+        local_base = card.data.base_model if isinstance(card.data.base_model, str) else None
+        if local_base and is_local_path(local_base):  # a path on this disk means nothing on the Hub
+            card.data.base_model = base_model
+            if base_model:
+                card.text = card.text.replace(f"`{local_base}`", f"`{base_model}`")
+        if to_hf:
+            card.data.library_name = "transformers"
+        if card.data.eval_results:
+            card.data.model_name = repo_name(model_id)
+    else:
+        card = ModelCard(retarget(str(build_card(target, folder_facts(target))), target, model_id))
+    _rewrite(card_path, str(card))
+    return target
+
+
+# ----------------------------------------------------------------------------------- pushing
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level exceptions of whichever HTTP library this huggingface_hub uses."""
+    found: list[type[BaseException]] = [OSError]
+    for name in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError):
+            found.append(importlib.import_module(name).HTTPError)
+    return tuple(found)
+
+
+@contextlib.contextmanager
+def hub_errors(what: str) -> Iterator[None]:
+    """Turn the client's exceptions into one clear ``LmforgeError`` (``HubAuthError`` for a refused
+    token), saying that nothing was committed."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    tail = "; the Hub confirmed no commit, so nothing from this push was published"
+    transport = _transport_errors()
+    try:
+        yield
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        detail = (e.server_message or str(e).split("\n")[0]).strip()
+        if status in (401, 403):
+            raise HubAuthError(f"{what}: the Hub refused the token (HTTP {status}: {detail}). Log in with "
+                               "`hf auth login` or set HF_TOKEN to a token with write access" + tail) from None
+        raise LmforgeError(f"{what}: HTTP {status}: {detail}{tail}") from None
+    except (*transport, RuntimeError) as e:
+        cause = e if isinstance(e, transport) else e.__cause__  # the client wraps failed LFS uploads
+        if not isinstance(cause, transport):
+            raise
+        raise LmforgeError(f"{what}: the connection to {constants.ENDPOINT} failed ({type(cause).__name__}: "
+                           f"{cause}){tail}") from None
+
+
+def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+                commit_message: str | None = None, to_hf: bool = False, base_model: str | None = None,
+                kind: str | None = None) -> PushResult:
+    """Push a model, LoRA adapter or tokenizer folder (or a run folder's ``final/``) to ``repo_id``
+    as one commit on ``revision`` (a branch, created from main if missing). Returns the commit."""
+    from huggingface_hub import HfApi
+
+    check_repo_id(repo_id)
+    revision = check_branch(revision) if revision else "main"
+    if kind is None:
+        folder, kind = find_publishable(folder)
+    folder = Path(folder)
+    check_token()
+    model_id = repo_id if revision == "main" else f"{repo_id}@{revision}"
+    api = HfApi()
+    with tempfile.TemporaryDirectory(prefix="lmforge-push-") as tmp:
+        staged = stage(folder, kind, Path(tmp) / "repo", model_id, to_hf=to_hf, base_model=base_model)
+        files = sorted(p.name for p in staged.iterdir())
+        message = commit_message or f"Upload {kind} with lmforge" + (" (stock transformers classes)" if to_hf else "")
+        with hub_errors(f"push {folder} to {repo_id} ({revision})"):
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=staged, revision=revision,
+                                     commit_message=message,
+                                     delete_patterns=list(STALE_WEIGHTS) if kind != "tokenizer" else None)
+    from huggingface_hub import constants
+
+    url = f"{constants.ENDPOINT}/{repo_id}" + (f"/tree/{revision}" if revision != "main" else "")
+    return PushResult(repo_id, revision, info.oid, url, kind, files)
+
+
+def push_command(directory: Path, *, repo_id: str, private: bool = False, revision: str | None = None,
+                 commit_message: str | None = None, to_hf: bool = False, base_model: str | None = None) -> int:
+    """Push a model, LoRA adapter or tokenizer to the Hugging Face Hub (creates the repo if missing).
+
+    DIRECTORY is an lmforge run folder (its final/ is pushed), a saved model, a LoRA adapter or a
+    tokenizer folder. Pushed: safetensors weights, config (with auto_map) and model code, tokenizer,
+    generation config, adapter files and the model card (its "Load" section names the repo). The
+    token comes from HF_TOKEN or the login cache (`hf auth login`) and is never printed or saved.
+    Example: ``lmforge push runs/quickstart --repo-id me/shakespeare-gpt``
+
+    Args:
+        directory: the folder to push.
+        repo_id: the Hub repo, USER/NAME or ORG/NAME.
+        private: create the repo as private (an existing repo keeps its visibility).
+        revision: the branch to commit to (created from main if missing); default main.
+        commit_message: the commit message.
+        to_hf: convert to stock transformers classes first (Llama, GPT-2, BERT, Mamba), so the
+            repo loads without trust_remote_code, in any tool that reads those formats.
+        base_model: for a LoRA adapter trained on a local base folder: the base model's Hub id,
+            written into adapter_config.json and the card.
+    """
+    folder, kind = find_publishable(directory)
+    if kind == "model" and not has_tokenizer(folder):
+        print(f"warning: {folder} holds no tokenizer; pushing the model without one (readers will need the "
+              "tokenizer it was trained with)")
+    result = push_folder(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
+                         to_hf=to_hf, base_model=base_model, kind=kind)
+    print(f"pushed {result.kind} {folder} -> {result.url}\n  revision {result.revision}, commit {result.commit_id}, "
+          f"{len(result.files)} files: {', '.join(result.files)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- during training
+
+
+@dataclass
+class PushOutcome:
+    revision: str
+    folder: Path
+    result: PushResult | None = None
+    error: str | None = None
+    attempts: int = 0
+
+
+class BackgroundPusher:
+    """Pushes folders to one repo from a worker thread, in submission order, so that training
+    never waits on the network. Each push is tried ``1 + len(RETRY_DELAYS)`` times (a refused
+    token only once); a push that still fails is recorded, never raised. ``finish()`` waits for
+    every push and returns what happened to each."""
+
+    def __init__(self, repo_id: str, *, private: bool = False, base_model: str | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.repo_id = check_repo_id(repo_id, "push_to_hub")
+        self.private, self.base_model = private, base_model
+        self.log = log or _write
+        self.outcomes: list[PushOutcome] = []
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="lmforge-hub-push", daemon=True)
+        self._thread.start()
+
+    def submit(self, folder: Path, revision: str, message: str, *, cleanup: bool = False) -> None:
+        """Queue ``folder`` for ``revision``; with ``cleanup`` the folder is deleted once pushed (or given up)."""
+        self._jobs.put((Path(folder), revision, message, cleanup))
+
+    def finish(self) -> list[PushOutcome]:
+        self._jobs.put(None)
+        self._thread.join()
+        return self.outcomes
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            folder, revision, message, cleanup = job
+            outcome = PushOutcome(revision, folder)
+            try:
+                self._push(outcome, message)
+            finally:
+                if cleanup:
+                    shutil.rmtree(folder, ignore_errors=True)
+            self.outcomes.append(outcome)
+
+    def _push(self, outcome: PushOutcome, message: str) -> None:
+        for delay in (*RETRY_DELAYS, None):
+            outcome.attempts += 1
+            try:
+                outcome.result = push_folder(outcome.folder, self.repo_id, private=self.private,
+                                             revision=outcome.revision, commit_message=message,
+                                             base_model=self.base_model)
+                outcome.error = None
+                self.log(f"hub: pushed {outcome.revision} -> {outcome.result.url} (commit {outcome.result.commit_id[:10]})")
+                return
+            except HubAuthError as e:
+                outcome.error = str(e)
+                break
+            except LmforgeError as e:
+                outcome.error = str(e)
+            except Exception as e:  # noqa: BLE001 - a push must never break training
+                outcome.error = f"{type(e).__name__}: {e}"
+            if delay is None:
+                break
+            self.log(f"hub: push of {outcome.revision} failed (attempt {outcome.attempts}); retrying in {delay:g} s")
+            time.sleep(delay)
+        self.log(f"hub: giving up on {outcome.revision} after {outcome.attempts} attempt(s): {outcome.error}")
+
+
+def _write(line: str) -> None:
+    try:
+        from tqdm.auto import tqdm
+
+        tqdm.write(line)
+    except ImportError:
+        print(line, flush=True)
+
+
+def summary(repo_id: str, outcomes: list[PushOutcome]) -> str:
+    """What a training run pushed and did not push, for its last lines."""
+    done = [o for o in outcomes if o.result is not None]
+    failed = [o for o in outcomes if o.result is None]
+    lines = []
+    if done:
+        lines.append(f"hub: pushed to {repo_id}: " + ", ".join(f"{o.revision} ({o.result.commit_id[:10]})" for o in done))
+    for o in failed:
+        lines.append(f"hub: NOT pushed: {o.revision} ({o.folder}) after {o.attempts} attempt(s): {o.error}")
+    if not outcomes:
+        lines.append(f"hub: nothing was pushed to {repo_id}")
+    return "\n".join(lines)
+
+
+def check_token() -> None:
+    from huggingface_hub import get_token
+
+    if get_token() is None:
+        raise HubAuthError("no Hugging Face token found: set HF_TOKEN or run `hf auth login` (a token with "
+                           "write access); nothing was pushed")
+
+
+class RunPublisher:
+    """The Hub side of a training run with ``push_to_hub``: the checks before training, a branch per
+    saved checkpoint (``push_checkpoints``), the final model on main, and the closing summary.
+
+    ``export(trainer, folder)`` is called on every process (it may gather a sharded model) and
+    writes a loadable model folder on the main process. Pushes run on the main process's worker
+    thread; other processes only take part in the export."""
+
+    def __init__(self, config: Any, *, is_main: bool, export: Callable[[Any, Path | None], None],
+                 base_model: str | None = None):
+        self.config, self.is_main, self.export = config, is_main, export
+        self.pusher = (BackgroundPusher(config.push_to_hub, private=config.hub_private, base_model=base_model)
+                       if is_main else None)
+
+    @staticmethod
+    def check(config: Any) -> None:
+        """Before anything is written: a valid repo id and a token (a long run must not find out at its end)."""
+        if config.push_checkpoints and not config.push_to_hub:
+            raise LmforgeError("push_checkpoints needs push_to_hub: USER/NAME (the repo to push the branches to)")
+        if config.push_to_hub:
+            check_repo_id(config.push_to_hub, "push_to_hub")
+            check_token()
+
+    def on_checkpoint(self, trainer: Any, checkpoint: Path) -> None:
+        """The ``Trainer`` hook: export the checkpoint's model and queue it for branch ``step-N``."""
+        if not self.config.push_checkpoints:
+            return
+        step = trainer.state.step
+        folder = Path(tempfile.mkdtemp(prefix=f"lmforge-step-{step}-")) if self.is_main else None
+        self.export(trainer, folder)
+        if self.pusher is not None:
+            self.pusher.submit(folder, f"step-{step}", f"Checkpoint at step {step} (lmforge)", cleanup=True)
+
+    def finish(self, final_dir: Path | None) -> list[PushOutcome]:
+        """Push ``final_dir`` (None: the run ended without a final model) to main, wait for every
+        push, and print what was and was not pushed."""
+        if self.pusher is None:
+            return []
+        if final_dir is not None:
+            self.pusher.submit(final_dir, "main", "Upload final model (lmforge)")
+        outcomes = self.pusher.finish()
+        print(summary(self.pusher.repo_id, outcomes), flush=True)
+        return outcomes
