@@ -338,6 +338,7 @@ def _nothing_committed(hub, repo_id: str) -> bool:
     ("500-on-commit", "HTTP 500"),
     ("drop-on-upload", "connection"),
     ("drop-on-commit", "connection"),
+    ("card-rejected", "the Hub rejects the model card's metadata"),
 ])
 def test_server_failures_give_a_clear_message_and_nothing_is_reported_as_pushed(
         fake_hub, small_model, capfd, monkeypatch, fault, message):
@@ -349,12 +350,14 @@ def test_server_failures_give_a_clear_message_and_nothing_is_reported_as_pushed(
         fake_hub.fail(500, count=10, path_contains="/commit/")
     elif fault == "drop-on-upload":
         fake_hub.drop(count=10, method="PUT")  # the LFS upload of the weights
-    else:
+    elif fault == "drop-on-commit":
         fake_hub.drop(count=10, path_contains="/commit/")
+    else:
+        fake_hub.fail(400, path_contains="/api/validate-yaml")
     assert main(["push", str(small_model), "--repo-id", "user/broken"]) == 2
     captured = capfd.readouterr()
-    assert message in captured.err and "nothing from this push was published" in captured.err \
-        or fault == "no-token" and "nothing was pushed" in captured.err
+    assert message in captured.err and ("nothing from this push was published" in captured.err
+                                        or "nothing was pushed" in captured.err), captured.err
     assert "pushed model" not in captured.out and "commit" not in captured.out
     assert _nothing_committed(fake_hub, "user/broken")
     assert_no_secret(fake_hub.token, small_model.parent, fake_hub, captured.out + captured.err)

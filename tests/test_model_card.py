@@ -69,7 +69,7 @@ def test_hub_datasets_are_named_and_undefined_metrics_left_out(tmp_path):
     folder = _model_folder(tmp_path, name="cls")
     facts = finetune_facts(
         model_config=_config(), base_model="user/base", task="classification", method="full", config={},
-        data="stanfordnlp/imdb", steps=10, elapsed_seconds=5, trainable=10, total=10, labels=["neg", "pos"],
+        data="stanfordnlp/imdb", steps=10, tokens_seen=640, elapsed_seconds=5, trainable=10, total=10, labels=["neg", "pos"],
         metrics={"eval": {"accuracy": 0.9, "pearson": float("nan")}, "test": {"accuracy": 0.8}})
     card = build_card(folder, facts)
     assert card.data.datasets == ["stanfordnlp/imdb"] and card.data.base_model == "user/base"

@@ -17,10 +17,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 
 from lmforge.errors import LmforgeError
 from lmforge.train import distributed as dist_mod
+from tests.fake_hub import FakeHub
 from tests.pipeline_fixtures import gpt_tokenizer, make_corpus
 from tests.train_fixtures import launch_env, snapshot
 
@@ -135,11 +137,11 @@ def _losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
-def _accelerate(cfg: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _accelerate(cfg: Path, out: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "accelerate"), "launch", "--config_file",
            str(ROOT / "configs" / "accelerate" / "cpu_multiprocess.yaml"), "-m", "lmforge.cli",
            *_pretrain_args(cfg, out, "--train.micro-batch-size", str(GLOBAL_BATCH // 2), *extra)]
-    result = _launch(cmd, {**_env(), "ACCELERATE_USE_CPU": "1"})
+    result = _launch(cmd, {**_env(), "ACCELERATE_USE_CPU": "1", **(env or {})})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -304,9 +306,18 @@ def test_muon_under_fsdp_is_refused_before_any_file_is_written(run_config):
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(run_config) -> tuple[Path, str]:
+def fsdp_hub():
+    with FakeHub() as hub:
+        yield hub
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(run_config, fsdp_hub) -> tuple[Path, str]:
+    """The FSDP run also pushes to a fake Hub: every checkpoint gathers the sharded model (a
+    collective in the checkpoint hook) before the main process pushes it as its own branch."""
     out = run_config / "fsdp"
-    return out, _accelerate(run_config, out, "--distributed", "fsdp").stdout
+    return out, _accelerate(run_config, out, "--distributed", "fsdp", "--push-to-hub", "user/fsdp",
+                            "--push-checkpoints", env=fsdp_hub.env(run_config / "hf_home")).stdout
 
 
 def test_fsdp_matches_ddp_with_sharded_parameters(run_config, single_run, ddp_run, fsdp_run):
@@ -323,6 +334,20 @@ def test_fsdp_matches_ddp_with_sharded_parameters(run_config, single_run, ddp_ru
         assert sharded.keys() == plain.keys()
         for key in plain:
             torch.testing.assert_close(sharded[key], plain[key], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_run_pushes_full_models_to_a_branch_per_checkpoint(run_config, fsdp_run, fsdp_hub):
+    out, stdout = fsdp_run
+    steps = _steps(run_config)
+    saved = [s for s in range(2, steps + 1, 2)] + ([steps] if steps % 2 else [])
+    assert set(fsdp_hub.branches("user/fsdp")) == {"main", *(f"step-{s}" for s in saved)}
+    assert "hub: pushed to user/fsdp: " in stdout and "NOT pushed" not in stdout
+    for revision, local in (("main", out / "final"), (f"step-{saved[0]}", out / "checkpoints" / f"step_{saved[0]}")):
+        pushed = safetensors_load(fsdp_hub.files("user/fsdp", revision)["model.safetensors"])
+        want = load_file(local / "model.safetensors")
+        assert pushed.keys() == want.keys(), revision
+        for key in want:
+            torch.testing.assert_close(pushed[key], want[key], rtol=0, atol=0, msg=f"{revision} {key}")
 
 
 def test_fsdp_run_resumes_exactly_across_two_processes(run_config, fsdp_run):

@@ -245,6 +245,18 @@ def hub_errors(what: str) -> Iterator[None]:
                            f"{cause}){tail}") from None
 
 
+def _validate_card(path: Path) -> None:
+    """The Hub's own check of the card's metadata (``/api/validate-yaml``), before anything is
+    created or committed: the Hub refuses a commit whose README metadata it cannot read."""
+    from huggingface_hub import ModelCard
+
+    try:
+        ModelCard.load(path).validate()
+    except ValueError as e:
+        raise LmforgeError(f"{path.name}: the Hub rejects the model card's metadata ({str(e).strip()[:300]}); "
+                           "fix the card (e.g. the license: key of the training config); nothing was pushed") from None
+
+
 def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
                 commit_message: str | None = None, to_hf: bool = False, base_model: str | None = None,
                 kind: str | None = None) -> PushResult:
@@ -265,6 +277,7 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
         files = sorted(p.name for p in staged.iterdir())
         message = commit_message or f"Upload {kind} with lmforge" + (" (stock transformers classes)" if to_hf else "")
         with hub_errors(f"push {folder} to {repo_id} ({revision})"):
+            _validate_card(staged / "README.md")
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision != "main":
                 api.create_branch(repo_id, branch=revision, exist_ok=True)

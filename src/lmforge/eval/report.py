@@ -302,13 +302,14 @@ def pretrain_facts(*, model_config: Any, objective: str, config: dict[str, Any],
 
 
 def finetune_facts(*, model_config: Any, base_model: str, task: str, method: str, config: dict[str, Any],
-                   data: str, steps: int, elapsed_seconds: float, metrics: dict[str, dict[str, Any]],
+                   data: str, steps: int, tokens_seen: int, elapsed_seconds: float, metrics: dict[str, dict[str, Any]],
                    trainable: int, total: int, labels: list[str] | None = None, plot: str | None = None,
                    license: str | None = None) -> CardFacts:
     """The card of a fine-tuned model or LoRA adapter (``final/`` of ``lmforge finetune``)."""
     adapter = method == "lora"
     training = {"task": task, "method": method, "data": f"`{data}`", "optimizer steps": str(steps),
-                "trained parameters": f"{trainable:,} of {total:,}", "training time": duration(elapsed_seconds)}
+                "trained parameters": f"{trainable:,} of {total:,}", "tokens seen": f"{tokens_seen:,}",
+                "training time": duration(elapsed_seconds)}
     if labels:
         training["labels"] = ", ".join(map(str, labels))
     what = "A LoRA adapter for" if adapter else "A fine-tune of"

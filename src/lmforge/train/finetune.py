@@ -399,7 +399,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             if folder is not None:
                 inner = export_model(accelerator.unwrap_model(trainer.model), folder, tokenizer, config)
                 write_card(folder, _facts(inner, config, model_path, step=trainer.state.step,
-                                          elapsed=trainer.state.elapsed_seconds, metrics={}, trainable=trainable,
+                                          tokens_seen=trainer.state.tokens_seen, elapsed=trainer.state.elapsed_seconds, metrics={}, trainable=trainable,
                                           total=total))
 
         publisher = RunPublisher(config, is_main=is_main, export=export, base_model=hub_base)
@@ -526,13 +526,14 @@ def export_model(model: nn.Module, folder: Path, tokenizer: Any, config: Finetun
     return inner
 
 
-def _facts(inner: nn.Module, config: FinetuneConfig, model_path: str, *, step: int, elapsed: float,
+def _facts(inner: nn.Module, config: FinetuneConfig, model_path: str, *, step: int, tokens_seen: int, elapsed: float,
            metrics: dict[str, dict[str, float]], trainable: int, total: int, plot: str | None = None) -> Any:
     from lmforge.eval.report import finetune_facts
 
     labels = list(getattr(inner.config, "id2label", {}).values()) if config.task == "classification" else None
     return finetune_facts(model_config=inner.config, base_model=model_path, task=config.task, method=config.method,
-                          config=to_dict(config), data=config.data.source, steps=step, elapsed_seconds=elapsed,
+                          config=to_dict(config), data=config.data.source, steps=step, tokens_seen=tokens_seen,
+                          elapsed_seconds=elapsed,
                           metrics=metrics, trainable=trainable, total=total, labels=labels, plot=plot,
                           license=config.license)
 
@@ -558,7 +559,8 @@ def _save_final(model: nn.Module, tokenizer: Any, config: FinetuneConfig, model_
                            title=f"{config.task} fine-tuning of {model_path}")
     if plot is not None:
         shutil.copy(plot, final / "loss.png")
-    write_card(final, _facts(inner, config, model_path, step=result.step, elapsed=result.elapsed_seconds,
+    write_card(final, _facts(inner, config, model_path, step=result.step, tokens_seen=result.tokens_seen,
+                             elapsed=result.elapsed_seconds,
                              metrics=metrics, trainable=trainable, total=total, plot="loss.png" if plot else None))
     return final
 
