@@ -38,7 +38,12 @@ from lmforge.train.checkpoint import resolve_resume
 from lmforge.train.config import FinetuneConfig
 from lmforge.train.factory import count_parameters
 from lmforge.train.loop import ModelSelection, Trainer, TrainResult, make_accelerator, rows_of
-from lmforge.train.pretrain import check_run_dir, model_inputs_filter, start_run_dir
+from lmforge.train.pretrain import (
+    check_run_dir,
+    model_inputs_filter,
+    set_generation_ids,
+    start_run_dir,
+)
 
 RESULTS_FILE = "eval_results.json"
 _RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "best", "final", RESULTS_FILE, "loss.png")
@@ -395,14 +400,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
 
     publisher = None
     if config.push_to_hub:
-        def export(trainer: Trainer, folder: Path | None) -> None:
-            if folder is not None:
-                inner = export_model(accelerator.unwrap_model(trainer.model), folder, tokenizer, config)
-                write_card(folder, _facts(inner, config, model_path, step=trainer.state.step,
-                                          tokens_seen=trainer.state.tokens_seen, elapsed=trainer.state.elapsed_seconds, metrics={}, trainable=trainable,
-                                          total=total))
-
-        publisher = RunPublisher(config, is_main=is_main, export=export, base_model=hub_base)
+        publisher = RunPublisher(config, is_main=is_main, base_model=hub_base,
+                                 export=_checkpoint_export(tokenizer, config, model_path, trainable, total))
     trainer = Trainer(model, train_data, train, config.optim, run_dir, accelerator=accelerator,
                       evaluate=(lambda m, final: evaluate(m, "eval", final)) if evaluate else None,
                       count_targets=rows_of if config.task == "classification" else None, select=select,
@@ -512,16 +511,11 @@ def export_model(model: nn.Module, folder: Path, tokenizer: Any, config: Finetun
     """Save the (unwrapped) model, or under peft the adapter with the fine-tuned config (labels) and
     generation settings, and the tokenizer into ``folder``; returns the inner transformers model."""
     inner = base_model(model)
-    generation = getattr(inner, "generation_config", None)
-    if generation is not None and config.task == "sft":
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            value = getattr(tokenizer, key, None)
-            if value is not None:
-                setattr(generation, key, value)
+    generation = set_generation_ids(inner, tokenizer) if config.task == "sft" else None
     save_model(model, folder, tokenizer)
     if hasattr(model, "peft_config"):  # the adapter's labels (id2label, problem_type) and generation settings
         inner.config.save_pretrained(folder)
-        if generation is not None and config.task == "sft":
+        if generation is not None:
             generation.save_pretrained(folder)
     return inner
 
@@ -533,9 +527,19 @@ def _facts(inner: nn.Module, config: FinetuneConfig, model_path: str, *, step: i
     labels = list(getattr(inner.config, "id2label", {}).values()) if config.task == "classification" else None
     return finetune_facts(model_config=inner.config, base_model=model_path, task=config.task, method=config.method,
                           config=to_dict(config), data=config.data.source, steps=step, tokens_seen=tokens_seen,
-                          elapsed_seconds=elapsed,
-                          metrics=metrics, trainable=trainable, total=total, labels=labels, plot=plot,
-                          license=config.license)
+                          elapsed_seconds=elapsed, metrics=metrics, trainable=trainable, total=total,
+                          labels=labels, plot=plot, license=config.license)
+
+
+def _checkpoint_export(tokenizer: Any, config: FinetuneConfig, model_path: str, trainable: int, total: int) -> Any:
+    """``export(trainer, folder)`` for ``RunPublisher``: a checkpoint's model or adapter with its card."""
+    def export(trainer: Trainer, folder: Path | None) -> None:
+        if folder is not None:  # the main process (fine-tuning does not shard)
+            inner = export_model(trainer.accelerator.unwrap_model(trainer.model), folder, tokenizer, config)
+            state = trainer.state
+            write_card(folder, _facts(inner, config, model_path, step=state.step, tokens_seen=state.tokens_seen,
+                                      elapsed=state.elapsed_seconds, metrics={}, trainable=trainable, total=total))
+    return export
 
 
 def _save_final(model: nn.Module, tokenizer: Any, config: FinetuneConfig, model_path: str, result: TrainResult,
@@ -560,8 +564,8 @@ def _save_final(model: nn.Module, tokenizer: Any, config: FinetuneConfig, model_
     if plot is not None:
         shutil.copy(plot, final / "loss.png")
     write_card(final, _facts(inner, config, model_path, step=result.step, tokens_seen=result.tokens_seen,
-                             elapsed=result.elapsed_seconds,
-                             metrics=metrics, trainable=trainable, total=total, plot="loss.png" if plot else None))
+                             elapsed=result.elapsed_seconds, metrics=metrics, trainable=trainable, total=total,
+                             plot="loss.png" if plot else None))
     return final
 
 

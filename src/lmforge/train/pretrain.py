@@ -221,6 +221,17 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     return PretrainResult(run_dir=run_dir, final_dir=final_dir, train=result, strategy=strategy)
 
 
+def set_generation_ids(model: Any, tokenizer: Any) -> Any:
+    """The tokenizer's bos/eos/pad ids into the model's generation config (None without one)."""
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(tokenizer, key, None)
+            if value is not None:
+                setattr(generation, key, value)
+    return generation
+
+
 def export_model(trainer: Trainer, tokenizer: Any, folder: Path | None) -> Any:
     """``save_pretrained`` of the trained model (gathered when sharded: call on every process),
     tokenizer and generation config into ``folder`` on the main process; returns the saved model."""
@@ -230,12 +241,7 @@ def export_model(trainer: Trainer, tokenizer: Any, folder: Path | None) -> Any:
     if not trainer.accelerator.is_main_process:
         return None
     model = _unsharded(trainer.accelerator.unwrap_model(trainer.model), state_dict)
-    generation = getattr(model, "generation_config", None)
-    if generation is not None:
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            value = getattr(tokenizer, key, None)
-            if value is not None:
-                setattr(generation, key, value)
+    set_generation_ids(model, tokenizer)
     model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return model
