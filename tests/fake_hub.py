@@ -130,6 +130,14 @@ class _Reply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+class _Refused(Exception):
+    """Raised by the repo/revision/permission checks; ``_dispatch`` answers with its ``reply``."""
+
+    def __init__(self, reply: _Reply):
+        super().__init__(reply.status)
+        self.reply = reply
+
+
 def _json(obj: object, status: int = 200, headers: dict[str, str] | None = None) -> _Reply:
     return _Reply(status, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})})
 
@@ -333,14 +341,21 @@ class FakeHub:
         if auth is False:
             return _error(401, "Invalid credentials in Authorization header")
         with self._lock:
-            if parts[0] == "api":
-                return self._api(method, parts[1:], query, auth, body)
-            if parts[0] == "__lfs__" and parts[1:2] == ["verify"] and method == "POST":
-                return self._lfs_verify("/".join(parts[2:4]), auth, body)
-            if len(parts) == 6 and parts[1].endswith(".git") and parts[2:] == ["info", "lfs", "objects", "batch"]:
-                return self._lfs_batch(f"{parts[0]}/{parts[1][:-4]}", auth, body) if method == "POST" else _no_route(method, raw_path)
-            if len(parts) >= 5 and parts[2] == "resolve" and method in ("GET", "HEAD"):
-                return self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), auth, headers.get("Range"))
+            try:
+                return self._route(method, parts, raw_path, query, headers, auth, body)
+            except _Refused as refused:  # a missing repo or revision, or no write token
+                return refused.reply
+
+    def _route(self, method: str, parts: list[str], raw_path: str, query: dict[str, list[str]], headers: Message,
+               auth: bool | None, body: bytes) -> _Reply:
+        if parts[0] == "api":
+            return self._api(method, parts[1:], query, auth, body)
+        if parts[0] == "__lfs__" and parts[1:2] == ["verify"] and method == "POST":
+            return self._lfs_verify("/".join(parts[2:4]), auth, body)
+        if len(parts) == 6 and parts[1].endswith(".git") and parts[2:] == ["info", "lfs", "objects", "batch"]:
+            return self._lfs_batch(f"{parts[0]}/{parts[1][:-4]}", auth, body) if method == "POST" else _no_route(method, raw_path)
+        if len(parts) >= 5 and parts[2] == "resolve" and method in ("GET", "HEAD"):
+            return self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), auth, headers.get("Range"))
         return _no_route(method, raw_path)
 
     def _api(self, method: str, parts: list[str], query: dict[str, list[str]], auth: bool | None, body: bytes) -> _Reply:
@@ -387,22 +402,22 @@ class FakeHub:
 
     # ---- access -------------------------------------------------------------------------------
 
-    def _readable(self, repo_id: str, auth: bool | None) -> _Repo | _Reply:
+    def _readable(self, repo_id: str, auth: bool | None) -> _Repo:
         repo = self._repos.get(repo_id)
         if repo is None or (repo.private and not auth):
-            return _error(404, _NO_REPO, "RepoNotFound")
+            raise _Refused(_error(404, _NO_REPO, "RepoNotFound"))
         return repo
 
-    def _writable(self, repo_id: str, auth: bool | None) -> _Repo | _Reply:
+    def _writable(self, repo_id: str, auth: bool | None) -> _Repo:
         if not auth:
-            return _error(401, "You must be authenticated with a write token to do this")
+            raise _Refused(_error(401, "You must be authenticated with a write token to do this"))
         return self._readable(repo_id, auth)
 
-    def _revision(self, repo: _Repo, revision: str, *, branch_only: bool = False) -> _Commit | _Reply:
+    def _revision(self, repo: _Repo, revision: str, *, branch_only: bool = False) -> _Commit:
         commit = repo.commits.get(repo.branches[revision]) if revision in repo.branches else (
             None if branch_only else repo.commits.get(revision))
         if commit is None:
-            return _error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            raise _Refused(_error(404, f"Invalid rev id: {revision}", "RevisionNotFound"))
         return commit
 
     # ---- endpoints ----------------------------------------------------------------------------
@@ -436,16 +451,12 @@ class FakeHub:
 
     def _delete_repo(self, auth: bool | None, payload: dict) -> _Reply:
         repo_id = f"{payload.get('organization') or self.user}/{payload.get('name')}"
-        repo = self._writable(repo_id, auth)
-        if isinstance(repo, _Reply):
-            return repo
+        self._writable(repo_id, auth)  # raises when there is no such repo or no write token
         del self._repos[repo_id]
         return _json({})
 
     def _settings(self, repo_id: str, auth: bool | None, payload: dict) -> _Reply:
         repo = self._writable(repo_id, auth)
-        if isinstance(repo, _Reply):
-            return repo
         if "private" in payload:
             repo.private = bool(payload["private"])
         if "visibility" in payload:
@@ -454,11 +465,7 @@ class FakeHub:
 
     def _info(self, repo_id: str, revision: str, auth: bool | None, *, blobs: bool) -> _Reply:
         repo = self._readable(repo_id, auth)
-        if isinstance(repo, _Reply):
-            return repo
         commit = self._revision(repo, revision)
-        if isinstance(commit, _Reply):
-            return commit
         siblings = []
         for path, f in sorted(commit.files.items()):
             entry = f.describe(path, lfs_key="sha256")
@@ -473,11 +480,7 @@ class FakeHub:
 
     def _tree(self, repo_id: str, revision: str, path: str, auth: bool | None, *, recursive: bool) -> _Reply:
         repo = self._readable(repo_id, auth)
-        if isinstance(repo, _Reply):
-            return repo
         commit = self._revision(repo, revision)
-        if isinstance(commit, _Reply):
-            return commit
         prefix = path.strip("/") + "/" if path.strip("/") else ""
         under = {p: f for p, f in commit.files.items() if p.startswith(prefix)}
         if prefix and not under:
@@ -496,18 +499,12 @@ class FakeHub:
 
     def _refs(self, repo_id: str, auth: bool | None) -> _Reply:
         repo = self._readable(repo_id, auth)
-        if isinstance(repo, _Reply):
-            return repo
         branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c} for b, c in repo.branches.items()]
         return _json({"branches": branches, "converts": [], "tags": [], "pullRequests": []})
 
     def _commits(self, repo_id: str, revision: str, auth: bool | None) -> _Reply:
         repo = self._readable(repo_id, auth)
-        if isinstance(repo, _Reply):
-            return repo
-        commit = self._revision(repo, revision)
-        if isinstance(commit, _Reply):
-            return commit
+        self._revision(repo, revision)  # raises for an unknown revision
         return _json([
             {"id": c.id, "title": c.title, "message": "\n\n".join(filter(None, (c.title, c.description))),
              "authors": [{"user": self.user}], "date": c.date}
@@ -516,11 +513,7 @@ class FakeHub:
 
     def _preupload(self, repo_id: str, revision: str, auth: bool | None, payload: dict) -> _Reply:
         repo = self._writable(repo_id, auth)
-        if isinstance(repo, _Reply):
-            return repo
         commit = self._revision(repo, revision, branch_only=True)
-        if isinstance(commit, _Reply):
-            return commit
         answers = []
         for item in payload.get("files", []):
             path, size = item["path"], int(item["size"])
@@ -532,8 +525,6 @@ class FakeHub:
 
     def _lfs_batch(self, repo_id: str, auth: bool | None, body: bytes) -> _Reply:
         repo = self._writable(repo_id, auth)
-        if isinstance(repo, _Reply):
-            return repo
         payload = _load(body)
         if payload.get("operation") != "upload":
             return _error(400, "the fake hub only serves LFS uploads (downloads go through /resolve)")
@@ -565,8 +556,6 @@ class FakeHub:
 
     def _lfs_verify(self, repo_id: str, auth: bool | None, body: bytes) -> _Reply:
         repo = self._writable(repo_id, auth)
-        if isinstance(repo, _Reply):
-            return repo
         payload = _load(body)
         stored = repo.lfs.get(str(payload.get("oid")))
         if stored is None or len(stored) != payload.get("size"):
@@ -576,11 +565,7 @@ class FakeHub:
     def _commit_request(self, repo_id: str, revision: str, auth: bool | None, body: bytes) -> _Reply:
         """Apply an ndjson commit all at once, or not at all."""
         repo = self._writable(repo_id, auth)
-        if isinstance(repo, _Reply):
-            return repo
         head = self._revision(repo, revision, branch_only=True)
-        if isinstance(head, _Reply):
-            return head
         try:
             items = [json.loads(line) for line in body.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
@@ -620,22 +605,16 @@ class FakeHub:
 
     def _create_branch(self, repo_id: str, branch: str, auth: bool | None, payload: dict) -> _Reply:
         repo = self._writable(repo_id, auth)
-        if isinstance(repo, _Reply):
-            return repo
         if branch.startswith("refs/") or not branch or branch.endswith("/") or ".." in branch:
             return _error(400, f"Invalid reference for a branch: {branch}")
         if branch in repo.branches:
             return _error(409, "Reference already exists")
         start = self._revision(repo, payload.get("startingPoint") or "main")
-        if isinstance(start, _Reply):
-            return start
         repo.branches[branch] = start.id
         return _json({})
 
     def _delete_branch(self, repo_id: str, branch: str, auth: bool | None) -> _Reply:
         repo = self._writable(repo_id, auth)
-        if isinstance(repo, _Reply):
-            return repo
         if branch == "main":
             return _error(403, "You cannot delete the default branch")
         if repo.branches.pop(branch, None) is None:
@@ -645,11 +624,7 @@ class FakeHub:
     def _resolve(self, repo_id: str, revision: str, path: str, auth: bool | None, range_: str | None) -> _Reply:
         """A file download (GET) or its metadata (HEAD: the same headers, no body)."""
         repo = self._readable(repo_id, auth)
-        if isinstance(repo, _Reply):
-            return repo
         commit = self._revision(repo, revision)
-        if isinstance(commit, _Reply):
-            return commit
         f = commit.files.get(path)
         if f is None:
             return _error(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": commit.id})
