@@ -361,3 +361,22 @@ def test_server_failures_give_a_clear_message_and_nothing_is_reported_as_pushed(
     assert "pushed model" not in captured.out and "commit" not in captured.out
     assert _nothing_committed(fake_hub, "user/broken")
     assert_no_secret(fake_hub.token, small_model.parent, fake_hub, captured.out + captured.err)
+
+
+def test_pushing_again_replaces_the_weights_and_keeps_other_files(fake_hub, small_model, tmp_path):
+    """A repo that already holds other weights (an earlier sharded push) ends with only the new
+    ones, so from_pretrained cannot mix shards; files that are not weights stay."""
+    from huggingface_hub import HfApi
+
+    assert main(["push", str(small_model), "--repo-id", "user/again"]) == 0
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "model-00002-of-00002.safetensors").write_bytes(b"stale shard")
+    (extra / "model.safetensors.index.json").write_text("{}")
+    (extra / "NOTES.md").write_text("kept")
+    HfApi().upload_folder(repo_id="user/again", folder_path=extra)
+    assert main(["push", str(small_model), "--repo-id", "user/again"]) == 0
+    files = fake_hub.files("user/again")
+    assert "model-00002-of-00002.safetensors" not in files and "model.safetensors.index.json" not in files
+    assert files["model.safetensors"] == (small_model / "model.safetensors").read_bytes()
+    assert files["NOTES.md"] == b"kept"
