@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
+from lmforge.tokenizers.metrics import auto_tokenizer, has_tokenizer
 from lmforge.train.merge import ADAPTER_CONFIG, check_output_dir, write_model_folder
 
 # What converts, for the messages: model_type -> the classes on the other side.
@@ -39,7 +40,6 @@ FROM_HF = {
     "bert": ("BertModel", "BertForMaskedLM", "BertForSequenceClassification", "BertForTokenClassification"),
     "mamba": ("MambaForCausalLM", "MambaModel"),
 }
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass
@@ -73,8 +73,7 @@ def find_model_dir(source: Path) -> Path:
         raise LmforgeError(f"{folder} holds a LoRA adapter, not a full model; merge it first: "
                            f"lmforge merge {source} --output MERGED, then convert MERGED")
     if not (folder / "config.json").is_file():
-        what = ("a tokenizer but no model" if any((folder / n).is_file() for n in _TOKENIZER_FILES)
-                else "no model")
+        what = "a tokenizer but no model" if has_tokenizer(folder) else "no model"
         raise LmforgeError(f"{folder} holds {what} (no config.json, nor final/config.json of an lmforge run); "
                            f"lmforge convert takes a saved model: {_supported()}")
     return folder
@@ -171,9 +170,8 @@ def _convert_model(model: Any, folder: Path, *, to_hf: bool) -> Any:
 
 def _source_tokenizer(folder: Path) -> Any:
     """The tokenizer saved with the model, or None when the folder has none."""
-    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+    if not has_tokenizer(folder):
         return None
-    from lmforge.tokenizers.metrics import auto_tokenizer
 
     try:
         return auto_tokenizer(folder)

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
+from lmforge.tokenizers.metrics import has_tokenizer
+from lmforge.train.checkpoint import link_or_copy
 
 # the files of a folder that are published (hidden files, pickles, optimizer states never are)
 PUSHED_FILES = ("*.safetensors", "*.json", "*.py", "*.txt", "*.model", "*.jinja", "README.md", "*.png")
@@ -83,6 +85,11 @@ def check_branch(revision: str) -> str:
     return revision
 
 
+def check_model_id(name: str, what: str) -> str:
+    """A model named on the Hub: ``USER/NAME`` checked as a repo id, a bare name (``gpt2``) as it is."""
+    return check_repo_id(name, what) if "/" in name else name
+
+
 def repo_name(model_id: str) -> str:
     """``user/name@branch`` -> ``name``."""
     return model_id.partition("@")[0].split("/")[-1]
@@ -114,7 +121,7 @@ def find_publishable(folder: str | Path) -> tuple[Path, str]:
             raise LmforgeError(f"{folder}: config.json but no *.safetensors weights (lmforge publishes "
                                "safetensors only; re-save with save_pretrained(..., safe_serialization=True))")
         return folder, "model"
-    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+    if has_tokenizer(folder):
         return folder, "tokenizer"
     raise LmforgeError(
         f"{folder} is neither a model (config.json + *.safetensors), a LoRA adapter (adapter_config.json), "
@@ -122,16 +129,12 @@ def find_publishable(folder: str | Path) -> tuple[Path, str]:
     )
 
 
-def has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
-
-
 def adapter_base(folder: Path, base_model: str | None) -> str:
     """The Hub id a pushed adapter names as its base: ``base_model``, or the adapter's own
     ``base_model_name_or_path`` when that is a Hub id (a local path is refused: nobody else has it)."""
     recorded = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
     if base_model:
-        return check_repo_id(base_model, "--base-model") if "/" in base_model else base_model
+        return check_model_id(base_model, "--base-model")
     if recorded and not is_local_path(recorded):
         return recorded
     raise LmforgeError(
@@ -147,13 +150,6 @@ def adapter_base(folder: Path, base_model: str | None) -> str:
 def _published(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                   and any(fnmatch(p.name, pattern) for pattern in PUSHED_FILES))
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        target.hardlink_to(source)
-    except OSError:
-        shutil.copy2(source, target)
 
 
 def _rewrite(path: Path, text: str) -> None:
@@ -183,7 +179,7 @@ def stage(folder: Path, kind: str, target: Path, model_id: str, *, to_hf: bool =
     else:
         target.mkdir(parents=True)
         for path in _published(folder):
-            _link_or_copy(path, target / path.name)
+            link_or_copy(path, target / path.name)
     card_path = target / "README.md"
     if kind == "adapter":
         base_model = adapter_base(folder, base_model)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmforge.errors import LmforgeError
+from lmforge.tokenizers.metrics import auto_tokenizer, has_tokenizer
 
 Task = Literal["auto", "lm", "classification"]
 Kind = Literal["causal", "mlm", "classification"]
@@ -34,7 +35,6 @@ _HEADS: tuple[tuple[str, Kind], ...] = (
     ("ForCausalLM", "causal"), ("LMHeadModel", "causal"),
 )
 _PEFT_TASKS: dict[str, Kind] = {"SEQ_CLS": "classification", "CAUSAL_LM": "causal"}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # table order of the figures (others follow in the order they come)
 _ORDER = ("task", "loss", "perplexity", "bits_per_byte", "next_token_accuracy", "masked_accuracy", "accuracy",
           "macro_f1", "micro_f1", "matthews_correlation", "pearson", "spearman", "mse", "tokens",
@@ -223,7 +223,7 @@ def _load_adapter(folder: Path, task: Task, trust_remote_code: bool) -> tuple[An
                            "the adapter does not hold them either (modules_to_save): the figures would come "
                            "from random weights")
     model = PeftModel.from_pretrained(model, str(folder))
-    tokenizer_dir = folder if any((folder / f).is_file() for f in _TOKENIZER_FILES) else Path(base)
+    tokenizer_dir = folder if has_tokenizer(folder) else Path(base)
     return model, kind, tokenizer_dir
 
 
@@ -252,7 +252,6 @@ def load_for_eval(path: str | Path, *, task: Task = "auto", trust_remote_code: b
 
 
 def _load_tokenizer(tokenizer_dir: Path, model_dir: Path) -> Any:
-    from lmforge.tokenizers.metrics import auto_tokenizer
 
     try:
         tokenizer = auto_tokenizer(tokenizer_dir)

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from lmforge.tokenizers.metrics import has_tokenizer
+
 _SECRET_KEY = re.compile(r"token|secret|password|api_key|credential", re.IGNORECASE)
 LOCAL_ID = "path/to/this/folder"  # how a card names its model before it is pushed
 # config.json keys shown as the architecture (those the model's config has)
@@ -103,10 +105,6 @@ def auto_class(config: dict[str, Any]) -> str:
     return "AutoModel"
 
 
-def _has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
-
-
 def load_section(folder: str | Path, model_id: str = LOCAL_ID) -> str:
     """The card's "## Load" section for what ``folder`` holds (a model, a LoRA adapter or a tokenizer),
     naming it ``model_id`` (a local path or a Hub repo id, with ``revision`` when given as ``id@rev``)."""
@@ -123,10 +121,10 @@ def load_section(folder: str | Path, model_id: str = LOCAL_ID) -> str:
                           f"tokenizer = AutoTokenizer.from_pretrained({where})", "```", ""])
     auto = auto_class(config)
     lines = ["## Load", "", "```python", f"from transformers import AutoTokenizer, {auto}", ""]
-    if _has_tokenizer(folder):
+    if has_tokenizer(folder):
         lines.append(f"tokenizer = AutoTokenizer.from_pretrained({where}{trust})")
     lines.append(f"model = {auto}.from_pretrained({where}{trust})")
-    if auto == "AutoModelForCausalLM" and _has_tokenizer(folder):
+    if auto == "AutoModelForCausalLM" and has_tokenizer(folder):
         lines += ['inputs = tokenizer("The ", return_tensors="pt")',
                   "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20, do_sample=True)[0]))"]
     lines += ["```", ""]
@@ -137,7 +135,7 @@ def load_section(folder: str | Path, model_id: str = LOCAL_ID) -> str:
                   "code (waiting 15 s on a terminal) and then warns. To load the tokenizer without running "
                   f"any code: `PreTrainedTokenizerFast.from_pretrained({where})`. `lmforge convert --to-hf` "
                   "writes a stock transformers copy that needs no remote code.", ""]
-    if not _has_tokenizer(folder):
+    if not has_tokenizer(folder):
         lines += ["This repository holds no tokenizer: use the one the model was trained with.", ""]
     return "\n".join(lines)
 
@@ -156,7 +154,7 @@ def _adapter_load(folder: Path, where: str, adapter: dict[str, Any], config: dic
              f"from transformers import AutoTokenizer, {auto}", "",
              f'base = {auto}.from_pretrained("{base}"{labels}, trust_remote_code=True)',
              f"model = PeftModel.from_pretrained(base, {where})"]
-    if _has_tokenizer(folder):
+    if has_tokenizer(folder):
         lines.append(f"tokenizer = AutoTokenizer.from_pretrained({where})")
     lines += ["```", "", f"This is a LoRA adapter for `{base}`: the base model's weights are loaded from there. "
               "`lmforge merge` folds the adapter into the base weights and saves a plain model.", ""]

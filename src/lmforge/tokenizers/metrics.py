@@ -91,6 +91,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([line(headers), sep, *(line(c) for c in cells)])
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    """True when ``folder`` holds saved tokenizer files (``save_pretrained``'s)."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def auto_tokenizer(path: str | Path) -> Any:
     """``AutoTokenizer.from_pretrained(path)`` that never asks about custom code.
 

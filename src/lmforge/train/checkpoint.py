@@ -137,10 +137,11 @@ def _quiet_tied_weight_notice():
 def link_tree(source: Path, target: Path) -> None:
     """Copy the folder ``source`` to ``target`` by hard links where the file system allows (the
     files of ``source`` are replaced, never rewritten in place, so a link stays a snapshot)."""
-    shutil.copytree(source, target, copy_function=_link_or_copy)
+    shutil.copytree(source, target, copy_function=link_or_copy)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """A hard link to ``src`` at ``dst`` (no bytes copied), or a copy where links cannot be made."""
     try:
         os.link(src, dst)
     except OSError:

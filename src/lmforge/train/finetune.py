@@ -456,13 +456,12 @@ def _finish(trainer: Trainer, result: TrainResult, config: FinetuneConfig, data:
 def _hub_base_model(config: FinetuneConfig) -> str | None:
     """The base model's Hub id for a pushed card (and a LoRA adapter's config), checked before training:
     a LoRA adapter on a local base without ``hub_base_model`` is refused."""
-    from lmforge.hub import check_repo_id, is_local_path
+    from lmforge.hub import check_model_id, is_local_path
 
     if not config.push_to_hub:
         return None
     if config.hub_base_model:
-        return check_repo_id(config.hub_base_model, "hub_base_model") if "/" in config.hub_base_model \
-            else config.hub_base_model
+        return check_model_id(config.hub_base_model, "hub_base_model")
     if not is_local_path(config.model.path):
         return config.model.path
     if config.method != "lora":
