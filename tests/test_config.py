@@ -70,6 +70,16 @@ def test_yaml_with_dotted_overrides(tmp_path: Path):
         load_config(Job, tmp_path / "missing.yaml")
 
 
+def test_a_key_written_twice_is_refused(tmp_path: Path):
+    """PyYAML keeps the last of two equal keys silently; a config file must not lose a setting."""
+    path = tmp_path / "job.yaml"
+    path.write_text("name: demo\noptim:\n  lr: 1e-3\n  betas: [0.9, 0.95]\n  lr: 1e-2\n", encoding="utf-8")
+    with pytest.raises(LmforgeError, match=r"the key 'lr' appears twice in one mapping \(first on line 3\)"):
+        load_config(Job, path)
+    path.write_text("name: demo\noptim:\n  lr: 1e-3\nsteps: 2\n", encoding="utf-8")  # one lr per mapping
+    assert load_config(Job, path).optim.lr == 1e-3
+
+
 @pytest.mark.parametrize("value, tp, expected", [
     ("3", int, 3), ("1e3", int, 1000), ("yes", bool, True), ("off", bool, False), ("2.5", float, 2.5),
     ("none", int | None, None), ("bf16", Literal["fp32", "bf16"], "bf16"), ("a", list[str], ["a"]),
