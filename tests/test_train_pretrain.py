@@ -294,3 +294,28 @@ def test_compiled_model_trains_like_the_eager_one(ws):
     want, got = train_losses(eager.run_dir), train_losses(compiled.run_dir)
     assert list(got) == list(want) == [1, 2, 3, 4]
     assert list(got.values()) == pytest.approx(list(want.values()), rel=1e-4)
+
+
+def test_a_causal_lm_on_wordpiece_is_scored_per_byte_of_the_text(ws):
+    """WordPiece drops the spaces: the evaluation divides by the validation text's own bytes (scaled
+    to the scored tokens), not by the fewer bytes its tokens spell."""
+    import numpy as np
+
+    from lmforge.data.pipeline import build_lm_dataset
+    from lmforge.data.sources import load_corpus
+    from lmforge.eval.perplexity import token_byte_lengths
+    from lmforge.train.pretrain import load_tokenizer
+
+    config = make_config(ws, "gpt", "wordpiece-causal", train={"max_steps": 3},
+                         data={"tokenizer": str(ws["tok"]["bert"]), "document_masks": False})
+    result = pretrain(config)
+    tok = load_tokenizer(config.data.tokenizer)
+    lengths = token_byte_lengths(tok).numpy()
+    rows = build_lm_dataset(config.data.source, tok, 32, split="validation", document_masks=False)
+    ids = np.asarray([r["input_ids"] for r in rows])
+    mask = np.asarray([r["attention_mask"] for r in rows])
+    covered = int(lengths[ids[mask == 1]].sum())
+    targets = int(lengths[ids[:, 1:][mask[:, 1:] == 1]].sum())  # every token but a row's first is scored
+    raw = sum(len(t.encode()) for t in load_corpus(config.data.source, "validation")["text"] if t)
+    assert raw > 1.1 * covered  # the spaces
+    assert result.train.last_eval["bytes"] == round(targets * raw / covered)

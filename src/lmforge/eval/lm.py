@@ -196,7 +196,7 @@ def evaluate_lm_strided(model: Any, tokenizer: Any, texts: Sequence[str], *, max
     Raises:
         LmforgeError: a bad ``max_length``/``stride``, or texts with fewer than two tokens.
     """
-    from lmforge.eval.perplexity import token_byte_lengths
+    from lmforge.eval.perplexity import text_bytes_scale, token_byte_lengths
 
     if batch_size < 1:
         raise LmforgeError(f"--batch-size must be at least 1, got {batch_size}")
@@ -207,7 +207,9 @@ def evaluate_lm_strided(model: Any, tokenizer: Any, texts: Sequence[str], *, max
                            "(empty data?); perplexity needs at least 2")
     device = _device(model, accelerator)
     vocab = getattr(model.config, "vocab_size", None)
-    byte_lengths = token_byte_lengths(tokenizer, vocab).to(device)
+    byte_lengths = token_byte_lengths(tokenizer, vocab)
+    scale = text_bytes_scale(texts, [ids], byte_lengths)  # per byte of the text, whatever the tokenizer drops
+    byte_lengths = byte_lengths.to(device)
     stream = torch.from_numpy(ids).to(device)
     windows = strided_windows(ids.size, max_length, stride)
     batches = list(_window_batches(windows, batch_size))
@@ -239,10 +241,11 @@ def evaluate_lm_strided(model: Any, tokenizer: Any, texts: Sequence[str], *, max
     bar.close()
     model.train(was_training)
     nll, tokens, nbytes, correct = _reduce(totals, accelerator)
+    nbytes *= scale
     loss = nll / tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "bits_per_byte": nll / math.log(2) / nbytes if nbytes else float("nan"),
-            "next_token_accuracy": correct / tokens, "tokens": int(tokens), "bytes": int(nbytes),
+            "next_token_accuracy": correct / tokens, "tokens": int(tokens), "bytes": round(nbytes),
             "max_length": max_length, "stride": stride}
 
 

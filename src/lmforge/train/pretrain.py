@@ -147,14 +147,30 @@ def _data(config: PretrainConfig, tokenizer: Any, model: Any, accelerator: Any) 
     if not data.eval_split:
         return train_data, None
     eval_ds = build_lm_dataset(data.source, tokenizer, data.block_size, split=data.eval_split, **common)
-    byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size) if config.objective == "causal" else None
+    byte_lengths, scale = None, 1.0
+    if config.objective == "causal":
+        byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
+        if not data.streaming:  # per byte of the text itself, whatever the tokenizer drops
+            scale = _text_bytes_scale(data, eval_ds, byte_lengths)
 
     def evaluate(prepared_model: Any, final: bool) -> dict[str, float]:
         limit = None if final else train.eval_batches  # the last evaluation sees everything
         batches = eval_batches(eval_ds, train.micro_batch_size, collate, limit, **ranks)
-        return evaluate_lm(prepared_model, batches, byte_lengths=byte_lengths, accelerator=accelerator)
+        return evaluate_lm(prepared_model, batches, byte_lengths=byte_lengths, accelerator=accelerator,
+                           bytes_scale=scale)
 
     return train_data, evaluate
+
+
+def _text_bytes_scale(data: Any, rows: Any, byte_lengths: Any) -> float:
+    """``text_bytes_scale`` of the eval split (``data``: the DataSection) and its packed rows."""
+    from lmforge.data.sources import load_corpus
+    from lmforge.eval.perplexity import text_bytes_scale
+
+    texts = load_corpus(data.source, data.eval_split, text_column=data.text_column)["text"]
+    ids = (batch["input_ids"][batch["attention_mask"] == 1]
+           for batch in rows.with_format("numpy").iter(batch_size=1024))
+    return text_bytes_scale(texts, ids, byte_lengths)
 
 
 def _flops_per_token(model: Any, block_size: int) -> float:
