@@ -26,6 +26,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("merge",): ("lmforge.train.merge:merge_command", "merge a LoRA adapter into its base model"),
     ("push",): ("lmforge.hub:push_command", "push a model, adapter or tokenizer to the Hugging Face Hub"),
     ("convert",): ("lmforge.export:convert_command", "convert a model to or from stock transformers classes"),
+    ("ablate",): ("lmforge.train.ablate:ablate_command", "compare architecture and tokenizer choices on the same data and budget"),
 }
 
 _HELP = ("-h", "--help", "help")
