@@ -308,13 +308,13 @@ def plan(config: AblateConfig, source: str = "sweep") -> Plan:
         seeds = list(config.seeds)
         if name == baseline:
             seeds += [s for s in config.baseline_seeds if s not in seeds]
+        values = merge(base_values, nest(others))
+        budget = _budget_values(config, build_dataclass(PretrainConfig, values, source=where))
         for seed in seeds:
             folder = out / (folder_name(name) if len(seeds) == 1 else f"{folder_name(name)}-seed{seed}")
-            values = merge(base_values, nest(others))
-            resolved = build_dataclass(PretrainConfig, values, source=where)
             controls = {"output_dir": str(folder), "resume": "auto", "overwrite": False, "train.seed": seed,
                         "train.log_every": 1, "train.progress_bar": False, "push_to_hub": None,
-                        "push_checkpoints": False, **_budget_values(config, resolved)}
+                        "push_checkpoints": False, **budget}
             if choice is not None:
                 controls["data.tokenizer"] = str(out / "tokenizers" / choice.key)
                 tokenizers[choice.key] = choice
