@@ -110,7 +110,12 @@ def heldout_step(model_dir: Path, corpus: str, split: str, *, block_size: int, b
     from lmforge.data.collators import CausalLMCollator
     from lmforge.data.pipeline import build_lm_dataset
     from lmforge.data.sources import load_corpus
-    from lmforge.eval.perplexity import evaluate_lm, text_bytes_scale, token_byte_lengths
+    from lmforge.eval.perplexity import (
+        evaluate_lm,
+        packed_token_ids,
+        text_bytes_scale,
+        token_byte_lengths,
+    )
     from lmforge.train.batches import eval_batches
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
@@ -120,9 +125,8 @@ def heldout_step(model_dir: Path, corpus: str, split: str, *, block_size: int, b
     collate = CausalLMCollator(tokenizer.pad_token_id)
     batches = ({k: v for k, v in b.items() if k != "seq_idx"} for b in eval_batches(rows, batch_size, collate))
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
-    ids = (b["input_ids"][b["attention_mask"] == 1] for b in rows.with_format("numpy").iter(batch_size=1024))
     metrics = evaluate_lm(model, batches, byte_lengths=byte_lengths,
-                          bytes_scale=text_bytes_scale(texts["text"], ids, byte_lengths))
+                          bytes_scale=text_bytes_scale(texts["text"], packed_token_ids(rows), byte_lengths))
     titles = ", ".join(texts["title"]) if "title" in texts.column_names else f"{len(texts)} documents"
     print(f"\nheld-out {split} plays ({titles}): {metrics['bytes']:,} bytes, loss {metrics['loss']:.4f}, "
           f"perplexity {metrics['perplexity']:.2f}, bits per byte {metrics['bits_per_byte']:.4f}")

@@ -87,6 +87,13 @@ def text_bytes_scale(texts: Iterable[str], token_ids: Iterable[Any], byte_length
     return total / covered if covered else 1.0
 
 
+def packed_token_ids(rows: Any, batch_size: int = 1024) -> Iterable[np.ndarray]:
+    """The tokens of packed rows (``build_lm_dataset``: ``input_ids`` with ``attention_mask``),
+    padding left out, a batch of rows at a time: the ``token_ids`` of ``text_bytes_scale``."""
+    for batch in rows.with_format("numpy").iter(batch_size=batch_size):
+        yield batch["input_ids"][batch["attention_mask"] == 1]
+
+
 def target_shift(model: nn.Module) -> int:
     """1 when the model's loss predicts the next token (causal LM), 0 when labels are aligned (MLM).
 

@@ -415,8 +415,9 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def run_one(run: Run, index: int, total: int) -> dict[str, Any]:
-    """Train one run in its own process, echoing its output into its log.txt and the console."""
+def run_one(run: Run, index: int, total: int) -> int:
+    """Train one run in its own process, echoing its output into its log.txt and the console;
+    returns the process's exit code."""
     run.folder.mkdir(parents=True, exist_ok=True)
     (run.folder / RUN_CONFIG).write_text(yaml.safe_dump(to_dict(run.config), sort_keys=False))
     changes = ", ".join(f"{k}={v}" for k, v in run.overrides.items()) or "the base"
@@ -437,7 +438,7 @@ def run_one(run: Run, index: int, total: int) -> dict[str, Any]:
             process.terminate()
             process.wait()
             raise
-    return {"exit_code": code}
+    return code
 
 
 def _outcome(run: Run) -> dict[str, Any] | None:
@@ -500,7 +501,7 @@ def _run_all(the_plan: Plan) -> list[dict[str, Any]]:
     for i, run in enumerate(the_plan.runs, 1):
         exit_code = None
         if _outcome(run) is None:
-            exit_code = run_one(run, i, len(the_plan.runs))["exit_code"]
+            exit_code = run_one(run, i, len(the_plan.runs))
             if exit_code in (130, 143):  # interrupted: its checkpoint is saved, the sweep stops here
                 raise KeyboardInterrupt
         else:

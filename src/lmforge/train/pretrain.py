@@ -165,12 +165,10 @@ def _data(config: PretrainConfig, tokenizer: Any, model: Any, accelerator: Any) 
 def _text_bytes_scale(data: Any, rows: Any, byte_lengths: Any) -> float:
     """``text_bytes_scale`` of the eval split (``data``: the DataSection) and its packed rows."""
     from lmforge.data.sources import load_corpus
-    from lmforge.eval.perplexity import text_bytes_scale
+    from lmforge.eval.perplexity import packed_token_ids, text_bytes_scale
 
     texts = load_corpus(data.source, data.eval_split, text_column=data.text_column)["text"]
-    ids = (batch["input_ids"][batch["attention_mask"] == 1]
-           for batch in rows.with_format("numpy").iter(batch_size=1024))
-    return text_bytes_scale(texts, ids, byte_lengths)
+    return text_bytes_scale(texts, packed_token_ids(rows), byte_lengths)
 
 
 def _flops_per_token(model: Any, block_size: int) -> float:
