@@ -206,12 +206,11 @@ def test_two_process_muon_steps_match_one_process(run_config, muon_ddp_run, monk
 
     - The optimizer state after the step (AdamW's moments, Muon's momentum: float32 functions of
       the gradient) and the AdamW-updated weights agree to float noise: the gradient is the same.
-    - Muon orthogonalizes the momentum in bfloat16 (8 significant bits), so when a 1e-7 difference
-      in how the gradient was summed rounds differently there, its whole update moves by a few
-      bfloat16 steps (measured: 1.4% of the step in one matrix). Muon-updated matrices are held to
-      2^-5 of the step's largest change; a gradient that was not averaged across processes, or
-      another batch, changes the direction by far more. Over many steps such roundings add up
-      (~1e-3 after 4 steps), which is why this compares step by step, not whole runs.
+    - Muon-updated matrices agree to 1e-4 of the step's largest change. Muon orthogonalizes the
+      momentum in float32 on the CPU, so a 1e-7 difference in how the gradient was summed moves
+      its update by about 1e-6 of the step (in torch's bfloat16 it moved a few bfloat16 steps,
+      1.4% of the step); a gradient that was not averaged across processes, or another batch,
+      changes the direction by far more.
     """
     from transformers import AutoModelForCausalLM
 
@@ -252,7 +251,7 @@ def test_two_process_muon_steps_match_one_process(run_config, muon_ddp_run, monk
         for key in want:
             moved = (want[key] - before[key]).abs().max().item()
             assert moved > 1e-5, key  # the step changed every tensor
-            atol = 2**-5 * moved if key in matrices else 1e-6
+            atol = 1e-4 * moved if key in matrices else 1e-6
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=atol, msg=f"{after}: {key}")
 
 

@@ -31,6 +31,8 @@ class OptimConfig:
         muon_adjust_lr: Muon's per-matrix learning-rate scaling: original (Keller Jordan's
             sqrt(max(1, rows/cols)); muon_lr around 0.02) or match_rms_adamw (Moonshot's
             0.2 * sqrt(max(rows, cols)), so AdamW-like learning rates carry over).
+        muon_ns_dtype: the dtype of Muon's Newton-Schulz orthogonalization: auto (bfloat16 on
+            GPUs, float32 on the CPU), float32 or bfloat16.
         scheduler: learning-rate shape after the warmup: cosine, linear, constant or wsd
             (warmup-stable-decay: flat at the peak, then a linear decay over the last
             decay_fraction of the run).
@@ -48,6 +50,7 @@ class OptimConfig:
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     muon_adjust_lr: Literal["original", "match_rms_adamw"] = "original"
+    muon_ns_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     scheduler: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1

@@ -57,8 +57,78 @@ def muon_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(chosen.values())
 
 
+def orthogonalize(updates: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
+                  eps: float) -> torch.Tensor:
+    """Keller Jordan's quintic Newton–Schulz iteration (``torch.optim.Muon``'s, same coefficients,
+    steps and normalisation), on a batch of same-shaped matrices ``(..., rows, cols)`` in their
+    own dtype: one ``baddbmm`` per product for the whole batch instead of one ``addmm`` per matrix."""
+    a, b, c = ns_coefficients
+    x = updates
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm at most 1
+    for _ in range(ns_steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+def _muon_lr_scale(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """``torch.optim.Muon``'s per-matrix learning-rate scale for ``adjust_lr_fn``."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1, rows / cols))  # "original" (torch's default, also for None)
+
+
+class Muon(torch.optim.Muon):
+    """``torch.optim.Muon`` (same hyper-parameters, state and update) with the orthogonalization
+    batched over same-shaped matrices and run in ``ns_dtype``.
+
+    torch orthogonalizes in bfloat16, one matrix at a time. That is the fast choice on GPUs, but
+    CPUs without bfloat16 matrix units emulate it: on this project's 2-core AMD EPYC (AVX2) the
+    step of the quickstart's 28 matrices took 0.94 s against 0.05 s in float32, three times the
+    forward and backward pass. ``ns_dtype=None`` picks bfloat16 on accelerators and float32 on
+    the CPU (where it is also the more exact choice).
+    """
+
+    def __init__(self, params, *, ns_dtype: torch.dtype | None = None, **kwargs: Any):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            buffers: list[torch.Tensor] = []
+            self._init_group(group, params, grads, buffers)
+            momentum, lr = group["momentum"], float(group["lr"])
+            by_shape: dict[tuple, list[int]] = {}
+            updates = []
+            for i, (param, grad, buf) in enumerate(zip(params, grads, buffers, strict=True)):
+                buf.lerp_(grad, 1 - momentum)
+                updates.append(grad.lerp(buf, momentum) if group["nesterov"] else buf)
+                by_shape.setdefault((param.shape, param.device), []).append(i)
+            for indices in by_shape.values():
+                first = params[indices[0]]
+                dtype = self.ns_dtype or (torch.float32 if first.device.type == "cpu" else torch.bfloat16)
+                stacked = torch.stack([updates[i] for i in indices]).to(dtype)
+                ortho = orthogonalize(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                adjusted_lr = lr * _muon_lr_scale(group["adjust_lr_fn"], first.shape)
+                for i, update in zip(indices, ortho, strict=True):
+                    params[i].mul_(1 - lr * group["weight_decay"])
+                    params[i].add_(update.to(params[i].dtype), alpha=-adjusted_lr)
+        return loss
+
+
 class MuonWithAdamW(torch.optim.Optimizer):
-    """``torch.optim.Muon`` over some parameters and ``torch.optim.AdamW`` over the others, as one
+    """``Muon`` over some parameters and ``torch.optim.AdamW`` over the others, as one
     optimizer (one ``step``, one ``state_dict``, one set of ``param_groups``) so that the
     learning-rate scheduler, gradient clipping and accelerate's checkpointing treat it like any
     other.
@@ -71,7 +141,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def __init__(self, adamw_groups: list[dict[str, Any]], muon_groups: list[dict[str, Any]], *,
                  adamw: dict[str, Any], muon: dict[str, Any]):
         self.adamw = torch.optim.AdamW(adamw_groups, **adamw) if adamw_groups else None
-        self.muon = torch.optim.Muon(muon_groups, **muon)
+        self.muon = Muon(muon_groups, **muon)
         inner = [o for o in (self.adamw, self.muon) if o is not None]
         super().__init__([g for o in inner for g in o.param_groups], defaults={})
         self._link()
@@ -132,7 +202,8 @@ def build_optimizer(model: nn.Module, config: OptimConfig, *, log: bool = False)
         adamw_groups, [{"params": matrices}],
         adamw={"lr": config.lr, "betas": tuple(config.betas), "eps": config.eps},
         muon={"lr": config.muon_lr, "momentum": config.muon_momentum, "weight_decay": config.weight_decay,
-              "adjust_lr_fn": config.muon_adjust_lr},
+              "adjust_lr_fn": config.muon_adjust_lr,
+              "ns_dtype": None if config.muon_ns_dtype == "auto" else getattr(torch, config.muon_ns_dtype)},
     )
     if log:
         names = {id(p): n for n, p in model.named_parameters()}
