@@ -33,14 +33,15 @@ CONFIG = ROOT / "configs" / "pretrain" / "quickstart.yaml"
 CORPUS = "shakespeare"
 
 
-def model_tokenizer(run_dir: Path, vocab_size: int) -> Path:
-    """Quickstart steps 1 and 4: the corpus, and the model's byte-level BPE on the train split."""
+def model_tokenizer(run_dir: Path, vocab_size: int, algorithm: str = "bpe") -> Path:
+    """Quickstart steps 1 and 4: the corpus, and the model's tokenizer on the train split."""
     from lmforge.data.sources import load_corpus
     from lmforge.quickstart import fetch_step, model_tokenizer_step
 
     fetch_step(CORPUS)
     train = load_corpus(CORPUS, "train")
-    return model_tokenizer_step(train, run_dir / "tokenizers", vocab_size=vocab_size, model_max_length=1024)
+    return model_tokenizer_step(train, run_dir / "tokenizers", vocab_size=vocab_size, model_max_length=1024,
+                                algorithm=algorithm)
 
 
 def pretrain(run_dir: Path, tokenizer: Path, *, minutes: float, threads: int | None,

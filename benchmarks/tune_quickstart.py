@@ -5,7 +5,8 @@ for the same time budget and score it by bits per byte on the whole validation s
     python benchmarks/tune_quickstart.py --candidates my.yaml --minutes 0.5
 
 A candidates file is a YAML list; each item has a ``name`` and ``overrides`` (dotted settings on
-top of configs/pretrain/quickstart.yaml), optionally ``model_vocab_size`` (default 2048)::
+top of configs/pretrain/quickstart.yaml), optionally ``model_vocab_size`` (default 2048) and
+``model_tokenizer`` (bpe or unigram, default bpe)::
 
     - name: lr 1e-3
       overrides: {optim.lr: 1.0e-3}
@@ -82,7 +83,8 @@ def try_candidate(candidate: dict[str, Any], run_dir: Path, tokenizer: Path, min
     result = pretrain(run_dir, tokenizer, minutes=minutes, threads=threads, overrides=candidate.get("overrides"))
     figures = training_figures(result)
     return {"name": candidate["name"], "overrides": candidate.get("overrides") or {},
-            "model_vocab_size": candidate.get("model_vocab_size", 2048), "minutes": minutes, "threads_requested": threads, **figures, "machine": finish(info)}
+            "model_vocab_size": candidate.get("model_vocab_size", 2048),
+            "model_tokenizer": candidate.get("model_tokenizer", "bpe"), "minutes": minutes, "threads_requested": threads, **figures, "machine": finish(info)}
 
 
 def append(path: Path, entry: dict) -> None:
@@ -112,17 +114,17 @@ def main() -> int:
     candidates = load_candidates(args.candidates)
     threads = args.threads if args.threads is not None else auto_threads()
     if threads is not None and args.threads is None:
-        print(f"the machine is busy (load average {os.getloadavg()[0]:.1f}): every candidate runs with {threads} "
+        print(f"the machine is busy (other work on its cores): every candidate runs with {threads} "
               "torch thread(s); such results do not compare with runs on a quiet machine (--threads N fixes it)",
               flush=True)
-    tokenizers: dict[int, Path] = {}  # one model tokenizer per vocabulary size, trained on the train plays
+    tokenizers: dict[tuple, Path] = {}  # one model tokenizer per (algorithm, vocabulary), on the train plays
     scored = []
     for candidate in candidates:
-        vocab = int(candidate.get("model_vocab_size", 2048))
-        if vocab not in tokenizers:
-            tokenizers[vocab] = model_tokenizer(args.run_dir, vocab)
+        choice = (candidate.get("model_tokenizer", "bpe"), int(candidate.get("model_vocab_size", 2048)))
+        if choice not in tokenizers:
+            tokenizers[choice] = model_tokenizer(args.run_dir, choice[1], choice[0])
         start = time.perf_counter()
-        entry = try_candidate(candidate, args.run_dir / _slug(candidate["name"]), tokenizers[vocab],
+        entry = try_candidate(candidate, args.run_dir / _slug(candidate["name"]), tokenizers[choice],
                               args.minutes, threads)
         entry["seconds_total"] = round(time.perf_counter() - start, 1)
         append(args.out, entry)

@@ -52,3 +52,49 @@ def test_quickstart_end_to_end_on_shakespeare(tmp_path, capsys):
     before = (final / "model.safetensors").read_bytes()
     assert main(args) == 2  # the explicit folder holds the first run: refused, kept
     assert (final / "model.safetensors").read_bytes() == before
+
+
+def test_auto_threads_leaves_the_cores_other_work_uses(monkeypatch):
+    from lmforge import quickstart
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert quickstart.auto_threads(busy=0.1) is None  # quiet: torch's default
+    assert quickstart.auto_threads(busy=1.0) == 1
+    assert quickstart.auto_threads(busy=3.5) == 1  # oversubscribed: still 1
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert quickstart.auto_threads(busy=2.2) == 14
+
+
+def test_busy_cores_sees_work_that_started_a_moment_ago():
+    """A process that started spinning just now (the 1-minute load average has barely moved) keeps
+    one core busy, and the sample says so."""
+    import subprocess
+    import sys
+
+    from lmforge.quickstart import busy_cores
+
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        busy = busy_cores(1.0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy is not None and busy >= 0.8
+    assert busy_cores(0.1, stat=Path("/no/such/stat")) is None
+
+
+def test_the_model_tokenizer_must_be_lossless(tmp_path, capsys):
+    """bits per byte scores every byte of the text, so the model's tokenizer is BPE or Unigram (with
+    byte fallback); WordPiece, which drops whitespace, is refused before anything is trained."""
+    from lmforge.quickstart import model_tokenizer_path, model_tokenizer_step
+
+    with pytest.raises(LmforgeError, match="'wordpiece' is not one of bpe, unigram"):
+        model_tokenizer_step(["a text"], tmp_path, vocab_size=300, model_max_length=64, algorithm="wordpiece")
+    assert not any(tmp_path.iterdir())
+    assert model_tokenizer_path(tmp_path, 2048, "unigram") == tmp_path / "unigram-2048"
+    with pytest.raises(SystemExit):
+        main(["quickstart", "--run-dir", str(tmp_path / "q"), "--model-tokenizer", "wordpiece"])
+    assert "invalid choice: 'wordpiece'" in capsys.readouterr().err

@@ -6,7 +6,7 @@ evaluation, ...) can be appended to ``quickstart`` without touching the earlier 
 1. ``fetch_step``: the corpus into the lmforge cache (no-op when already there);
 2. ``tokenizers_step``: BPE, WordPiece and Unigram trained on the TRAIN split only;
 3. ``tokenizer_report_step``: their comparison table on the VALIDATION split;
-4. ``model_tokenizer_step``: the small byte-level BPE the model uses (train split only);
+4. ``model_tokenizer_step``: the small tokenizer the model uses (train split only);
 5. ``pretrain_step``: a small GPT pretrained for about 5 minutes (configs/pretrain/quickstart.yaml);
 6. ``heldout_step``: bits per byte on the held-out TEST plays, from the saved folder;
 7. ``generate_step``: a sample, from ``AutoModelForCausalLM.from_pretrained``;
@@ -16,7 +16,7 @@ evaluation, ...) can be appended to ``quickstart`` without touching the earlier 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lmforge.errors import LmforgeError
 
@@ -65,17 +65,25 @@ def tokenizer_report_step(paths: dict[str, Path], texts: Any, label: str) -> lis
     return rows
 
 
-def model_tokenizer_path(out_dir: Path, vocab_size: int) -> Path:
-    return out_dir / f"bpe-{vocab_size}"
+def model_tokenizer_path(out_dir: Path, vocab_size: int, algorithm: str = "bpe") -> Path:
+    return out_dir / f"{algorithm}-{vocab_size}"
 
 
-def model_tokenizer_step(train_texts: Any, out_dir: Path, *, vocab_size: int, model_max_length: int) -> Path:
-    """The byte-level BPE the model uses (train split only), sized for a small model."""
+MODEL_TOKENIZERS = {"bpe": "byte-level BPE", "unigram": "Unigram with byte fallback"}
+
+
+def model_tokenizer_step(train_texts: Any, out_dir: Path, *, vocab_size: int, model_max_length: int,
+                         algorithm: str = "bpe") -> Path:
+    """The tokenizer the model uses (train split only), sized for a small model. Lossless
+    algorithms only (every byte of the text is scored in bits per byte)."""
     from lmforge.tokenizers import train_tokenizer
 
-    path = model_tokenizer_path(out_dir, vocab_size)
-    print(f"\ntraining the model's tokenizer: byte-level BPE (vocab {vocab_size}) -> {path}")
-    train_tokenizer(train_texts, "bpe", vocab_size, model_max_length=model_max_length, output_dir=path,
+    if algorithm not in MODEL_TOKENIZERS:
+        raise LmforgeError(f"model tokenizer: {algorithm!r} is not one of {', '.join(MODEL_TOKENIZERS)} "
+                           "(the model's tokenizer must spell every byte of the text)")
+    path = model_tokenizer_path(out_dir, vocab_size, algorithm)
+    print(f"\ntraining the model's tokenizer: {MODEL_TOKENIZERS[algorithm]} (vocab {vocab_size}) -> {path}")
+    train_tokenizer(train_texts, algorithm, vocab_size, model_max_length=model_max_length, output_dir=path,
                     overwrite=True, show_progress=False)
     return path
 
@@ -157,16 +165,50 @@ def where_step(model_dir: Path) -> None:
           f"    model = AutoModelForCausalLM.from_pretrained(\"{model_dir}\", trust_remote_code=True)\n")
 
 
-def auto_threads() -> int | None:
-    """1 thread when the machine is already busy (oversubscribed cores make torch several times
-    slower), else torch's default."""
+def busy_cores(seconds: float = 0.5, stat: Path = Path("/proc/stat")) -> float | None:
+    """How many cores other work keeps busy right now: the machine's non-idle share over a short
+    sample of ``stat`` times its cores (this process sleeps meanwhile). None where there is no
+    ``/proc/stat``."""
     import os
+    import time
+
+    def times() -> tuple[int, int]:
+        values = [int(v) for v in stat.read_text().splitlines()[0].split()[1:9]]
+        return sum(values), values[3] + values[4]  # all, idle + iowait
 
     try:
-        load = os.getloadavg()[0]
-    except OSError:
+        total0, idle0 = times()
+        time.sleep(seconds)
+        total1, idle1 = times()
+    except (OSError, ValueError, IndexError):
         return None
-    return 1 if load > (os.cpu_count() or 1) - 0.5 else None
+    if total1 <= total0:
+        return None
+    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
+def auto_threads(busy: float | None = None) -> int | None:
+    """torch's default (None) on a quiet machine; else the cores other work leaves free (at least
+    1): oversubscribed cores make torch several times slower.
+
+    ``busy`` (cores in use by other work) is sampled now (``busy_cores``); the load average is the
+    fallback where that is not possible. A sample, not the load average, because the load average
+    remembers the last minute: a quickstart started right after ``make setup``'s installs would
+    train a 2-core machine's model on 1 thread, at about 60% of the speed.
+    """
+    import os
+
+    cores = os.cpu_count() or 1
+    if busy is None:
+        busy = busy_cores()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            return None
+    if busy <= 0.5:
+        return None
+    return max(1, round(cores - busy))
 
 
 DEFAULT_RUN_DIR = Path("runs/quickstart")
@@ -203,6 +245,7 @@ def quickstart(
     cache_dir: Path | None = None,
     minutes: float = 5.0,
     model_vocab_size: int = 2048,
+    model_tokenizer: Literal["bpe", "unigram"] = "bpe",
     pretrain_config: Path | None = None,
     threads: int | None = None,
     prompt: str = "ROMEO:\n",
@@ -222,7 +265,8 @@ def quickstart(
         model_max_length: context length saved in the tokenizers.
         cache_dir: the lmforge data cache (default: $LMFORGE_CACHE or ~/.cache/lmforge).
         minutes: wall-clock budget of the pretraining (the schedule is fitted to it).
-        model_vocab_size: vocabulary of the byte-level BPE the model uses.
+        model_vocab_size: vocabulary of the tokenizer the model uses.
+        model_tokenizer: the model's tokenizer: bpe (byte-level) or unigram (with byte fallback).
         pretrain_config: the pretraining YAML (default: configs/pretrain/quickstart.yaml).
         threads: torch threads for training (default: 1 when the machine is already busy, else
             torch's default).
@@ -236,7 +280,9 @@ def quickstart(
         raise LmforgeError(f"quickstart runs on a built-in corpus ({', '.join(BUILTIN_CORPORA)}), got {corpus!r}")
     run_dir = choose_run_dir(run_dir, overwrite)
     config_path = Path(pretrain_config) if pretrain_config else default_pretrain_config()
-    model_tok = model_tokenizer_path(run_dir / "tokenizers", model_vocab_size)
+    if model_tokenizer not in MODEL_TOKENIZERS:
+        raise LmforgeError(f"--model-tokenizer: {model_tokenizer!r} is not one of {', '.join(MODEL_TOKENIZERS)}")
+    model_tok = model_tokenizer_path(run_dir / "tokenizers", model_vocab_size, model_tokenizer)
     config = build_pretrain_config(config_path, model_tok, run_dir / "model", minutes=minutes, overwrite=overwrite,
                                    threads=threads if threads is not None else auto_threads())
     print(f"quickstart: everything goes to {run_dir}")
@@ -247,7 +293,7 @@ def quickstart(
                             model_max_length=model_max_length)
     tokenizer_report_step(paths, validation, f"{corpus} validation (trained on {corpus} train)")
     model_tokenizer_step(train, run_dir / "tokenizers", vocab_size=model_vocab_size,
-                         model_max_length=model_max_length)
+                         model_max_length=model_max_length, algorithm=model_tokenizer)
     result = pretrain_step(config)
     if result.final_dir is None:
         print(f"pretraining stopped early ({result.train.status}); resume it with: lmforge pretrain "
