@@ -63,7 +63,12 @@ def _cases() -> dict[str, list[list[str]]]:
             ["python", f"from lmforge.data.chat import build_shakespeare_chat; build_shakespeare_chat({str(chat_data)!r})"],
             ["tokenizer", "train", "--config", "configs/tokenizer/chat-bpe.yaml", "--data", "shakespeare",
              "--vocab-size", "4096", "--output", str(RUNS / "chat-bpe-4k"), "--overwrite"],
+            # the quickstart recipe with the 4 x 128 shape and 128-token rows the recorded figures used
+            # (the quickstart itself now trains 3 layers on 64-token rows; SFT here packs 256-token rows)
             ["pretrain", "--config", "configs/pretrain/quickstart.yaml", "--data.tokenizer", str(RUNS / "chat-bpe-4k"),
+             "--model.overrides", "{hidden_size: 128, num_hidden_layers: 4, num_attention_heads: 4, "
+             "num_key_value_heads: 4, intermediate_size: 384, max_position_embeddings: 256}",
+             "--data.block-size", "128", "--train.micro-batch-size", "16",
              "--output-dir", str(RUNS / "gpt-chat"), "--overwrite"],
             ["finetune", "--config", "configs/finetune/chat-sft.yaml", "--model.path", str(RUNS / "gpt-chat"),
              "--data.source", str(chat_data), "--output-dir", str(RUNS / "chat-sft"), "--overwrite"],

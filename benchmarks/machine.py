@@ -11,6 +11,7 @@ import os
 import platform
 import time
 from importlib import metadata
+from pathlib import Path
 
 
 def _version(name: str) -> str | None:
@@ -18,6 +19,19 @@ def _version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name and whether it has bfloat16 matrix instructions (Linux only)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or None
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    bf16 = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    return f"{fields.get('model name', '?')} ({'bf16: ' + ', '.join(bf16) if bf16 else 'no bf16 instructions'})"
 
 
 def machine_info() -> dict:
@@ -28,6 +42,7 @@ def machine_info() -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),

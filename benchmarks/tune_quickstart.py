@@ -37,16 +37,16 @@ from machine import finish, machine_info
 
 CANDIDATES: list[dict[str, Any]] = [
     {"name": "quickstart.yaml as committed", "overrides": {}},
-    # one change at a time from the committed settings (Muon, batch 16; see the YAML's comment)
-    {"name": "AdamW only (the 2026-11-29 recipe before Muon: lr 2e-3, batch 8)",
-     "overrides": {"optim.name": "adamw", "optim.lr": 2.0e-3, "train.micro_batch_size": 8,
-                   "train.eval_batches": 16}},
-    {"name": "batch 8", "overrides": {"train.micro_batch_size": 8}},
-    {"name": "batch 32", "overrides": {"train.micro_batch_size": 32}},
-    {"name": "muon lr 0.02", "overrides": {"optim.muon_lr": 0.02}},
-    {"name": "AdamW lr 2e-3", "overrides": {"optim.lr": 2.0e-3}},
-    {"name": "wsd schedule", "overrides": {"optim.scheduler": "wsd"}},
-    {"name": "weight decay 0", "overrides": {"optim.weight_decay": 0.0}},
+    # one change at a time from the committed settings (3 layers, rows of 64 x 32, Muon in float32)
+    {"name": "Muon orthogonalizing in bfloat16 (as torch.optim.Muon)", "overrides": {"optim.muon_ns_dtype": "bfloat16"}},
+    {"name": "AdamW only", "overrides": {"optim.name": "adamw"}},
+    {"name": "4 layers", "overrides": {"model.overrides.num_hidden_layers": 4}},
+    {"name": "2 layers", "overrides": {"model.overrides.num_hidden_layers": 2}},
+    {"name": "rows of 128 tokens, batch 16", "overrides": {"data.block_size": 128, "train.micro_batch_size": 16}},
+    {"name": "batch 16", "overrides": {"train.micro_batch_size": 16}},
+    {"name": "both learning rates x2", "overrides": {"optim.muon_lr": 0.02, "optim.lr": 8.0e-3}},
+    {"name": "MQA (1 key/value head)", "overrides": {"model.overrides.num_key_value_heads": 1}},
+    {"name": "Unigram tokenizer", "model_tokenizer": "unigram", "overrides": {}},
     {"name": "vocab 4096", "model_vocab_size": 4096, "overrides": {}},
     # the committed settings again, last: the gap between its two runs is the run-to-run spread
     # (machine, time budget) that a candidate's difference has to exceed
