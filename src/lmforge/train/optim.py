@@ -88,7 +88,7 @@ class Muon(torch.optim.Muon):
 
     torch orthogonalizes in bfloat16, one matrix at a time. That is the fast choice on GPUs, but
     CPUs without bfloat16 matrix units emulate it: on this project's 2-core AMD EPYC (AVX2) the
-    step of the quickstart's 28 matrices took 0.94 s against 0.05 s in float32, three times the
+    step of a 4 x 128 GPT's 28 matrices took 0.94 s against 0.05 s in float32, three times the
     forward and backward pass. ``ns_dtype=None`` picks bfloat16 on accelerators and float32 on
     the CPU (where it is also the more exact choice).
     """
