@@ -372,3 +372,22 @@ def test_muon_refuses_a_model_without_block_matrices():
 def test_bad_optimizer_settings_are_named(key, value, match):
     with pytest.raises(ValueError, match=match):
         OptimConfig(**{key: value})
+
+
+def test_a_closure_runs_once_and_its_loss_is_returned():
+    model = tiny("gpt")
+    optimizer = build_optimizer(model, MUON)
+    ids = batches(1)[0]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        optimizer.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss
+
+    before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    loss = optimizer.step(closure)
+    assert len(calls) == 1 and torch.isfinite(loss)
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before)  # Muon stepped too

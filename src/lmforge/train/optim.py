@@ -157,12 +157,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if self.adamw is not None:
-            self.adamw.step()
+        """One step of both optimizers; a closure runs once, in the first."""
+        if self.adamw is None:
+            return self.muon.step(closure)
+        loss = self.adamw.step(closure)
         self.muon.step()
         return loss
 
