@@ -65,22 +65,24 @@ def tokenizer_report_step(paths: dict[str, Path], texts: Any, label: str) -> lis
     return rows
 
 
-def model_tokenizer_path(out_dir: Path, vocab_size: int, algorithm: str = "bpe") -> Path:
-    return out_dir / f"{algorithm}-{vocab_size}"
-
-
 MODEL_TOKENIZERS = {"bpe": "byte-level BPE", "unigram": "Unigram with byte fallback"}
+
+
+def model_tokenizer_path(out_dir: Path, vocab_size: int, algorithm: str = "bpe") -> Path:
+    """Where the model's tokenizer goes. Lossless algorithms only (bits per byte scores every byte
+    of the text); anything else is refused here, before anything is trained."""
+    if algorithm not in MODEL_TOKENIZERS:
+        raise LmforgeError(f"model tokenizer: {algorithm!r} is not one of {', '.join(MODEL_TOKENIZERS)} "
+                           "(the model's tokenizer must spell every byte of the text)")
+    return out_dir / f"{algorithm}-{vocab_size}"
 
 
 def model_tokenizer_step(train_texts: Any, out_dir: Path, *, vocab_size: int, model_max_length: int,
                          algorithm: str = "bpe") -> Path:
-    """The tokenizer the model uses (train split only), sized for a small model. Lossless
-    algorithms only (every byte of the text is scored in bits per byte)."""
+    """The tokenizer the model uses (train split only), sized for a small model: ``bpe`` or
+    ``unigram`` (see ``model_tokenizer_path``)."""
     from lmforge.tokenizers import train_tokenizer
 
-    if algorithm not in MODEL_TOKENIZERS:
-        raise LmforgeError(f"model tokenizer: {algorithm!r} is not one of {', '.join(MODEL_TOKENIZERS)} "
-                           "(the model's tokenizer must spell every byte of the text)")
     path = model_tokenizer_path(out_dir, vocab_size, algorithm)
     print(f"\ntraining the model's tokenizer: {MODEL_TOKENIZERS[algorithm]} (vocab {vocab_size}) -> {path}")
     train_tokenizer(train_texts, algorithm, vocab_size, model_max_length=model_max_length, output_dir=path,
@@ -268,8 +270,8 @@ def quickstart(
         model_vocab_size: vocabulary of the tokenizer the model uses.
         model_tokenizer: the model's tokenizer: bpe (byte-level) or unigram (with byte fallback).
         pretrain_config: the pretraining YAML (default: configs/pretrain/quickstart.yaml).
-        threads: torch threads for training (default: 1 when the machine is already busy, else
-            torch's default).
+        threads: torch threads for training (default: torch's default on a quiet machine, else
+            the cores that other work leaves free, at least 1).
         prompt: the start of the generated sample.
         overwrite: replace what an earlier run left in an explicit run_dir.
     """
@@ -280,8 +282,6 @@ def quickstart(
         raise LmforgeError(f"quickstart runs on a built-in corpus ({', '.join(BUILTIN_CORPORA)}), got {corpus!r}")
     run_dir = choose_run_dir(run_dir, overwrite)
     config_path = Path(pretrain_config) if pretrain_config else default_pretrain_config()
-    if model_tokenizer not in MODEL_TOKENIZERS:
-        raise LmforgeError(f"--model-tokenizer: {model_tokenizer!r} is not one of {', '.join(MODEL_TOKENIZERS)}")
     model_tok = model_tokenizer_path(run_dir / "tokenizers", model_vocab_size, model_tokenizer)
     config = build_pretrain_config(config_path, model_tok, run_dir / "model", minutes=minutes, overwrite=overwrite,
                                    threads=threads if threads is not None else auto_threads())

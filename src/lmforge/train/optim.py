@@ -60,7 +60,7 @@ def muon_parameters(model: nn.Module) -> list[nn.Parameter]:
 def orthogonalize(updates: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
                   eps: float) -> torch.Tensor:
     """Keller Jordan's quintic Newton–Schulz iteration (``torch.optim.Muon``'s, same coefficients,
-    steps and normalisation), on a batch of same-shaped matrices ``(..., rows, cols)`` in their
+    steps and normalisation), on a stack of same-shaped matrices ``(batch, rows, cols)`` in their
     own dtype: one ``baddbmm`` per product for the whole batch instead of one ``addmm`` per matrix."""
     a, b, c = ns_coefficients
     x = updates
