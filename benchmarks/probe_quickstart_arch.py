@@ -51,8 +51,9 @@ def install(patches: list[str]) -> None:
     def patched_build_model(*args: Any, **kwargs: Any) -> nn.Module:
         model = build_model(*args, **kwargs)
         config, base = model.config, model.model
-        base.register_forward_pre_hook(lambda m, a, kw: current_ids.__setitem__("ids", kw.get("input_ids")),
-                                       with_kwargs=True)
+        if "ve" in patches:  # the value embeddings read the batch's token ids
+            base.register_forward_pre_hook(lambda m, a, kw: current_ids.__setitem__("ids", kw.get("input_ids")),
+                                           with_kwargs=True)
         for block in base.layers:
             if "zeroinit" in patches:
                 with torch.no_grad():
