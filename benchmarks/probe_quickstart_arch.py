@@ -15,8 +15,8 @@ modded-nanogpt's:
 - ``ve``: value embeddings, a token embedding per block added to the attention values.
 - ``softcapN``: logits soft-capped at N (``N * tanh(logits / N)``).
 
-The patched attention is plain causal SDPA without a padding mask: fine for the quickstart's
-packed rows, not for general use.
+The patched attention is plain causal SDPA without a padding mask or a KV cache: fine for
+training and scoring the quickstart's packed rows, not for general use (or generation).
 """
 
 from __future__ import annotations
