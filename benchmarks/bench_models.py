@@ -113,7 +113,7 @@ GPT_BENCH = dict(
 
 
 def _gpt_pair(seed: int = 0):
-    """(lmforge GPTForCausalLM, LlamaForCausalLM) with identical weights (fp32, sdpa)."""
+    """(LmforgeGPTForCausalLM, LlamaForCausalLM) with identical weights (fp32, sdpa)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lmforge.models.convert import from_hf
@@ -170,11 +170,11 @@ def _gpt_memory_probe(new_tokens: int, batch: int) -> None:
 
     If memory leaked per step, the second pass would end higher than the first.
     """
-    from lmforge.models import GPTConfig, GPTForCausalLM
+    from lmforge.models import LmforgeGPTConfig, LmforgeGPTForCausalLM
 
     torch.set_num_threads(1)  # memory, not speed, is measured here; one thread keeps it quick on a busy machine
     torch.manual_seed(0)
-    model = GPTForCausalLM(GPTConfig(**GPT_BENCH)).eval()
+    model = LmforgeGPTForCausalLM(LmforgeGPTConfig(**GPT_BENCH)).eval()
     prompt = torch.randint(1, 8192, (batch, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         model(prompt)  # warm-up
@@ -361,17 +361,17 @@ MAMBA_KINDS = ("lmforge", "transformers_mambapy", "transformers_sequential")
 
 
 def _mamba_models(seed: int = 0) -> dict[str, torch.nn.Module]:
-    """lmforge MambaForCausalLM and transformers' MambaForCausalLM with mambapy's scan and with its
+    """LmforgeMambaForCausalLM and transformers' MambaForCausalLM with mambapy's scan and with its
     sequential loop, all three with the same weights (fp32), keyed by ``MAMBA_KINDS``."""
     from transformers.utils.import_utils import is_mambapy_available
 
-    from lmforge.models import MambaConfig, MambaForCausalLM
+    from lmforge.models import LmforgeMambaConfig, LmforgeMambaForCausalLM
     from lmforge.models.convert import to_hf
 
     if not is_mambapy_available():
         raise SystemExit("bench_models --family mamba: the reference needs mambapy (pip install 'lmforge[bench]')")
     torch.manual_seed(seed)
-    ours = MambaForCausalLM(MambaConfig(**MAMBA_BENCH))
+    ours = LmforgeMambaForCausalLM(LmforgeMambaConfig(**MAMBA_BENCH))
     sequential = to_hf(ours)
     assert not sequential.config.use_mambapy
     config = copy.deepcopy(sequential.config)
@@ -594,11 +594,11 @@ def _mamba_generate(model, prompt, new_tokens: int):
 
 def _mamba_prefill_generate(args) -> dict:
     """Prefill 256 + greedy-generate 256 tokens: lmforge Mamba vs both transformers paths vs lmforge GPT."""
-    from lmforge.models import GPTConfig, GPTForCausalLM
+    from lmforge.models import LmforgeGPTConfig, LmforgeGPTForCausalLM
 
     mambas = {name: model.eval() for name, model in _mamba_models().items()}
     torch.manual_seed(0)
-    gpt = GPTForCausalLM(GPTConfig(**MAMBA_GPT_PEER))
+    gpt = LmforgeGPTForCausalLM(LmforgeGPTConfig(**MAMBA_GPT_PEER))
     gpt.generation_config.eos_token_id, gpt.generation_config.pad_token_id = None, 0
     models = {**mambas, "lmforge_gpt": gpt.eval()}
     prompt = torch.randint(1, 8192, (1, 256), generator=torch.Generator().manual_seed(3))

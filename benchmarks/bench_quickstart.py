@@ -5,13 +5,13 @@
 
 Runs the steps of ``lmforge quickstart`` (src/lmforge/quickstart.py) that make the model: the
 corpus, the model's byte-level BPE trained on the training plays, and the pretraining of
-configs/pretrain/quickstart.yaml for ``--minutes``. Everything in the results file is measured by
+the quickstart pretrain preset for ``--minutes``. Everything in the results file is measured by
 this run: steps, tokens, train seconds, tokens/s, the validation curve and the final validation
 bits per byte (whole validation split) from the run's metrics.jsonl, the machine (threads,
 versions, load average: benchmarks/machine.py), and, measured once at the very end, bits per
 byte on the held-out test plays. The loss plot is copied next to the JSON file.
 
-The settings of configs/pretrain/quickstart.yaml are chosen on the validation plays only, by
+The settings of the quickstart pretrain preset are chosen on the validation plays only, by
 benchmarks/tune_quickstart.py; this script is the one place that reads the test plays.
 """
 
@@ -27,16 +27,18 @@ from typing import Any
 
 from machine import finish, machine_info, sample_load
 
+from lmforge.presets import find_preset
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-CONFIG = ROOT / "configs" / "pretrain" / "quickstart.yaml"
+CONFIG = find_preset("pretrain", "quickstart")
 CORPUS = "shakespeare"
 
 
 def model_tokenizer(run_dir: Path, vocab_size: int, algorithm: str = "bpe") -> Path:
     """Quickstart steps 1 and 4: the corpus, and the model's tokenizer on the train split."""
+    from lmforge.commands.quickstart import fetch_step, model_tokenizer_step
     from lmforge.data.sources import load_corpus
-    from lmforge.quickstart import fetch_step, model_tokenizer_step
 
     fetch_step(CORPUS)
     train = load_corpus(CORPUS, "train")
@@ -47,7 +49,7 @@ def model_tokenizer(run_dir: Path, vocab_size: int, algorithm: str = "bpe") -> P
 def pretrain(run_dir: Path, tokenizer: Path, *, minutes: float, threads: int | None,
              overrides: dict[str, Any] | None = None) -> Any:
     """Quickstart step 5: pretrain for ``minutes``; evaluates on the validation split only."""
-    from lmforge.quickstart import build_pretrain_config, pretrain_step
+    from lmforge.commands.quickstart import build_pretrain_config, pretrain_step
 
     config = build_pretrain_config(CONFIG, tokenizer, run_dir / "model", minutes=minutes, threads=threads,
                                    overwrite=True, overrides=overrides)
@@ -72,7 +74,7 @@ def training_figures(result: Any) -> dict:
     figure (the last evaluation sees the whole validation split)."""
     import torch
 
-    from lmforge.train.tracking import read_metrics
+    from lmforge.runs import read_metrics
 
     metrics = read_metrics(result.run_dir)
     rates = [r["tokens_per_s"] for r in metrics if "tokens_per_s" in r]
@@ -93,7 +95,7 @@ def heldout_test_figure(result: Any) -> dict:
     """Quickstart step 6, once, at the end: bits per byte on the held-out test plays."""
     import yaml
 
-    from lmforge.quickstart import heldout_step
+    from lmforge.commands.quickstart import heldout_step
 
     block_size = int(yaml.safe_load((result.run_dir / "config.yaml").read_text())["data"]["block_size"])
     metrics = heldout_step(result.final_dir, CORPUS, "test", block_size=block_size)
@@ -101,7 +103,7 @@ def heldout_test_figure(result: Any) -> dict:
 
 
 def main() -> int:
-    from lmforge.quickstart import auto_threads
+    from lmforge.train.threads import auto_threads
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=5.0, help="pretraining budget (default 5, as quickstart)")

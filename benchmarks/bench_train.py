@@ -43,13 +43,13 @@ LOOP = {"vocab": 512, "hidden": 64, "layers": 2, "block": 64, "batch": 8, "steps
 
 def _loop_model():
     import lmforge.models  # noqa: F401
-    from lmforge.models import GPTConfig, GPTForCausalLM
+    from lmforge.models import LmforgeGPTConfig, LmforgeGPTForCausalLM
 
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=LOOP["vocab"], hidden_size=LOOP["hidden"], intermediate_size=4 * LOOP["hidden"],
+    cfg = LmforgeGPTConfig(vocab_size=LOOP["vocab"], hidden_size=LOOP["hidden"], intermediate_size=4 * LOOP["hidden"],
                     num_hidden_layers=LOOP["layers"], num_attention_heads=4, num_key_value_heads=4,
                     max_position_embeddings=LOOP["block"])
-    return GPTForCausalLM(cfg)
+    return LmforgeGPTForCausalLM(cfg)
 
 
 def _loop_rows() -> list[dict]:
@@ -99,7 +99,7 @@ def _lmforge_loop(rows, collate) -> float:
     with tempfile.TemporaryDirectory() as run_dir:
         stream = BatchStream(rows, LOOP["batch"], collate, shuffle=False)
         cfg = LoopConfig(micro_batch_size=LOOP["batch"], max_steps=LOOP["steps"], log_every=10,
-                         eval_every=0, save_every=0, progress_bar=False)
+                         eval_every=0, save_every=0, progress=False)
         trainer = TimedTrainer(_loop_model(), stream, cfg, OptimConfig(warmup_steps=5), run_dir)
         start = time.process_time()
         trainer.fit()
@@ -218,7 +218,7 @@ def bench_tokenize_pack() -> dict:
     datasets.disable_progress_bars()
     info = machine_info()
     docs = _pack_corpus()
-    tokenizer = train_tokenizer("shakespeare", "bpe", PACK["vocab"], preset="gpt", show_progress=False)
+    tokenizer = train_tokenizer("shakespeare", "bpe", PACK["vocab"], special_tokens="gpt", show_progress=False)
     tokenizer.model_max_length = 10**9  # whole documents, no truncation warnings in the baseline
     # 10 MB repeats the 5 MB of plays; the 5 MB run (each play once) shows the gain without repeats
     half = len(docs) // 2

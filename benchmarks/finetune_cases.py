@@ -43,34 +43,34 @@ def _cases() -> dict[str, list[list[str]]]:
     chat_data = RUNS / "shakespeare-chat"
     return {
         "minilm-lora": [
-            ["finetune", "--config", "configs/finetune/rotten-tomatoes-lora.yaml", "--model.path", minilm,
+            ["finetune", "--config", "rotten-tomatoes-lora", "--model.path", minilm,
              "--output-dir", str(RUNS / "minilm-lora"), "--overwrite"],
         ],
         "minilm-full": [
-            ["finetune", "--config", "configs/finetune/rotten-tomatoes-full.yaml", "--model.path", minilm,
+            ["finetune", "--config", "rotten-tomatoes-full", "--model.path", minilm,
              "--output-dir", str(RUNS / "minilm-full"), "--overwrite"],
         ],
         "scratch-bert": [
             ["tokenizer", "train", "--algorithm", "wordpiece", "--data", "shakespeare", "--vocab-size", "8192",
-             "--lowercase", "--output", str(RUNS / "wordpiece-8k"), "--overwrite"],
-            ["pretrain", "--config", "configs/pretrain/bert-shakespeare.yaml", "--data.tokenizer",
+             "--lowercase", "--output-dir", str(RUNS / "wordpiece-8k"), "--overwrite"],
+            ["pretrain", "--config", "bert-shakespeare", "--data.tokenizer",
              str(RUNS / "wordpiece-8k"), "--output-dir", str(RUNS / "bert-shakespeare"), "--overwrite"],
-            ["finetune", "--config", "configs/finetune/rotten-tomatoes-full.yaml", "--model.path",
+            ["finetune", "--config", "rotten-tomatoes-full", "--model.path",
              str(RUNS / "bert-shakespeare"), "--optim.lr", "1e-4", "--output-dir", str(RUNS / "scratch-bert"),
              "--overwrite"],
         ],
         "chat-sft": [
             ["python", f"from lmforge.data.chat import build_shakespeare_chat; build_shakespeare_chat({str(chat_data)!r})"],
-            ["tokenizer", "train", "--config", "configs/tokenizer/chat-bpe.yaml", "--data", "shakespeare",
-             "--vocab-size", "4096", "--output", str(RUNS / "chat-bpe-4k"), "--overwrite"],
+            ["tokenizer", "train", "--config", "chat-bpe", "--data", "shakespeare",
+             "--vocab-size", "4096", "--output-dir", str(RUNS / "chat-bpe-4k"), "--overwrite"],
             # the quickstart recipe with the 4 x 128 shape and 128-token rows the recorded figures used
             # (the quickstart itself now trains 3 layers on 64-token rows; SFT here packs 256-token rows)
-            ["pretrain", "--config", "configs/pretrain/quickstart.yaml", "--data.tokenizer", str(RUNS / "chat-bpe-4k"),
+            ["pretrain", "--config", "quickstart", "--data.tokenizer", str(RUNS / "chat-bpe-4k"),
              "--model.overrides", "{hidden_size: 128, num_hidden_layers: 4, num_attention_heads: 4, "
              "num_key_value_heads: 4, intermediate_size: 384, max_position_embeddings: 256}",
              "--data.block-size", "128", "--train.micro-batch-size", "16",
              "--output-dir", str(RUNS / "gpt-chat"), "--overwrite"],
-            ["finetune", "--config", "configs/finetune/chat-sft.yaml", "--model.path", str(RUNS / "gpt-chat"),
+            ["finetune", "--config", "chat-sft", "--model.path", str(RUNS / "gpt-chat"),
              "--data.source", str(chat_data), "--output-dir", str(RUNS / "chat-sft"), "--overwrite"],
         ],
     }

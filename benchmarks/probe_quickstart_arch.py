@@ -43,7 +43,7 @@ def parse_patches(text: str) -> list[str]:
 def install(patches: list[str]) -> None:
     """Patch lmforge's model building (in this process) with ``patches``."""
     import lmforge.train.pretrain as pretrain
-    from lmforge.models import layers
+    from lmforge.models import attention, positions
 
     current_ids: dict[str, torch.Tensor] = {}
     build_model = pretrain.build_model
@@ -79,14 +79,14 @@ def install(patches: list[str]) -> None:
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         if "qknorm" in patches:
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
-        q, k = layers.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), *position_embeddings)
+        q, k = positions.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), *position_embeddings)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling,
                                              enable_gqa=self.num_key_value_groups > 1)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
 
     pretrain.build_model = patched_build_model
     if {"qknorm", "ve"} & set(patches):
-        layers.Attention.forward = attention_forward
+        attention.Attention.forward = attention_forward
     append = tune_quickstart.append
     tune_quickstart.append = lambda path, entry: append(path, {**entry, "patches": patches})
 

@@ -5,7 +5,7 @@ for the same time budget and score it by bits per byte on the whole validation s
     python benchmarks/tune_quickstart.py --candidates my.yaml --minutes 0.5
 
 A candidates file is a YAML list; each item has a ``name`` and ``overrides`` (dotted settings on
-top of configs/pretrain/quickstart.yaml), optionally ``model_vocab_size`` (default 2048) and
+top of the quickstart pretrain preset), optionally ``model_vocab_size`` (default 2048) and
 ``model_tokenizer`` (bpe or unigram, default bpe)::
 
     - name: lr 1e-3
@@ -99,7 +99,7 @@ def _slug(name: str) -> str:
 
 
 def main() -> int:
-    from lmforge.quickstart import auto_threads
+    from lmforge.train.threads import auto_threads
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=5.0, help="budget per candidate (default 5)")

@@ -21,7 +21,7 @@ def save_base(folder: Path, family: str, *, seed: int = 0, chat: bool = False, *
     import transformers
 
     import lmforge.models  # noqa: F401
-    from lmforge.train.factory import build_model
+    from lmforge.train.model_presets import build_model
 
     folder = Path(folder)
     if chat:
@@ -43,10 +43,9 @@ def chat_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from lmforge.tokenizers.presets import CHAT_TEMPLATE
-    from lmforge.tokenizers.presets import PRESETS as TOKEN_PRESETS
+    from lmforge.tokenizers.special_tokens import CHAT_TEMPLATE, SPECIAL_TOKEN_SETS
 
-    special = TOKEN_PRESETS["chat"]
+    special = SPECIAL_TOKEN_SETS["chat"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -114,7 +113,7 @@ def finetune_config(out: Path, model: Path, data_dir: Path, /, *, task: str = "c
         "data": {"source": str(data_dir), "max_length": 32},
         "optim": {"lr": 5e-3, "warmup_steps": 0, "eps": 1e-6},
         "train": {"micro_batch_size": 8, "epochs": None, "max_steps": 12, "log_every": 1, "eval_every": 4,
-                  "save_every": 4, "keep_last": 10, "progress_bar": False},
+                  "save_every": 4, "keep_last": 10, "progress": False},
     }
     for key, values in sections.items():
         config[key] = {**config.get(key, {}), **values}
@@ -122,11 +121,14 @@ def finetune_config(out: Path, model: Path, data_dir: Path, /, *, task: str = "c
 
 
 def run_finetune(config: dict[str, Any]):
+    """``lmforge finetune`` from Python: the run with its card and Hub pushes (``run_publisher``)."""
     from lmforge.config import build_dataclass
+    from lmforge.publish import run_publisher
     from lmforge.train.config import FinetuneConfig
     from lmforge.train.finetune import finetune
 
-    return finetune(build_dataclass(FinetuneConfig, config))
+    built = build_dataclass(FinetuneConfig, config)
+    return finetune(built, hooks=run_publisher(built))
 
 
 def losses(run_dir: Path) -> list[float]:

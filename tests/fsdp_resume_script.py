@@ -18,13 +18,13 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from lmforge.models import GPTConfig, GPTForCausalLM
+from lmforge.models import LmforgeGPTConfig, LmforgeGPTForCausalLM
 from lmforge.train.distributed import _fully_shard, is_sharded
 
 
 def build(accelerator):
     torch.manual_seed(0)
-    model = GPTForCausalLM(GPTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    model = LmforgeGPTForCausalLM(LmforgeGPTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
     model = _fully_shard(model, accelerator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # after sharding

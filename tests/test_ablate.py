@@ -24,9 +24,9 @@ from safetensors.torch import load_file
 
 from lmforge.cli import main
 from lmforge.config import load_config
+from lmforge.runs import read_metrics
 from lmforge.train import PretrainConfig
-from lmforge.train.factory import count_parameters
-from lmforge.train.tracking import read_metrics
+from lmforge.train.model_presets import count_parameters
 from tests.train_fixtures import (
     PRESETS,
     gpt_tokenizer,
@@ -66,14 +66,14 @@ def ws(tmp_path_factory):
 
 
 def base_values(ws, **sections) -> dict:
-    """A pretraining configuration (the keys of configs/pretrain/*.yaml) for the tiny GPT."""
+    """A pretraining configuration (the keys of a pretrain preset) for the tiny GPT."""
     values = {
         "objective": "causal",
         "output_dir": str(ws["root"] / "ignored-base-output"),
         "model": {"preset": str(ws["preset"])},
         "data": {"source": str(ws["corpus"]), "tokenizer": str(ws["tok"]), "block_size": BLOCK},
         "train": {"micro_batch_size": MICRO_BATCH, "max_steps": 50, "log_every": 1, "eval_every": 2,
-                  "save_every": 4, "progress_bar": False},
+                  "save_every": 4, "progress": False},
         "optim": {"lr": 3e-3, "warmup_steps": 2},
     }
     for key, value in sections.items():

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from lmforge.errors import LmforgeError
-from lmforge.eval.ablation import loss_spikes, markdown_table, run_row, variant_summaries
-from lmforge.train.ablate import AblateConfig, BudgetSection, expand_variants, folder_name
+from lmforge.experiments.ablate import AblateConfig, BudgetSection, expand_variants, folder_name
+from lmforge.experiments.results import loss_spikes, markdown_table, run_row, variant_summaries
 
 
 def row(name: str, value: float | None, seed: int = 0, status: str = "completed", **extra) -> dict:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from datasets import Dataset
 
+from lmforge.data.batches import BatchStream, eval_batches
 from lmforge.errors import LmforgeError
-from lmforge.train.batches import BatchStream, eval_batches
 
 N_ROWS = 53  # not a multiple of any step size below: every epoch drops a different tail
 

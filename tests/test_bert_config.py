@@ -1,15 +1,12 @@
 """LmforgeBertConfig: presets, YAML presets, validation, save/load."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 from transformers import AutoConfig
 
 import lmforge.models  # noqa: F401  (registers lmforge_bert with the Auto classes)
 from lmforge.models.configuration_bert import PRESETS, LmforgeBertConfig
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+from lmforge.presets import find_preset
 
 
 def test_default_is_modern():
@@ -31,7 +28,7 @@ def test_classic_preset_matches_bert():
 
 @pytest.mark.parametrize("name", ["bert-classic", "bert-modern", "bert-debug"])
 def test_yaml_presets_build_the_named_preset(name):
-    fields = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    fields = yaml.safe_load(find_preset("model", name).read_text())
     config = AutoConfig.for_model(**fields)
     assert isinstance(config, LmforgeBertConfig)
     preset = {"bert-classic": "classic", "bert-modern": "modern", "bert-debug": "debug"}[name]

@@ -20,7 +20,7 @@ TEXT = ["to be , or not to be , that is the question .",
 
 def wordpiece_tokenizer() -> PreTrainedTokenizerFast:
     """lmforge's WordPiece trainer with the BERT preset ([CLS] A [SEP], [MASK], token types), uncased."""
-    return train_tokenizer(TEXT * 5, algorithm="wordpiece", vocab_size=120, preset="bert", lowercase=True,
+    return train_tokenizer(TEXT * 5, algorithm="wordpiece", vocab_size=120, special_tokens="bert", lowercase=True,
                            min_frequency=1, model_max_length=128, show_progress=False)
 
 
@@ -60,7 +60,9 @@ def test_saved_bert_loads_without_lmforge_and_fills_masks(tmp_path):
     saved = json.loads((mlm_dir / "config.json").read_text())
     assert saved["auto_map"]["AutoModelForMaskedLM"] == "modeling_bert.LmforgeBertForMaskedLM"
     assert saved["auto_map"]["AutoModelForSequenceClassification"] == "modeling_bert.LmforgeBertForSequenceClassification"
-    for name in ("model.safetensors", "modeling_bert.py", "configuration_bert.py", "layers.py"):
+    shared = ("switches.py", "norms.py", "positions.py", "attention.py", "feed_forward.py", "block.py", "dropout.py",
+              "losses.py", "initialization.py", "compat.py", "registration.py")  # imported siblings
+    for name in ("model.safetensors", "modeling_bert.py", "configuration_bert.py", *shared):
         assert (mlm_dir / name).is_file(), name
 
     prompt = "to be , or not to [MASK] , that is the question ."

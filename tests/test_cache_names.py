@@ -15,13 +15,13 @@ import transformers
 from transformers import DynamicCache
 
 from lmforge.models import (
-    GPTConfig,
-    GPTForCausalLM,
-    GPTForSequenceClassification,
-    GPTModel,
-    MambaConfig,
-    MambaForCausalLM,
-    MambaModel,
+    LmforgeGPTConfig,
+    LmforgeGPTForCausalLM,
+    LmforgeGPTForSequenceClassification,
+    LmforgeGPTModel,
+    LmforgeMambaConfig,
+    LmforgeMambaForCausalLM,
+    LmforgeMambaModel,
 )
 from tests.export_utils import run_isolated
 from tests.torch_threads import single_thread  # noqa: F401
@@ -38,8 +38,8 @@ OLD_NAME = {"gpt": "past_key_values", "mamba": "cache_params"}
 
 def _model(cls):
     torch.manual_seed(0)
-    family = "mamba" if cls in (MambaModel, MambaForCausalLM) else "gpt"
-    config = MambaConfig(**MAMBA_KW) if family == "mamba" else GPTConfig(**GPT_KW)
+    family = "mamba" if cls in (LmforgeMambaModel, LmforgeMambaForCausalLM) else "gpt"
+    config = LmforgeMambaConfig(**MAMBA_KW) if family == "mamba" else LmforgeGPTConfig(**GPT_KW)
     return cls(config).eval(), family
 
 
@@ -64,7 +64,7 @@ def _main_output(out) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "cls", [GPTModel, GPTForCausalLM, GPTForSequenceClassification, MambaModel, MambaForCausalLM],
+    "cls", [LmforgeGPTModel, LmforgeGPTForCausalLM, LmforgeGPTForSequenceClassification, LmforgeMambaModel, LmforgeMambaForCausalLM],
     ids=lambda c: c.__name__,
 )
 def test_old_cache_name_warns_like_the_stock_model_and_continues_the_same_cache(cls):
@@ -86,7 +86,7 @@ def test_old_cache_name_warns_like_the_stock_model_and_continues_the_same_cache(
     assert not torch.allclose(_main_output(fresh), _main_output(new), atol=1e-3)
 
 
-@pytest.mark.parametrize("cls", [GPTForCausalLM, MambaForCausalLM], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [LmforgeGPTForCausalLM, LmforgeMambaForCausalLM], ids=lambda c: c.__name__)
 def test_generate_takes_the_old_cache_name_with_a_warning(cls):
     model, family = _model(cls)
     ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
@@ -102,7 +102,7 @@ def test_generate_takes_the_old_cache_name_with_a_warning(cls):
 def test_saved_models_take_the_old_names_without_lmforge(tmp_path):
     """The exported code (deprecate_kwarg comes from transformers) behaves the same without lmforge."""
     ids = [[5, 6, 7, 8, 9, 10]]
-    for cls in (GPTForCausalLM, MambaForCausalLM):
+    for cls in (LmforgeGPTForCausalLM, LmforgeMambaForCausalLM):
         model, _ = _model(cls)
         model.save_pretrained(tmp_path / cls.__name__)
     got = run_isolated(
@@ -111,7 +111,7 @@ def test_saved_models_take_the_old_names_without_lmforge(tmp_path):
         import torch
         from transformers import AutoModelForCausalLM
         out = {{}}
-        for name, old in (("GPTForCausalLM", "past_key_values"), ("MambaForCausalLM", "cache_params")):
+        for name, old in (("LmforgeGPTForCausalLM", "past_key_values"), ("LmforgeMambaForCausalLM", "cache_params")):
             model = AutoModelForCausalLM.from_pretrained(PATH + "/" + name, trust_remote_code=True).eval()
             assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
             ids = torch.tensor({ids})
@@ -127,6 +127,6 @@ def test_saved_models_take_the_old_names_without_lmforge(tmp_path):
         """,
         path=tmp_path,
     )
-    for name, old in (("GPTForCausalLM", "past_key_values"), ("MambaForCausalLM", "cache_params")):
+    for name, old in (("LmforgeGPTForCausalLM", "past_key_values"), ("LmforgeMambaForCausalLM", "cache_params")):
         assert got[name]["equal"], name
         assert len(got[name]["warnings"]) == 1 and f"`{old}` is deprecated" in got[name]["warnings"][0], got[name]

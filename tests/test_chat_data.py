@@ -56,12 +56,12 @@ CORPUS = make_corpus(200) + ["Ünïcödé — 日本語 🤗 <b>&amp;</b> {{ x }
 
 def _tokenizer(kind: str):
     if kind == "chat":
-        return train_tokenizer(CORPUS, "bpe", vocab_size=400, preset="chat", show_progress=False)
+        return train_tokenizer(CORPUS, "bpe", vocab_size=400, special_tokens="chat", show_progress=False)
     tokens, template = {
         "llama3": (["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], LLAMA3_TEMPLATE),
         "chatml": (["<|im_start|>", "<|im_end|>"], CHATML_TEMPLATE),
     }[kind]
-    return train_tokenizer(CORPUS, "bpe", vocab_size=400, preset="gpt", special_tokens=tokens,
+    return train_tokenizer(CORPUS, "bpe", vocab_size=400, special_tokens="gpt", extra_special_tokens=tokens,
                            chat_template=template, show_progress=False)
 
 
@@ -212,9 +212,9 @@ def test_bad_conversations(chat_tok, messages, match):
 
 def test_tokenizer_without_chat_template():
     plain = gpt_tokenizer()
-    with pytest.raises(LmforgeError, match=r"no chat template.*configs/tokenizer/chat-bpe\.yaml"):
+    with pytest.raises(LmforgeError, match=r"no chat template.*--config chat-bpe"):
         encode_conversation(plain, CONVERSATIONS[0], max_length=None, where="x")
-    with pytest.raises(LmforgeError, match=r"no chat template.*configs/tokenizer/chat-bpe\.yaml"):
+    with pytest.raises(LmforgeError, match=r"no chat template.*--config chat-bpe"):
         build_sft_dataset("does-not-matter.jsonl", "train", plain, max_length=32)
 
 

@@ -15,6 +15,7 @@ import torch
 from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
+from lmforge.data.batches import eval_batches
 from lmforge.data.classification import (
     ClassificationCollator,
     LabelSpec,
@@ -24,7 +25,6 @@ from lmforge.data.classification import (
     load_labelled,
 )
 from lmforge.errors import LmforgeError
-from lmforge.train.batches import eval_batches
 from tests.pipeline_fixtures import bert_tokenizer, gpt_tokenizer
 
 SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classification", "regression"

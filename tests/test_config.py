@@ -1,22 +1,16 @@
-"""lmforge.config: typed functions and dataclasses as CLI flags and YAML keys."""
+"""lmforge.config (typed dataclasses as YAML keys) and lmforge.commands.arguments (typed functions
+as command-line flags)."""
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pytest
 
-from lmforge.config import (
-    add_function_arguments,
-    build_dataclass,
-    call_with_namespace,
-    coerce,
-    docstring_args,
-    load_config,
-)
+from lmforge.commands.arguments import build_parser, resolve
+from lmforge.config import Option, build_dataclass, coerce, docstring_args, load_config
 from lmforge.errors import LmforgeError
 
 
@@ -113,12 +107,46 @@ def command(data: str, *, vocab_size: int = 8, lower: bool = False, tags: list[s
 
 def test_function_signature_becomes_flags():
     assert docstring_args(command)["vocab_size"] == "how many tokens."
-    parser = argparse.ArgumentParser()
-    add_function_arguments(parser, command)
+    parser = build_parser(command, prog="lmforge command", description="")
     ns = parser.parse_args(["corpus.txt", "--vocab-size", "300", "--lower", "--tags", "x", "y", "--mode", "b"])
-    assert call_with_namespace(command, ns) == {"data": "corpus.txt", "vocab_size": 300, "lower": True,
-                                                "tags": ["x", "y"], "mode": "b"}
-    assert call_with_namespace(command, parser.parse_args(["c"]))["vocab_size"] == 8  # defaults kept
-    with pytest.raises(SystemExit) as info:
+    assert command(**resolve(command, ns)) == {"data": "corpus.txt", "vocab_size": 300, "lower": True,
+                                               "tags": ["x", "y"], "mode": "b"}
+    assert resolve(command, parser.parse_args(["c"])) == {"data": "c"}  # defaults stay the function's
+    with pytest.raises(LmforgeError, match=r"^argument --mode: invalid choice: 'z' \(choose from 'a', 'b'\) "
+                                           r"\('lmforge command --help' lists the options\)$"):
         parser.parse_args(["c", "--mode", "z"])
-    assert info.value.code == 2
+
+
+@dataclass
+class Paths:
+    """Inputs.
+
+    Args:
+        tokenizer: a folder to read.
+        source: a corpus.
+        out: where to write.
+    """
+
+    tokenizer: Annotated[str, Option(input_path=True)] = ""
+    source: Annotated[str, Option(input_path=True)] = "shakespeare"
+    out: str = "runs/x"
+
+
+def test_input_paths_in_a_config_file_are_relative_to_its_folder(tmp_path, monkeypatch):
+    """A config file names its inputs from its own folder (run it from anywhere); a name that is not
+    there (a built-in corpus, a Hub id) and the outputs stay as written; flags are the current
+    folder's."""
+    folder = tmp_path / "exp"
+    (folder / "tok").mkdir(parents=True)
+    (folder / "paths.yaml").write_text("tokenizer: tok\nsource: shakespeare\nout: runs/x\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    got = load_config(Paths, folder / "paths.yaml")
+    assert Path(got.tokenizer) == folder / "tok" and got.source == "shakespeare" and got.out == "runs/x"
+    (folder / "paths.yaml").write_text("tokenizer: ./missing\n")  # written as relative: the file's folder
+    assert Path(load_config(Paths, folder / "paths.yaml").tokenizer) == folder / "missing"
+    (elsewhere / "here").mkdir()
+    (folder / "paths.yaml").write_text("tokenizer: here\n")  # only in the current folder: kept
+    assert load_config(Paths, folder / "paths.yaml").tokenizer == "here"
+    assert load_config(Paths, folder / "paths.yaml", {"tokenizer": "tok"}).tokenizer == "tok"  # a flag

@@ -15,16 +15,16 @@ from safetensors.torch import load_file
 
 from lmforge.cli import main
 from lmforge.errors import LmforgeError
-from lmforge.export import FROM_HF, TO_HF, convert_folder
+from lmforge.export.convert import FROM_HF, TO_HF, convert_folder
 from lmforge.models import (
-    GPTConfig,
-    GPTForCausalLM,
-    GPTForSequenceClassification,
     LmforgeBertConfig,
     LmforgeBertForMaskedLM,
     LmforgeBertForSequenceClassification,
-    MambaConfig,
-    MambaForCausalLM,
+    LmforgeGPTConfig,
+    LmforgeGPTForCausalLM,
+    LmforgeGPTForSequenceClassification,
+    LmforgeMambaConfig,
+    LmforgeMambaForCausalLM,
 )
 from lmforge.models import convert as convert_module
 from tests.export_utils import run_isolated
@@ -69,20 +69,20 @@ def _lmforge_sources(tok_gpt, tok_bert) -> dict[str, tuple]:
     bert = dict(vocab_size=n_bert, hidden_size=32, num_attention_heads=4, intermediate_size=48,
                 pad_token_id=tok_bert.pad_token_id, **SMALL)
     return {
-        "gpt-gqa-untied": (GPTForCausalLM(GPTConfig(
+        "gpt-gqa-untied": (LmforgeGPTForCausalLM(LmforgeGPTConfig(
             vocab_size=n_gpt, hidden_size=48, intermediate_size=80, num_attention_heads=6, num_key_value_heads=2,
             rope_theta=500.0, tie_word_embeddings=False, **SMALL, **_gpt_ids(tok_gpt))),
             tok_gpt, "left", "LlamaForCausalLM"),
-        "gpt-mqa-tied-headdim": (GPTForCausalLM(GPTConfig(
+        "gpt-mqa-tied-headdim": (LmforgeGPTForCausalLM(LmforgeGPTConfig(
             vocab_size=n_gpt, hidden_size=32, intermediate_size=56, num_attention_heads=4, num_key_value_heads=1,
             head_dim=12, tie_word_embeddings=True, attention_bias=True, **SMALL, **_gpt_ids(tok_gpt))),
             tok_gpt, "left", "LlamaForCausalLM"),
-        "gpt-learned": (GPTForCausalLM(GPTConfig(
+        "gpt-learned": (LmforgeGPTForCausalLM(LmforgeGPTConfig(
             vocab_size=n_gpt, hidden_size=36, intermediate_size=70, num_attention_heads=3, num_key_value_heads=3,
             position_embedding_type="learned", norm_type="layernorm", norm_eps=1e-5, hidden_act="gelu_tanh",
             norm_bias=True, attention_bias=True, mlp_bias=True, tie_word_embeddings=True, **SMALL,
             **_gpt_ids(tok_gpt))), tok_gpt, "left", "GPT2LMHeadModel"),
-        "gpt-classifier": (GPTForSequenceClassification(GPTConfig(
+        "gpt-classifier": (LmforgeGPTForSequenceClassification(LmforgeGPTConfig(
             vocab_size=n_gpt, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
             id2label=LABELS, label2id={v: k for k, v in LABELS.items()}, **SMALL, **_gpt_ids(tok_gpt))),
             tok_gpt, "left", "LlamaForSequenceClassification"),
@@ -91,7 +91,7 @@ def _lmforge_sources(tok_gpt, tok_bert) -> dict[str, tuple]:
         "bert-classifier": (LmforgeBertForSequenceClassification(LmforgeBertConfig.from_preset(
             "classic", id2label=LABELS, label2id={v: k for k, v in LABELS.items()}, **bert)),
             tok_bert, "right", "BertForSequenceClassification"),
-        "mamba": (MambaForCausalLM(MambaConfig(vocab_size=n_gpt, hidden_size=32, num_hidden_layers=2, state_size=8,
+        "mamba": (LmforgeMambaForCausalLM(LmforgeMambaConfig(vocab_size=n_gpt, hidden_size=32, num_hidden_layers=2, state_size=8,
                                                **_gpt_ids(tok_gpt))), tok_gpt, "left", "MambaForCausalLM"),
     }
 
@@ -103,15 +103,15 @@ def _stock_sources(tok_gpt, tok_bert) -> dict[str, tuple]:
     return {
         "llama": (transformers.LlamaForCausalLM(transformers.LlamaConfig(
             vocab_size=n, hidden_size=48, intermediate_size=72, num_attention_heads=6, num_key_value_heads=2,
-            **SMALL, **ids)), tok_gpt, "left", "GPTForCausalLM"),
+            **SMALL, **ids)), tok_gpt, "left", "LmforgeGPTForCausalLM"),
         "gpt2": (transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=n, n_positions=64, n_embd=32, n_layer=2, n_head=4, **ids)), tok_gpt, "left", "GPTForCausalLM"),
+            vocab_size=n, n_positions=64, n_embd=32, n_layer=2, n_head=4, **ids)), tok_gpt, "left", "LmforgeGPTForCausalLM"),
         "bert": (transformers.BertForMaskedLM(transformers.BertConfig(
             vocab_size=len(tok_bert), hidden_size=32, num_attention_heads=4, intermediate_size=48,
             pad_token_id=tok_bert.pad_token_id, **SMALL)), tok_bert, "right", "LmforgeBertForMaskedLM"),
         "mamba": (transformers.MambaForCausalLM(transformers.MambaConfig(
             vocab_size=n, hidden_size=32, num_hidden_layers=2, state_size=8, **ids)), tok_gpt, "left",
-            "MambaForCausalLM"),
+            "LmforgeMambaForCausalLM"),
     }
 
 
@@ -261,7 +261,7 @@ def test_to_hf_then_from_hf_gives_identical_weights(converted, name, tmp_path):
 
 def test_to_hf_keeps_the_dtype(tmp_path, toks):
     tok = toks["gpt"]
-    model = _perturb(GPTForCausalLM(GPTConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+    model = _perturb(LmforgeGPTForCausalLM(LmforgeGPTConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
                                               num_attention_heads=4, **SMALL)), seed=5).to(torch.bfloat16)
     src = _save(tmp_path / "bf16", model, tok)
     out = convert_folder(src, tmp_path / "out", to_hf=True)
@@ -303,9 +303,9 @@ def _cli(capsys, *argv: str) -> tuple[int, str]:
 
 
 def _gpt(folder: Path, tok, **switches) -> Path:
-    config = GPTConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_attention_heads=4,
+    config = LmforgeGPTConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_attention_heads=4,
                        **SMALL, **switches)
-    return _save(folder, GPTForCausalLM(config), tok)
+    return _save(folder, LmforgeGPTForCausalLM(config), tok)
 
 
 @pytest.mark.parametrize("switches,named", [
@@ -347,8 +347,8 @@ def test_adapter_tokenizer_only_and_unknown_folders_are_refused(tmp_path, capsys
         adapter_run: ["merge it first: lmforge merge"],
         tok_only: ["a tokenizer but no model", "lmforge_gpt", "llama"],
         unknown: ["model_type 't5' cannot be converted", "lmforge_bert", "GPT2LMHeadModel", "mamba"],
-        empty: ["holds no model", "lmforge_mamba"],
-        tmp_path / "missing": ["does not exist"],
+        empty: ["no model in this folder", "lmforge_mamba"],
+        tmp_path / "missing": ["no such folder"],
     }
     for source, parts in expected.items():
         code, text = _cli(capsys, source, "--to-hf", tmp_path / "out")
@@ -395,7 +395,7 @@ def test_output_rules(tmp_path, capsys, toks, converted):
 
     out = tmp_path / "out"
     code, text = _cli(capsys, src, "--to-hf", out)
-    assert code == 0 and f"lmforge_mamba MambaForCausalLM -> MambaForCausalLM: {out} (loads without " in text
+    assert code == 0 and f"lmforge_mamba LmforgeMambaForCausalLM -> MambaForCausalLM: {out} (loads without " in text
     first = snapshot(out)
     code, text = _cli(capsys, converted["to", "gpt-learned"]["source"], "--to-hf", out)
     assert code == 2 and snapshot(out) == first  # no --overwrite: untouched
@@ -405,7 +405,7 @@ def test_output_rules(tmp_path, capsys, toks, converted):
 
 
 def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch, converted):
-    import lmforge.export as export
+    import lmforge.export.convert as export
 
     def broken(folder):
         class Tok:

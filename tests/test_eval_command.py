@@ -247,7 +247,7 @@ def _texts(data_dir: Path) -> list[str]:
 
 
 def _run(args: list[str], out: Path) -> dict:
-    assert main(["eval", *map(str, args), "--output", str(out), "--no-progress"]) == 0
+    assert main(["eval", *map(str, args), "--output-json", str(out), "--no-progress"]) == 0
     return json.loads(out.read_text())
 
 
@@ -419,7 +419,7 @@ def saved_gpt(gpt, gpt_tok, tmp_path_factory):
 
 def _fails(args: list, capsys, tmp_path) -> str:
     out = tmp_path / "never.json"
-    assert main(["eval", *map(str, args), "--output", str(out), "--no-progress"]) == 2
+    assert main(["eval", *map(str, args), "--output-json", str(out), "--no-progress"]) == 2
     assert not out.exists()  # nothing written
     err = capsys.readouterr().err  # (after any "Loading weights" progress bar)
     assert err.splitlines()[-1].startswith("lmforge: error: ") and "Traceback" not in err
@@ -433,7 +433,7 @@ def test_folder_without_a_model(tmp_path, data_dir, capsys):
     assert f"{tmp_path / 'empty'}: no model in this folder" in err and "notes.txt" in err
     assert "config.json" in err and "final/" in err
     err = _fails([tmp_path / "nowhere", "--data", data_dir], capsys, tmp_path)
-    assert "nowhere: model folder not found" in err
+    assert "nowhere: no such folder" in err
     run = tmp_path / "unfinished"
     (run / "checkpoints").mkdir(parents=True)
     assert "no final/ model yet" in _fails([run, "--data", data_dir], capsys, tmp_path)
@@ -441,7 +441,7 @@ def test_folder_without_a_model(tmp_path, data_dir, capsys):
 
 def test_a_compared_folder_is_checked_before_any_work(saved_gpt, tmp_path, data_dir, capsys):
     err = _fails([saved_gpt, "--data", data_dir, "--compare", tmp_path / "missing"], capsys, tmp_path)
-    assert "missing: model folder not found" in err
+    assert "missing: no such folder" in err
 
 
 def test_unknown_split(saved_gpt, tmp_path, data_dir, capsys):

@@ -4,27 +4,29 @@ import json
 
 import torch
 
-from lmforge.models import GPTConfig, GPTForCausalLM
+from lmforge.models import LmforgeGPTConfig, LmforgeGPTForCausalLM
 from tests.export_utils import run_isolated, tiny_tokenizer
 
 
 def test_saved_gpt_loads_and_generates_without_lmforge(tmp_path):
     tok = tiny_tokenizer()
-    config = GPTConfig(
+    config = LmforgeGPTConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
-    model = GPTForCausalLM(config).eval()
+    model = LmforgeGPTForCausalLM(config).eval()
     out_dir = tmp_path / "gpt"
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
 
     saved = json.loads((out_dir / "config.json").read_text())
-    assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_gpt.GPTForCausalLM"
-    for name in ("model.safetensors", "modeling_gpt.py", "configuration_gpt.py", "layers.py", "generation_config.json"):
+    assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_gpt.LmforgeGPTForCausalLM"
+    shared = ("switches.py", "norms.py", "positions.py", "attention.py", "feed_forward.py", "block.py", "dropout.py",
+              "losses.py", "pooling.py", "initialization.py", "compat.py", "registration.py")  # imported siblings
+    for name in ("model.safetensors", "modeling_gpt.py", "configuration_gpt.py", *shared, "generation_config.json"):
         assert (out_dir / name).is_file(), name
     gen_cfg = json.loads((out_dir / "generation_config.json").read_text())
     assert (gen_cfg["bos_token_id"], gen_cfg["eos_token_id"], gen_cfg["pad_token_id"]) == (

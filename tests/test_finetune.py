@@ -189,7 +189,7 @@ def _scripted_trainer(run_dir: Path, values: list[float], patience: int, saved: 
     scores = iter(values)
     select = ModelSelection("accuracy", True, lambda model, step, metrics: saved.append(step), patience=patience)
     cfg = LoopConfig(micro_batch_size=4, max_steps=len(values), eval_every=1, save_every=1, keep_last=20,
-                     progress_bar=False)
+                     progress=False)
     return Trainer(tiny_gpt(len(tok)), stream, cfg, OptimConfig(), run_dir,
                    evaluate=lambda model, final: {"accuracy": next(scores)}, select=select)
 
@@ -359,12 +359,12 @@ def test_lora_run_evaluates_and_merges_with_its_label_names(tmp_path, bases, lab
     figures = {}
     for name, folder in (("adapter", result.run_dir), ("merged", tmp_path / "merged")):
         if name == "merged":
-            assert main(["merge", str(result.final_dir), "--output", str(folder)]) == 0
+            assert main(["merge", str(result.final_dir), "--output-dir", str(folder)]) == 0
             merged = AutoModelForSequenceClassification.from_pretrained(folder)
             assert merged.config.id2label == {0: "neg", 1: "pos"}
         out = tmp_path / f"{name}.json"
         assert main(["eval", str(folder), "--data", str(labelled), "--split", "test", "--max-length", "32",
-                     "--output", str(out), "--no-progress"]) == 0
+                     "--output-json", str(out), "--no-progress"]) == 0
         figures[name] = json.loads(out.read_text())["models"][0]
     for name, got in figures.items():
         assert got["task"] == "classification", name

@@ -30,6 +30,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from lmforge.presets import find_preset
 from tests.finetune_fixtures import (
     finetune_config,
     losses,
@@ -64,7 +65,7 @@ def _one_and_two(tmp: Path, config: dict[str, Any]) -> tuple[Path, Path, str]:
     config_file = tmp / "two.yaml"
     config_file.write_text(yaml.safe_dump({**config, "output_dir": str(two)}))
     cmd = [str(BIN / "accelerate"), "launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "cpu_multiprocess.yaml"), "-m", "lmforge.cli",
+           str(find_preset("accelerate", "cpu_multiprocess")), "-m", "lmforge.cli",
            "finetune", "--config", str(config_file), "--train.micro-batch-size", str(MICRO)]
     launch = subprocess.Popen(cmd, env=_env(tmp), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, start_new_session=True)

@@ -4,7 +4,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
-from lmforge.models import GPTConfig, GPTForCausalLM, GPTForSequenceClassification, GPTModel
+from lmforge.models import (
+    LmforgeGPTConfig,
+    LmforgeGPTForCausalLM,
+    LmforgeGPTForSequenceClassification,
+    LmforgeGPTModel,
+)
 from tests.torch_threads import single_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -12,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 POSITIONS = ["rope", "rope-linear", "rope-dynamic", "alibi", "learned", "sinusoidal", "none"]
 
 
-def _config(position: str = "rope", **overrides) -> GPTConfig:
+def _config(position: str = "rope", **overrides) -> LmforgeGPTConfig:
     kind, _, scaling = position.partition("-")
     cfg = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=40,
@@ -20,12 +25,12 @@ def _config(position: str = "rope", **overrides) -> GPTConfig:
     if scaling:
         cfg["rope_parameters"] = {"rope_type": scaling, "factor": 2.0}
     cfg.update(overrides)
-    return GPTConfig(**cfg)
+    return LmforgeGPTConfig(**cfg)
 
 
-def _model(position: str = "rope", seed: int = 0, **overrides) -> GPTForCausalLM:
+def _model(position: str = "rope", seed: int = 0, **overrides) -> LmforgeGPTForCausalLM:
     torch.manual_seed(seed)
-    return GPTForCausalLM(_config(position, **overrides)).eval()
+    return LmforgeGPTForCausalLM(_config(position, **overrides)).eval()
 
 
 def _ids(b: int = 2, t: int = 12, seed: int = 1) -> torch.Tensor:
@@ -95,7 +100,7 @@ def test_save_from_pretrained_identical_logits(tmp_path, position):
         before = model(ids).logits
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(loaded) is GPTForCausalLM
+    assert type(loaded) is LmforgeGPTForCausalLM
     with torch.no_grad():
         after = loaded(ids).logits
     torch.testing.assert_close(after, before, atol=0, rtol=0)
@@ -106,7 +111,7 @@ def test_save_from_pretrained_identical_logits(tmp_path, position):
 def test_from_pretrained_dtype_and_generation_config(tmp_path):
     model = _model()
     model.save_pretrained(tmp_path)
-    loaded = GPTForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    loaded = LmforgeGPTForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert loaded.dtype == torch.bfloat16 and loaded.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert loaded(_ids()).logits.dtype == torch.bfloat16
     gc = loaded.generation_config
@@ -177,7 +182,7 @@ def test_output_hidden_states_and_attentions():
 
 def test_sequence_classification_uses_last_real_token():
     torch.manual_seed(0)
-    model = GPTForSequenceClassification(_config(num_labels=3)).eval()
+    model = LmforgeGPTForSequenceClassification(_config(num_labels=3)).eval()
     ids = _ids(b=2, t=8)
     right = torch.ones_like(ids)
     right[1, 5:] = 0
@@ -190,14 +195,14 @@ def test_sequence_classification_uses_last_real_token():
 
 def test_base_model_and_bidirectional_switch():
     torch.manual_seed(0)
-    causal = GPTModel(_config())
+    causal = LmforgeGPTModel(_config())
     ids = _ids(b=1, t=6)
     with torch.no_grad():
         h = causal(ids).last_hidden_state
         h_prefix = causal(ids[:, :3]).last_hidden_state
     torch.testing.assert_close(h[:, :3], h_prefix, atol=1e-5, rtol=0)  # causal: the future is invisible
     torch.manual_seed(0)
-    bidir = GPTModel(_config(is_causal=False))
+    bidir = LmforgeGPTModel(_config(is_causal=False))
     with torch.no_grad():
         hb = bidir(ids).last_hidden_state
         hb_prefix = bidir(ids[:, :3]).last_hidden_state
@@ -217,13 +222,13 @@ def test_relative_positions_run_past_max_positions(position):
     assert model(_ids(b=1, t=50)).logits.shape == (1, 50, 61)
 
 
-def _preset(name: str) -> GPTConfig:
-    from pathlib import Path
-
+def _preset(name: str) -> LmforgeGPTConfig:
     import yaml
     from transformers import AutoConfig
 
-    fields = yaml.safe_load((Path(__file__).parents[1] / "configs" / "model" / f"{name}.yaml").read_text())
+    from lmforge.presets import find_preset
+
+    fields = yaml.safe_load(find_preset("model", name).read_text())
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
@@ -232,13 +237,13 @@ def test_presets_build(name):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = _preset(name)
-    assert isinstance(config, GPTConfig)
+    assert isinstance(config, LmforgeGPTConfig)
     if name == "gpt-debug":
-        model = GPTForCausalLM(config)
+        model = LmforgeGPTForCausalLM(config)
         assert model(torch.randint(0, config.vocab_size, (1, 8))).logits.shape == (1, 8, config.vocab_size)
         return
     with torch.device("meta"):
-        model = GPTForCausalLM(config)
+        model = LmforgeGPTForCausalLM(config)
         n_params = sum(p.numel() for p in model.parameters())
         if name == "gpt2-small":  # same parameter count as the real GPT-2 small (124M)
             assert n_params == sum(p.numel() for p in GPT2LMHeadModel(GPT2Config()).parameters())

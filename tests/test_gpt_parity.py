@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from lmforge.models import GPTConfig, GPTForCausalLM
+from lmforge.models import LmforgeGPTConfig, LmforgeGPTForCausalLM
 from lmforge.models.convert import from_hf, to_hf
 from tests.torch_threads import single_thread  # noqa: F401
 
@@ -50,7 +50,7 @@ def _llama(kv_heads: int, **overrides) -> LlamaForCausalLM:
 def test_llama_parity_left_padding_and_greedy(kv_heads, overrides):
     hf = _llama(kv_heads, **overrides)
     ours = from_hf(hf).eval()
-    assert isinstance(ours, GPTForCausalLM) and ours.config.num_key_value_heads == kv_heads
+    assert isinstance(ours, LmforgeGPTForCausalLM) and ours.config.num_key_value_heads == kv_heads
     ids, mask = _left_padded_batch(97, [11, 7, 3])
     with torch.no_grad():
         ref = hf(ids, attention_mask=mask).logits
@@ -94,11 +94,11 @@ def test_gpt2_parity_both_ways_and_greedy():
         torch.testing.assert_close(back(ids).logits, hf(ids).logits, atol=0, rtol=0)
 
 
-def _tiny(**overrides) -> GPTForCausalLM:
+def _tiny(**overrides) -> LmforgeGPTForCausalLM:
     cfg = dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     cfg.update(overrides)
-    return GPTForCausalLM(GPTConfig(**cfg))
+    return LmforgeGPTForCausalLM(LmforgeGPTConfig(**cfg))
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from lmforge.models import GPTConfig, GPTForCausalLM
-from lmforge.models.layers import build_attention_mask
+from lmforge.models import LmforgeGPTConfig, LmforgeGPTForCausalLM
+from lmforge.models.attention import build_attention_mask
 from tests.torch_threads import single_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -89,11 +89,11 @@ def _case_id(case: dict) -> str:
 
 def _train_and_round_trip(case: dict, tmp_path) -> None:
     torch.manual_seed(0)
-    config = GPTConfig(
+    config = LmforgeGPTConfig(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=32, **case,
     )
-    model = GPTForCausalLM(config)
+    model = LmforgeGPTForCausalLM(config)
     assert model.config._attn_implementation == case["attn_implementation"]
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -111,7 +111,7 @@ def _train_and_round_trip(case: dict, tmp_path) -> None:
         before = model(ids).logits
     model.save_pretrained(tmp_path)
     # attn_implementation is a load-time choice (not saved): ask for the same one
-    loaded = GPTForCausalLM.from_pretrained(tmp_path, attn_implementation=case["attn_implementation"]).eval()
+    loaded = LmforgeGPTForCausalLM.from_pretrained(tmp_path, attn_implementation=case["attn_implementation"]).eval()
     assert loaded.config._attn_implementation == case["attn_implementation"]
     with torch.no_grad():
         after = loaded(ids).logits
@@ -135,7 +135,7 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_laye
 
 def _invalid(match: str, **overrides):
     with pytest.raises(ValueError, match=match):
-        GPTConfig(**{**TINY, **overrides})
+        LmforgeGPTConfig(**{**TINY, **overrides})
 
 
 def test_hidden_size_not_divisible_by_heads():
@@ -157,7 +157,7 @@ def test_unknown_switch_values(switch, value):
 
 def test_rope_with_odd_head_dim():
     _invalid(r"RoPE needs an even head_dim, got head_dim=7", hidden_size=28)
-    GPTConfig(**{**TINY, "hidden_size": 28, "position_embedding_type": "alibi"})  # fine without RoPE
+    LmforgeGPTConfig(**{**TINY, "hidden_size": 28, "position_embedding_type": "alibi"})  # fine without RoPE
 
 
 @pytest.mark.parametrize("factor", [0.5, None, "2"])
@@ -171,7 +171,7 @@ def test_unknown_rope_type():
 
 def test_alibi_with_flash_attention_is_refused():
     _invalid(r"alibi.*flash_attention_2", position_embedding_type="alibi", attn_implementation="flash_attention_2")
-    config = GPTConfig(**TINY, position_embedding_type="alibi")
+    config = LmforgeGPTConfig(**TINY, position_embedding_type="alibi")
     config._attn_implementation = "flash_attention_2"  # e.g. switched after construction
     with pytest.raises(ValueError, match="alibi.*flash_attention_2"):
         build_attention_mask(config, torch.zeros(1, 4, 32), None, None, torch.arange(4)[None])

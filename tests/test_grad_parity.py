@@ -31,7 +31,11 @@ import torch
 import transformers
 from transformers.loss.loss_utils import ForMaskedLMLoss, ForSequenceClassificationLoss
 
-from lmforge.models import GPTConfig, GPTForCausalLM, GPTForSequenceClassification
+from lmforge.models import (
+    LmforgeGPTConfig,
+    LmforgeGPTForCausalLM,
+    LmforgeGPTForSequenceClassification,
+)
 from lmforge.models.convert import from_hf, to_hf
 from tests.torch_threads import single_thread  # noqa: F401
 
@@ -188,7 +192,7 @@ def _bert_classifier_pair():
 
 def _gpt_classifier_pair():
     torch.manual_seed(0)
-    ours = GPTForSequenceClassification(GPTConfig(
+    ours = LmforgeGPTForSequenceClassification(LmforgeGPTConfig(
         vocab_size=VOCAB, hidden_size=60, intermediate_size=93, num_hidden_layers=2, num_attention_heads=6,
         num_key_value_heads=3, max_position_embeddings=32, pad_token_id=PAD, num_labels=3))
     _perturb(ours, 5)
@@ -335,10 +339,10 @@ def test_second_backward_with_retain_graph_doubles_every_gradient_like_stock(nam
 
 
 def test_gpt_causal_lm_and_classifier_convert_to_their_llama_classes():
-    config = GPTConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+    config = LmforgeGPTConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, num_labels=4)
-    for ours, stock in ((GPTForCausalLM(config), "LlamaForCausalLM"),
-                        (GPTForSequenceClassification(config), "LlamaForSequenceClassification")):
+    for ours, stock in ((LmforgeGPTForCausalLM(config), "LlamaForCausalLM"),
+                        (LmforgeGPTForSequenceClassification(config), "LlamaForSequenceClassification")):
         hf = to_hf(ours)
         assert type(hf).__name__ == stock and hf.config.num_labels == 4
         assert type(from_hf(hf)) is type(ours)

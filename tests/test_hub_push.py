@@ -15,14 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge import hub as hub_module
 from lmforge.cli import main
 from lmforge.config import build_dataclass
+from lmforge.publish import hub as hub_module
 from lmforge.train import PretrainConfig
-from lmforge.train.pretrain import pretrain
 from tests.export_utils import run_isolated
 from tests.finetune_fixtures import finetune_config, run_finetune, save_base, write_labelled
-from tests.train_fixtures import save_tokenizers, write_corpus, write_preset
+from tests.train_fixtures import pretrain, save_tokenizers, write_corpus, write_preset
 
 TEXTS = ["the king doth speak", "love"]  # two lengths: the batch is padded
 
@@ -46,7 +45,7 @@ def pretrain_config(root: Path, run: str, **top) -> PretrainConfig:
         "model": {"preset": str(write_preset(root, "gpt"))},
         "data": {"source": str(corpus), "tokenizer": str(tokenizers["gpt"]), "block_size": 32},
         "train": {"micro_batch_size": 4, "max_steps": 10, "log_every": 1, "eval_every": 5, "save_every": 4,
-                  "keep_last": 10, "progress_bar": False},
+                  "keep_last": 10, "progress": False},
         "optim": {"lr": 3e-3, "warmup_steps": 2},
         **top,
     }
@@ -208,20 +207,20 @@ def test_push_command_round_trips_a_model_a_tokenizer_an_adapter_and_a_stock_con
     expected = {"base": local_logits(AutoModelForCausalLM.from_pretrained(base).eval(), tokenizer),
                 "adapter": local_logits(adapter, tokenizer), "ids": tokenizer(TEXTS[0])["input_ids"]}
 
-    assert main(["push", str(base), "--repo-id", "user/base", "--commit-message", "first model"]) == 0
+    assert main(["push", str(base), "user/base", "--commit-message", "first model"]) == 0
     out = capfd.readouterr().out
     commit = fake_hub.commits("user/base")[0]
     assert commit["message"] == "first model" and commit["id"] in out and f"{fake_hub.url}/user/base" in out
-    assert main(["push", str(tmp_path / "tok"), "--repo-id", "user/tok"]) == 0
-    assert main(["push", str(tmp_path / "tok"), "--repo-id", "user/base", "--revision", "tokenizer-only"]) == 0
+    assert main(["push", str(tmp_path / "tok"), "user/tok"]) == 0
+    assert main(["push", str(tmp_path / "tok"), "user/base", "--revision", "tokenizer-only"]) == 0
     assert set(fake_hub.branches("user/base")) == {"main", "tokenizer-only"}
     assert "model.safetensors" in fake_hub.files("user/base")  # main is untouched by the branch's commit
     assert 'revision="tokenizer-only"' in fake_hub.files("user/base", "tokenizer-only")["README.md"].decode()
     # the adapter's base is a folder on this disk: refused until it is named by its repo id
-    assert main(["push", str(tmp_path / "adapter"), "--repo-id", "user/adapter"]) == 2
-    assert "--base-model USER/BASE" in capfd.readouterr().err and not fake_hub.repo_exists("user/adapter")
-    assert main(["push", str(tmp_path / "adapter"), "--repo-id", "user/adapter", "--base-model", "user/base"]) == 0
-    assert main(["push", str(base), "--repo-id", "user/base-hf", "--to-hf", "--private"]) == 0
+    assert main(["push", str(tmp_path / "adapter"), "user/adapter"]) == 2
+    assert "--hub-base-model USER/BASE" in capfd.readouterr().err and not fake_hub.repo_exists("user/adapter")
+    assert main(["push", str(tmp_path / "adapter"), "user/adapter", "--hub-base-model", "user/base"]) == 0
+    assert main(["push", str(base), "user/base-hf", "--to-hf", "--hub-private"]) == 0
 
     pushed = fake_hub.files("user/base")
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md"} <= set(pushed)
@@ -257,7 +256,7 @@ def test_a_finetuned_lora_adapter_is_pushed_naming_its_base_and_loads_with_peft(
     from transformers import PreTrainedTokenizerFast
 
     base = save_base(tmp_path / "base", "gpt")
-    assert main(["push", str(base), "--repo-id", "user/base"]) == 0
+    assert main(["push", str(base), "user/base"]) == 0
     data = write_labelled(tmp_path / "data")
     config = finetune_config(tmp_path / "ft", base, data, method="lora", train={"max_steps": 4, "save_every": 2})
     result = run_finetune({**config, "push_to_hub": "user/sentiment-lora", "hub_base_model": "user/base",
@@ -306,22 +305,22 @@ def small_model(tmp_path):
 
 @pytest.mark.parametrize("repo_id", ["no-slash", "a/b/c", "user/has space", "user/-bad", "user/"])
 def test_a_malformed_repo_id_is_refused(fake_hub, small_model, capfd, repo_id):
-    assert main(["push", str(small_model), "--repo-id", repo_id]) == 2
+    assert main(["push", str(small_model), repo_id]) == 2
     assert "is not a Hub repo id" in capfd.readouterr().err and not fake_hub.repos()
 
 
 def test_a_folder_that_is_no_model_adapter_or_tokenizer_is_refused(fake_hub, tmp_path, capfd):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "notes.txt").write_text("hello")
-    assert main(["push", str(tmp_path / "notes"), "--repo-id", "user/x"]) == 2
+    assert main(["push", str(tmp_path / "notes"), "user/x"]) == 2
     err = capfd.readouterr().err
-    assert "neither a model" in err and "adapter" in err and "tokenizer" in err and not fake_hub.repos()
+    assert "no model in this folder" in err and "adapter" in err and "tokenizer" in err and not fake_hub.repos()
 
 
 def test_a_model_without_a_tokenizer_is_pushed_with_a_warning(fake_hub, small_model, capfd):
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (small_model / name).unlink(missing_ok=True)
-    assert main(["push", str(small_model), "--repo-id", "user/no-tok"]) == 0
+    assert main(["push", str(small_model), "user/no-tok"]) == 0
     assert "holds no tokenizer" in capfd.readouterr().out
     files = fake_hub.files("user/no-tok")
     assert "model.safetensors" in files and "tokenizer.json" not in files
@@ -354,7 +353,7 @@ def test_server_failures_give_a_clear_message_and_nothing_is_reported_as_pushed(
         fake_hub.drop(count=10, path_contains="/commit/")
     else:
         fake_hub.fail(400, path_contains="/api/validate-yaml")
-    assert main(["push", str(small_model), "--repo-id", "user/broken"]) == 2
+    assert main(["push", str(small_model), "user/broken"]) == 2
     captured = capfd.readouterr()
     assert message in captured.err and ("nothing from this push was published" in captured.err
                                         or "nothing was pushed" in captured.err), captured.err
@@ -368,14 +367,14 @@ def test_pushing_again_replaces_the_weights_and_keeps_other_files(fake_hub, smal
     ones, so from_pretrained cannot mix shards; files that are not weights stay."""
     from huggingface_hub import HfApi
 
-    assert main(["push", str(small_model), "--repo-id", "user/again"]) == 0
+    assert main(["push", str(small_model), "user/again"]) == 0
     extra = tmp_path / "extra"
     extra.mkdir()
     (extra / "model-00002-of-00002.safetensors").write_bytes(b"stale shard")
     (extra / "model.safetensors.index.json").write_text("{}")
     (extra / "NOTES.md").write_text("kept")
     HfApi().upload_folder(repo_id="user/again", folder_path=extra)
-    assert main(["push", str(small_model), "--repo-id", "user/again"]) == 0
+    assert main(["push", str(small_model), "user/again"]) == 0
     files = fake_hub.files("user/again")
     assert "model-00002-of-00002.safetensors" not in files and "model.safetensors.index.json" not in files
     assert files["model.safetensors"] == (small_model / "model.safetensors").read_bytes()

@@ -1,16 +1,16 @@
-"""One rule for "which position is the last token" (``layers.last_token_index``), used by the GPT and
+"""One rule for "which position is the last token" (``pooling.last_token_index``), used by the GPT and
 Mamba sequence-classification heads: padding either side, mask vs pad id, and the error without either."""
 
 import pytest
 import torch
 
 from lmforge.models import (
-    GPTConfig,
-    GPTForSequenceClassification,
-    MambaConfig,
-    MambaForSequenceClassification,
+    LmforgeGPTConfig,
+    LmforgeGPTForSequenceClassification,
+    LmforgeMambaConfig,
+    LmforgeMambaForSequenceClassification,
 )
-from lmforge.models.layers import last_token_index
+from lmforge.models.pooling import last_token_index
 from tests.torch_threads import single_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -73,20 +73,20 @@ def test_mask_covering_a_cache_reads_the_new_positions():
 # ------------------------------------------------------------------------------ both families
 
 
-def _gpt(pad_token_id=PAD) -> GPTForSequenceClassification:
+def _gpt(pad_token_id=PAD) -> LmforgeGPTForSequenceClassification:
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    config = LmforgeGPTConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=40,
                        pad_token_id=pad_token_id, bos_token_id=1, eos_token_id=2, num_labels=3)
-    return GPTForSequenceClassification(config).eval()
+    return LmforgeGPTForSequenceClassification(config).eval()
 
 
-def _mamba(pad_token_id=PAD) -> MambaForSequenceClassification:
+def _mamba(pad_token_id=PAD) -> LmforgeMambaForSequenceClassification:
     torch.manual_seed(0)
-    config = MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=8, conv_kernel=4,
+    config = LmforgeMambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=8, conv_kernel=4,
                          initializer_range=0.5, pad_token_id=pad_token_id, scan_chunk_size=4, num_labels=3,
                          use_bias=True, use_conv_bias=True)
-    model = MambaForSequenceClassification(config).eval()
+    model = LmforgeMambaForSequenceClassification(config).eval()
     with torch.no_grad():  # biases start at zero: give them values so that padding could leak through them
         for name, p in model.named_parameters():
             if name.endswith("bias"):

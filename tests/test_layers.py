@@ -1,4 +1,4 @@
-"""Shared blocks in lmforge.models.layers against reference formulas and transformers modules."""
+"""Shared blocks of lmforge.models (norms, positions, attention, MLP, block, losses, init) against reference formulas and transformers modules."""
 
 import math
 
@@ -10,31 +10,23 @@ from transformers.models.bert.modeling_bert import BertLayer
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from lmforge.models import GPTConfig, layers
-from lmforge.models.layers import (
-    MLP,
-    Attention,
-    DyT,
-    RMSNorm,
-    SinusoidalPositionalEmbedding,
-    TransformerBlock,
-    alibi_bias,
-    alibi_slopes,
-    build_norm,
-    deepnorm_alpha,
-    deepnorm_beta,
-    init_weights,
-)
+from lmforge.models import LmforgeGPTConfig, dropout, losses
+from lmforge.models.attention import Attention
+from lmforge.models.block import TransformerBlock
+from lmforge.models.feed_forward import MLP
+from lmforge.models.initialization import init_weights
+from lmforge.models.norms import DyT, RMSNorm, build_norm, deepnorm_alpha, deepnorm_beta
+from lmforge.models.positions import SinusoidalPositionalEmbedding, alibi_bias, alibi_slopes
 from tests.torch_threads import single_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _config(**overrides) -> GPTConfig:
+def _config(**overrides) -> LmforgeGPTConfig:
     cfg = dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2)
     cfg.update(overrides)
-    return GPTConfig(**cfg)
+    return LmforgeGPTConfig(**cfg)
 
 
 def test_rmsnorm_matches_llama():
@@ -155,7 +147,7 @@ def test_post_norm_block_equals_bert_layer():
 def test_post_norm_block_dropout_order_equals_bert_layer(monkeypatch):
     """LN(x + dropout(attn)), LN(h + dropout(mlp)): same dropout calls in the same order as BertLayer
     (lmforge draws its CPU masks differently, so both sides use torch's dropout here)."""
-    monkeypatch.setattr(layers, "apply_dropout", lambda x, p, training: nn.functional.dropout(x, p, training))
+    monkeypatch.setattr("lmforge.models.block.apply_dropout", lambda x, p, training: nn.functional.dropout(x, p, training))
     bert, block = _bert_and_block(hidden_dropout=0.3)
     x = torch.randn(2, 6, 32)
     torch.manual_seed(5)
@@ -203,17 +195,17 @@ def test_pre_norm_block_formula():
 def test_dropout_keeps_one_minus_p_and_rescales(p):
     x = torch.ones(400, 1000, requires_grad=True)
     torch.manual_seed(0)
-    y = layers.apply_dropout(x, p, training=True)
+    y = dropout.apply_dropout(x, p, training=True)
     kept = y != 0
     assert kept.float().mean().item() == pytest.approx(1 - p, abs=0.005)
     assert torch.equal(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
     y.sum().backward()
     assert torch.equal(x.grad, kept.float() / (1 - p))  # gradient flows through kept entries only
     torch.manual_seed(0)
-    assert torch.equal(layers.apply_dropout(x, p, training=True), y)  # seeded: reproducible
-    assert layers.apply_dropout(x, p, training=False) is x
-    assert layers.apply_dropout(x, 0.0, training=True) is x
-    assert not layers.apply_dropout(x, 1.0, training=True).any()
+    assert torch.equal(dropout.apply_dropout(x, p, training=True), y)  # seeded: reproducible
+    assert dropout.apply_dropout(x, p, training=False) is x
+    assert dropout.apply_dropout(x, 0.0, training=True) is x
+    assert not dropout.apply_dropout(x, 1.0, training=True).any()
 
 
 @pytest.mark.parametrize("num_items", [None, 37, "tensor"])
@@ -221,8 +213,8 @@ def test_dropout_keeps_one_minus_p_and_rescales(p):
 def test_lm_losses_equal_transformers_in_value_and_gradient(kind, num_items):
     from transformers.loss.loss_utils import ForCausalLMLoss, ForMaskedLMLoss
 
-    ours, ref = {"causal": (layers.causal_lm_loss, ForCausalLMLoss),
-                 "masked": (layers.masked_lm_loss, ForMaskedLMLoss)}[kind]
+    ours, ref = {"causal": (losses.causal_lm_loss, ForCausalLMLoss),
+                 "masked": (losses.masked_lm_loss, ForMaskedLMLoss)}[kind]
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 11, 50, generator=g)
     labels = torch.randint(0, 50, (3, 11), generator=g)
@@ -246,7 +238,7 @@ def test_lm_loss_backward_in_bf16():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 6, 20, generator=g).to(torch.bfloat16).requires_grad_()
     labels = torch.randint(0, 20, (2, 6), generator=g)
-    loss = layers.causal_lm_loss(logits, labels, vocab_size=20)
+    loss = losses.causal_lm_loss(logits, labels, vocab_size=20)
     assert loss.dtype == torch.float32
     loss.backward()
     assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad.float()).all()
@@ -258,8 +250,8 @@ def test_lm_loss_second_backward_with_retain_graph_adds_the_same_gradient(kind):
     after it: with ``retain_graph=True`` every further backward gives the stock gradient again."""
     from transformers.loss.loss_utils import ForCausalLMLoss, ForMaskedLMLoss
 
-    ours, ref = {"causal": (layers.causal_lm_loss, ForCausalLMLoss),
-                 "masked": (layers.masked_lm_loss, ForMaskedLMLoss)}[kind]
+    ours, ref = {"causal": (losses.causal_lm_loss, ForCausalLMLoss),
+                 "masked": (losses.masked_lm_loss, ForMaskedLMLoss)}[kind]
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(3, 7, 30, generator=g)
     labels = torch.randint(0, 30, (3, 7), generator=g)
@@ -285,19 +277,19 @@ def test_lm_loss_traces_into_one_graph_under_torch_compile():
     cannot call) must not be reached while compiling, or every loss call breaks the graph."""
     logits = torch.randn(2, 5, 11, requires_grad=True)
     labels = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(3))
-    explained = torch._dynamo.explain(lambda x: layers.causal_lm_loss(x, labels, vocab_size=11))(logits)
+    explained = torch._dynamo.explain(lambda x: losses.causal_lm_loss(x, labels, vocab_size=11))(logits)
     assert explained.graph_break_count == 0, explained.break_reasons
 
 
 def test_models_train_with_lmforge_loss_and_accept_a_replacement():
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    from lmforge.models import GPTForCausalLM
+    from lmforge.models import LmforgeGPTForCausalLM
 
     config = _config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                      num_hidden_layers=2, vocab_size=40)
-    model = GPTForCausalLM(config)
-    assert model.loss_function is layers.causal_lm_loss
+    model = LmforgeGPTForCausalLM(config)
+    assert model.loss_function is losses.causal_lm_loss
     ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(2))
     ours = model(ids, labels=ids).loss
     model.loss_function = ForCausalLMLoss

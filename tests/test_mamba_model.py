@@ -7,7 +7,11 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, DynamicCache
 
-from lmforge.models import MambaConfig, MambaForCausalLM, MambaForSequenceClassification
+from lmforge.models import (
+    LmforgeMambaConfig,
+    LmforgeMambaForCausalLM,
+    LmforgeMambaForSequenceClassification,
+)
 from lmforge.models.convert import from_hf, to_hf
 from tests.export_utils import run_isolated
 from tests.torch_threads import single_thread  # noqa: F401
@@ -17,17 +21,17 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 VOCAB = 97
 
 
-def tiny_config(**overrides) -> MambaConfig:
+def tiny_config(**overrides) -> LmforgeMambaConfig:
     # a wide init so that random models have peaked, non-degenerate next-token distributions
     kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=8, conv_kernel=4,
               initializer_range=0.5, pad_token_id=0, scan_chunk_size=8)
-    return MambaConfig(**{**kw, **overrides})
+    return LmforgeMambaConfig(**{**kw, **overrides})
 
 
-def tiny_model(seed=0, **overrides) -> MambaForCausalLM:
+def tiny_model(seed=0, **overrides) -> LmforgeMambaForCausalLM:
     """A random tiny model; biases (zero at init) get random values so that they matter."""
     torch.manual_seed(seed)
-    model = MambaForCausalLM(tiny_config(**overrides)).eval()
+    model = LmforgeMambaForCausalLM(tiny_config(**overrides)).eval()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)) and module.bias is not None:
@@ -62,11 +66,11 @@ def random_ids(b, length, seed=0):
 )
 def test_bad_config_values_are_refused(kwargs, field):
     with pytest.raises(ValueError, match=field):
-        MambaConfig(**kwargs)
+        LmforgeMambaConfig(**kwargs)
 
 
 def test_config_derives_sizes_and_accepts_mamba_names():
-    cfg = MambaConfig(d_model=48, n_layer=3, d_state=4, d_conv=2, expand=3, dt_min=0.01, dt_max=0.2)
+    cfg = LmforgeMambaConfig(d_model=48, n_layer=3, d_state=4, d_conv=2, expand=3, dt_min=0.01, dt_max=0.2)
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.state_size, cfg.conv_kernel) == (48, 3, 4, 2)
     assert (cfg.intermediate_size, cfg.time_step_rank, cfg.time_step_min) == (144, 3, 0.01)
     assert cfg.layer_types == ["linear_attention"] * 3
@@ -97,7 +101,7 @@ def test_from_transformers_model_and_sampling_match():
                                       initializer_range=0.5, use_mambapy=False, pad_token_id=0)
     hf = transformers.MambaForCausalLM(hf_cfg).eval()
     model = from_hf(hf)
-    assert isinstance(model, MambaForCausalLM)
+    assert isinstance(model, LmforgeMambaForCausalLM)
     ids = random_ids(1, 10, seed=3)
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
@@ -110,7 +114,7 @@ def test_from_transformers_model_and_sampling_match():
 
 def test_conversion_refuses_unsupported_models():
     with pytest.raises(ValueError, match="MambaForCausalLM"):
-        to_hf(MambaForSequenceClassification(tiny_config(num_labels=2)))
+        to_hf(LmforgeMambaForSequenceClassification(tiny_config(num_labels=2)))
 
 
 # ---------------------------------------------------------------------- decoding state
@@ -207,7 +211,7 @@ def test_training_step_with_gradient_checkpointing_matches():
 
 def test_sequence_classification_head_pools_last_real_token():
     torch.manual_seed(7)
-    model = MambaForSequenceClassification(tiny_config(num_labels=3)).eval()
+    model = LmforgeMambaForSequenceClassification(tiny_config(num_labels=3)).eval()
     texts = [random_ids(1, n, seed=10 + n)[0] for n in (5, 9)]
     ids = torch.zeros(2, 9, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -232,12 +236,12 @@ def test_save_and_from_pretrained_give_identical_logits(tmp_path):
     model = tiny_model(seed=8)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert isinstance(loaded, MambaForCausalLM)
+    assert isinstance(loaded, LmforgeMambaForCausalLM)
     ids = random_ids(2, 12, seed=9)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     torch.manual_seed(9)
-    cls = MambaForSequenceClassification(tiny_config(num_labels=2)).eval()
+    cls = LmforgeMambaForSequenceClassification(tiny_config(num_labels=2)).eval()
     cls.save_pretrained(tmp_path / "cls")
     cls_loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls").eval()
     with torch.no_grad():
@@ -249,8 +253,9 @@ def test_saved_mamba_loads_and_generates_without_lmforge(tmp_path):
     out_dir = tmp_path / "mamba"
     model.save_pretrained(out_dir)
     saved = json.loads((out_dir / "config.json").read_text())
-    assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_mamba.MambaForCausalLM"
-    for name in ("modeling_mamba.py", "configuration_mamba.py", "mamba_scan.py", "layers.py"):
+    assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_mamba.LmforgeMambaForCausalLM"
+    for name in ("modeling_mamba.py", "configuration_mamba.py", "mamba_scan.py", "norms.py", "losses.py", "pooling.py",
+                 "switches.py", "compat.py", "registration.py"):
         assert (out_dir / name).is_file(), name
     ids = random_ids(1, 9, seed=11)
     with torch.no_grad():

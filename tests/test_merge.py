@@ -19,8 +19,8 @@ from tests.train_fixtures import PRESETS, snapshot
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-# (family, head) -> Auto class, peft task type, LoRA target modules (our module names: layers.Attention /
-# layers.MLP for GPT and BERT, modeling_mamba.MambaMixer for Mamba)
+# (family, head) -> Auto class, peft task type, LoRA target modules (our module names: attention.Attention /
+# feed_forward.MLP for GPT and BERT, modeling_mamba.LmforgeMambaMixer for Mamba)
 CASES = {
     ("gpt", "causal"): ("AutoModelForCausalLM", "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"]),
     ("bert", "cls"): ("AutoModelForSequenceClassification", "SEQ_CLS", ["q_proj", "v_proj"]),
@@ -103,7 +103,7 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(tmp_path, tokenizers
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
 
     out = tmp_path / "merged"
-    assert _merge(adapter_dir, "--output", out) == 0
+    assert _merge(adapter_dir, "--output-dir", out) == 0
 
     merged = _auto(auto).from_pretrained(out).eval()
     base = _auto(auto).from_pretrained(base_dir).eval()
@@ -150,21 +150,21 @@ def test_not_an_adapter_folder_names_what_is_missing(tmp_path, gpt_adapter, caps
     out = tmp_path / "merged"
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert _merge(empty, "--output", out) == 2
+    assert _merge(empty, "--output-dir", out) == 2
     err = _error(capsys)
     assert "not a LoRA adapter folder" in err and "adapter_config.json" in err and "adapter_model.safetensors" in err
 
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
     shutil.copy(adapter_dir / "adapter_config.json", no_weights)
-    assert _merge(no_weights, "--output", out) == 2
+    assert _merge(no_weights, "--output-dir", out) == 2
     err = _error(capsys)
     assert "adapter_model.safetensors or adapter_model.bin missing" in err and "adapter_config.json and" not in err
 
-    assert _merge(base_dir, "--output", out) == 2
+    assert _merge(base_dir, "--output-dir", out) == 2
     assert "holds a full model" in _error(capsys)
-    assert _merge(tmp_path / "nowhere", "--output", out) == 2
-    assert "does not exist" in _error(capsys)
+    assert _merge(tmp_path / "nowhere", "--output-dir", out) == 2
+    assert "no such folder" in _error(capsys)
     assert not out.exists()
 
 
@@ -174,12 +174,12 @@ def test_unreadable_or_unmergeable_adapter_config(tmp_path, gpt_adapter, capsys)
     config_path = adapter_dir / "adapter_config.json"
     good = config_path.read_text()
     config_path.write_text("{not json")
-    assert _merge(adapter_dir, "--output", out) == 2
+    assert _merge(adapter_dir, "--output-dir", out) == 2
     assert f"{config_path}: not a readable peft adapter config" in _error(capsys)
     prompt = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4,
               "base_model_name_or_path": json.loads(good)["base_model_name_or_path"]}
     config_path.write_text(json.dumps(prompt))
-    assert _merge(adapter_dir, "--output", out) == 2
+    assert _merge(adapter_dir, "--output-dir", out) == 2
     assert "no weights to merge" in _error(capsys)
     assert not out.exists()
 
@@ -191,25 +191,25 @@ def test_missing_base_names_the_path_and_base_flag_overrides_it(tmp_path, gpt_ad
     base_dir.rename(moved)
     out = tmp_path / "merged"
     before = sorted(p.name for p in tmp_path.iterdir())
-    assert _merge(adapter_dir, "--output", out) == 2
+    assert _merge(adapter_dir, "--output-dir", out) == 2
     err = _error(capsys)
     assert repr(str(base_dir)) in err and "base_model_name_or_path" in err and "--base" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temporary folder left
 
     not_a_model = tmp_path / "elsewhere"
-    assert _merge(adapter_dir, "--output", out, "--base", not_a_model) == 2
-    assert "without config.json" in _error(capsys)
+    assert _merge(adapter_dir, "--output-dir", out, "--base-model", not_a_model) == 2
+    assert "no model in this folder: expected config.json" in _error(capsys)
 
-    assert _merge(adapter_dir, "--output", out, "--base", moved) == 0
+    assert _merge(adapter_dir, "--output-dir", out, "--base-model", moved) == 0
     assert json.loads((out / "lmforge_merge.json").read_text())["base"] == str(moved)
     assert (out / "tokenizer.json").is_file()  # from the base given with --base
 
 
 def test_hub_id_that_cannot_be_loaded_offline(tmp_path, gpt_adapter, capsys):
     _, adapter_dir = gpt_adapter
-    assert _merge(adapter_dir, "--output", tmp_path / "merged", "--base", "nobody/no-such-model") == 2
+    assert _merge(adapter_dir, "--output-dir", tmp_path / "merged", "--base-model", "nobody/no-such-model") == 2
     err = _error(capsys)
-    assert "'nobody/no-such-model' (--base) could not be loaded" in err
+    assert "base model 'nobody/no-such-model' could not be loaded" in err
     assert not (tmp_path / "merged").exists()
 
 
@@ -219,24 +219,24 @@ def test_existing_output_needs_overwrite_and_inputs_are_never_output(tmp_path, g
     out.mkdir()
     (out / "config.json").write_text("{}")  # an earlier model
     (out / "old.txt").write_text("keep me")
-    assert _merge(adapter_dir, "--output", out) == 2
+    assert _merge(adapter_dir, "--output-dir", out) == 2
     assert "--overwrite" in _error(capsys)
     assert snapshot(out) == {"config.json": b"{}", "old.txt": b"keep me"}
 
     notes = tmp_path / "notes"  # not a model folder: --overwrite does not empty it
     notes.mkdir()
     (notes / "todo.txt").write_text("x")
-    assert _merge(adapter_dir, "--output", notes, "--overwrite") == 2
+    assert _merge(adapter_dir, "--output-dir", notes, "--overwrite") == 2
     assert "not a saved model (todo.txt)" in _error(capsys)
     assert snapshot(notes) == {"todo.txt": b"x"}
 
     adapter_before, base_before = snapshot(adapter_dir), snapshot(base_dir)
     for target in (adapter_dir, base_dir, tmp_path):  # the inputs, or a folder around them
-        assert _merge(adapter_dir, "--output", target, "--overwrite") == 2
+        assert _merge(adapter_dir, "--output-dir", target, "--overwrite") == 2
         assert "is, holds or is inside the input folder" in _error(capsys)
     assert snapshot(adapter_dir) == adapter_before and snapshot(base_dir) == base_before
 
-    assert _merge(adapter_dir, "--output", out, "--overwrite") == 0
+    assert _merge(adapter_dir, "--output-dir", out, "--overwrite") == 0
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir() if ".merging-" in p.name] == []
 
@@ -246,7 +246,7 @@ def test_run_folder_final_is_found(tmp_path, gpt_adapter):
     run = tmp_path / "run"
     run.mkdir()
     adapter_dir.rename(run / "final")
-    assert _merge(run, "--output", tmp_path / "merged") == 0
+    assert _merge(run, "--output-dir", tmp_path / "merged") == 0
     assert json.loads((tmp_path / "merged" / "lmforge_merge.json").read_text())["adapter"] == str(run / "final")
 
 
@@ -286,7 +286,7 @@ def test_new_head_on_a_base_without_one(tmp_path, tokenizers, family, save_confi
     base_dir, adapter_dir, peft_model = _headless_adapter(tmp_path, family, tokenizers[family], labels=labels,
                                                           save_config=save_config)
     out = tmp_path / "merged"
-    assert _merge(adapter_dir, "--output", out) == 0
+    assert _merge(adapter_dir, "--output-dir", out) == 0
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert merged.config.num_labels == len(labels)
     if save_config:
@@ -304,7 +304,7 @@ def test_adapter_without_the_head_the_base_lacks_is_refused(tmp_path, tokenizers
     weights = adapter_dir / "adapter_model.safetensors"
     save_file({k: v for k, v in load_file(weights).items() if ".classifier." not in k}, weights)
     out = tmp_path / "merged"
-    assert _merge(adapter_dir, "--output", out) == 2
+    assert _merge(adapter_dir, "--output-dir", out) == 2
     err = _error(capsys)
     assert "has no weights for classifier.bias, classifier.weight" in err and "modules_to_save" in err
     assert not out.exists()
@@ -315,6 +315,6 @@ def test_help_and_required_output(capsys):
         main(["merge", "--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert all(flag in out for flag in ("ADAPTER_DIR", "--output", "--base", "--overwrite")), out
+    assert all(flag in out for flag in ("ADAPTER", "--output-dir", "--base-model", "--overwrite")), out
     assert main(["merge", "somewhere"]) == 2
-    assert "missing required option(s) --output" in capsys.readouterr().err
+    assert "the following arguments are required: --output-dir" in capsys.readouterr().err

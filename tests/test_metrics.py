@@ -29,6 +29,7 @@ import torch
 from scipy import stats
 from sklearn import metrics as skm
 
+from lmforge.data.batches import eval_batches
 from lmforge.data.classification import ClassificationCollator
 from lmforge.errors import LmforgeError
 from lmforge.eval.classification import (
@@ -38,7 +39,7 @@ from lmforge.eval.classification import (
     evaluate_classifier,
     load_metric,
 )
-from lmforge.train.batches import eval_batches
+from lmforge.presets import find_preset
 from tests.torch_threads import single_thread  # noqa: F401  (fixture)
 from tests.train_fixtures import launch_env
 
@@ -355,7 +356,7 @@ import torch
 from accelerate import Accelerator
 from lmforge.data.classification import ClassificationCollator
 from lmforge.eval.classification import evaluate_classifier
-from lmforge.train.batches import eval_batches
+from lmforge.data.batches import eval_batches
 from tests.test_metrics import CASES, _rows, _tiny_bert
 
 torch.set_num_threads(1)
@@ -385,7 +386,7 @@ def test_two_process_gather_equals_one_process(tmp_path):
     script.write_text(_GATHER)
     env = launch_env(ROOT, ACCELERATE_USE_CPU="1")
     cmd = [str(BIN / "accelerate"), "launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "cpu_multiprocess.yaml"), str(script), str(n), str(tmp_path)]
+           str(find_preset("accelerate", "cpu_multiprocess")), str(script), str(n), str(tmp_path)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads((tmp_path / f"report-{rank}.json").read_text()) for rank in range(2)]

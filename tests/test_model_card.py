@@ -8,16 +8,16 @@ from types import SimpleNamespace
 
 from huggingface_hub import ModelCard
 
-from lmforge.eval.report import (
+from lmforge.publish.cards import (
     LOCAL_ID,
     build_card,
     duration,
-    finetune_facts,
     folder_facts,
-    pretrain_facts,
     retarget,
+    run_facts,
     write_card,
 )
+from lmforge.train.hooks import RunSummary
 
 
 def _config(**extra):
@@ -29,9 +29,9 @@ def _config(**extra):
 def _model_folder(tmp_path, *, remote=True, tokenizer=True, name="final"):
     folder = tmp_path / "run" / name
     folder.mkdir(parents=True)
-    config = {"architectures": ["GPTForCausalLM"], "model_type": "lmforge_gpt"}
+    config = {"architectures": ["LmforgeGPTForCausalLM"], "model_type": "lmforge_gpt"}
     if remote:
-        config["auto_map"] = {"AutoModelForCausalLM": "modeling_gpt.GPTForCausalLM"}
+        config["auto_map"] = {"AutoModelForCausalLM": "modeling_gpt.LmforgeGPTForCausalLM"}
     (folder / "config.json").write_text(json.dumps(config))
     if tokenizer:
         (folder / "tokenizer.json").write_text("{}")
@@ -42,11 +42,12 @@ def test_a_pretraining_card_has_hub_metadata_and_results_in_model_index(tmp_path
     folder = _model_folder(tmp_path)
     corpus = tmp_path / "my corpus"
     corpus.mkdir()
-    facts = pretrain_facts(
-        model_config=_config(), objective="causal", config={"data": {"source": str(corpus)}, "hub_token": "hf_x"},
-        data=str(corpus), steps=120, tokens_seen=65_536, elapsed_seconds=3725.4,
-        metrics={"loss": 1.5, "perplexity": 4.48, "bits_per_byte": 2.01, "tokens": 9000, "bytes": 30000},
-        eval_split="validation", n_params=1_234_567, license="mit")
+    facts = run_facts(RunSummary(
+        kind="pretrain", model_config=_config(), objective="causal",
+        config={"data": {"source": str(corpus)}, "hub_token": "hf_x"}, data=str(corpus), steps=120,
+        tokens_seen=65_536, elapsed_seconds=3725.4, status="completed", n_params=1_234_567, license="mit",
+        metrics={"validation": {"loss": 1.5, "perplexity": 4.48, "bits_per_byte": 2.01, "tokens": 9000,
+                                "bytes": 30000}}))
     card = ModelCard(write_card(folder, facts).read_text())
     data = card.data
     assert data.license == "mit" and data.library_name == "transformers" and data.pipeline_tag == "text-generation"
@@ -67,10 +68,11 @@ def test_a_pretraining_card_has_hub_metadata_and_results_in_model_index(tmp_path
 
 def test_hub_datasets_are_named_and_undefined_metrics_left_out(tmp_path):
     folder = _model_folder(tmp_path, name="cls")
-    facts = finetune_facts(
-        model_config=_config(), base_model="user/base", task="classification", method="full", config={},
-        data="stanfordnlp/imdb", steps=10, tokens_seen=640, elapsed_seconds=5, trainable=10, total=10, labels=["neg", "pos"],
-        metrics={"eval": {"accuracy": 0.9, "pearson": float("nan")}, "test": {"accuracy": 0.8}})
+    facts = run_facts(RunSummary(
+        kind="finetune", model_config=_config(), base_model="user/base", task="classification", method="full",
+        config={}, data="stanfordnlp/imdb", steps=10, tokens_seen=640, elapsed_seconds=5, status="completed",
+        trainable=10, n_params=10, labels=["neg", "pos"],
+        metrics={"validation": {"accuracy": 0.9, "pearson": float("nan")}, "test": {"accuracy": 0.8}}))
     card = build_card(folder, facts)
     assert card.data.datasets == ["stanfordnlp/imdb"] and card.data.base_model == "user/base"
     rows = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}

@@ -30,25 +30,25 @@ MUON = OptimConfig(name="muon", lr=3e-3, muon_lr=0.02, warmup_steps=0, weight_de
 
 def tiny(family: str, vocab: int = 97, **kw) -> nn.Module:
     from lmforge.models import (
-        GPTConfig,
-        GPTForCausalLM,
-        GPTForSequenceClassification,
         LmforgeBertConfig,
         LmforgeBertForMaskedLM,
-        MambaConfig,
-        MambaForCausalLM,
+        LmforgeGPTConfig,
+        LmforgeGPTForCausalLM,
+        LmforgeGPTForSequenceClassification,
+        LmforgeMambaConfig,
+        LmforgeMambaForCausalLM,
     )
 
     torch.manual_seed(0)
     if family.startswith("gpt"):
-        cfg = GPTConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        cfg = LmforgeGPTConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **kw)
-        return GPTForSequenceClassification(cfg) if family == "gpt-classifier" else GPTForCausalLM(cfg)
+        return LmforgeGPTForSequenceClassification(cfg) if family == "gpt-classifier" else LmforgeGPTForCausalLM(cfg)
     if family == "bert":
         cfg = LmforgeBertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                 num_attention_heads=4, max_position_embeddings=64, **kw)
         return LmforgeBertForMaskedLM(cfg)
-    return MambaForCausalLM(MambaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, state_size=8, **kw))
+    return LmforgeMambaForCausalLM(LmforgeMambaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, state_size=8, **kw))
 
 
 def split(model: nn.Module) -> tuple[set[str], set[str]]:
@@ -265,7 +265,7 @@ def test_grad_accumulation_equals_a_bigger_batch_with_muon(tmp_path):
 
     def trainer(micro: int, accum: int) -> Trainer:
         stream = BatchStream(rows, micro, collate, shuffle=True, seed=1, grad_accum_steps=accum)
-        loop = LoopConfig(micro_batch_size=micro, grad_accum_steps=accum, max_steps=5, progress_bar=False)
+        loop = LoopConfig(micro_batch_size=micro, grad_accum_steps=accum, max_steps=5, progress=False)
         return Trainer(tiny("gpt", vocab=len(tok)), stream, loop, MUON, tmp_path / f"run{micro}x{accum}")
 
     def step(t: Trainer) -> None:
@@ -327,14 +327,14 @@ def test_wsd_and_muon_run_under_the_time_budget(tmp_path):
         now[0] += 0.5
         return collate(batch)
 
-    loop = LoopConfig(micro_batch_size=4, max_steps=10**6, max_minutes=1, progress_bar=False, log_every=1,
+    loop = LoopConfig(micro_batch_size=4, max_steps=10**6, max_minutes=1, progress=False, log_every=1,
                       save_every=0, eval_every=0)
     optim = OptimConfig(name="muon", scheduler="wsd", warmup_steps=0, decay_fraction=0.2, min_lr_ratio=0.1,
                         lr=1e-3, muon_lr=0.01)
     trainer = Trainer(tiny("gpt", vocab=len(tok)), BatchStream(rows, 4, timed),
                       loop, optim, tmp_path / "run", clock=lambda: now[0])
     result = trainer.fit()
-    from lmforge.train.tracking import read_metrics
+    from lmforge.runs import read_metrics
 
     lrs = [r["lr"] for r in read_metrics(tmp_path / "run") if "lr" in r]
     assert result.status == "completed" and result.step == pytest.approx(120, abs=3)

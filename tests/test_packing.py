@@ -108,17 +108,17 @@ def test_bad_arguments():
 
 
 def _lmforge_gpt(vocab: int) -> torch.nn.Module:
-    from lmforge.models import GPTConfig, GPTForCausalLM
+    from lmforge.models import LmforgeGPTConfig, LmforgeGPTForCausalLM
 
-    return GPTForCausalLM(GPTConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+    return LmforgeGPTForCausalLM(LmforgeGPTConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                     max_position_embeddings=64))
 
 
 def _lmforge_mamba(vocab: int) -> torch.nn.Module:
-    from lmforge.models import MambaConfig, MambaForCausalLM
+    from lmforge.models import LmforgeMambaConfig, LmforgeMambaForCausalLM
 
-    return MambaForCausalLM(MambaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, state_size=4))
+    return LmforgeMambaForCausalLM(LmforgeMambaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, state_size=4))
 
 
 @pytest.mark.parametrize("build", [_lmforge_gpt, _lmforge_mamba], ids=["gpt", "mamba"])

@@ -24,10 +24,9 @@ import pytest
 
 from lmforge.tokenizers import train_tokenizer
 from lmforge.train.config import PretrainConfig
-from lmforge.train.pretrain import pretrain
 from tests.export_utils import TerminalRun, run_on_terminal
 from tests.pipeline_fixtures import make_corpus
-from tests.train_fixtures import write_corpus, write_preset
+from tests.train_fixtures import pretrain, write_corpus, write_preset
 
 TEXT = "ROMEO: But soft, what light? Ωμέγα 世界 🤗"
 QUESTION_OR_WARNING = ("[y/N]", "custom code", "trust_remote_code", "You are using a model of type")
@@ -69,7 +68,7 @@ def ws(tmp_path_factory):
             "model": {"preset": str(write_preset(root, family))},
             "data": {"source": str(corpus), "tokenizer": str(alone[algorithm]), "block_size": 32},
             "train": {"micro_batch_size": 4, "max_steps": 2, "log_every": 1, "eval_every": 0, "save_every": 0,
-                      "progress_bar": False},
+                      "progress": False},
         })
         finals[family] = pretrain(config).final_dir
         assert json.loads((finals[family] / "config.json").read_text())["model_type"] == f"lmforge_{family}"
@@ -113,7 +112,7 @@ def test_final_folder_loads_with_the_model_cards_code(ws, family):
 
 
 def test_final_folder_loads_with_the_code_the_quickstart_prints(ws, capsys):
-    from lmforge.quickstart import where_step
+    from lmforge.commands.quickstart import where_step
 
     where_step(ws["final"]["gpt"])
     printed = capsys.readouterr().out
@@ -124,14 +123,16 @@ def test_final_folder_loads_with_the_code_the_quickstart_prints(ws, capsys):
     assert run.result == ws["ids"]["gpt"]
 
 
-@pytest.mark.parametrize("loader", ["lmforge.tokenizers.metrics", "lmforge.train.pretrain"])
-def test_lmforges_own_loaders_take_a_final_folder_without_a_question(ws, loader):
-    """``lmforge tokenizer eval runs/x/final`` and ``data.tokenizer: runs/x/final``, in a fresh
-    process where nothing has imported lmforge's models yet."""
+@pytest.mark.parametrize("folder", ["final", "run"])
+def test_lmforges_one_tokenizer_loader_takes_a_model_folder_without_a_question(ws, folder):
+    """``lmforge tokenizer eval runs/x/final`` and ``data.tokenizer: runs/x`` (every verb loads
+    tokenizers through lmforge.runs.load_tokenizer), in a fresh process where nothing has imported
+    lmforge's models yet."""
+    path = ws["final"]["mamba"] if folder == "final" else ws["final"]["mamba"].parent
     run = run_on_terminal(f"""
-        from {loader} import load_tokenizer
+        from lmforge.runs import load_tokenizer
         emit(load_tokenizer(PATH)({TEXT!r})["input_ids"])
-        """, path=ws["final"]["mamba"], isolated=False)
+        """, path=path, isolated=False)
     _assert_quiet(run)
     assert run.result == ws["ids"]["mamba"]
 

@@ -13,10 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+from lmforge.cli import main
 from lmforge.data import load_corpus
 from lmforge.errors import LmforgeError
 from lmforge.tokenizers import train_tokenizer
-from lmforge.tokenizers.metrics import eval_command, evaluate_tokenizer
+from lmforge.tokenizers.evaluation import evaluate_tokenizer
 
 VOCAB = 1000
 UNSEEN = "Ωμέγα 世界 🤗🚀 ñandú Привет नमस्ते"
@@ -167,7 +168,7 @@ def test_unigram_never_produces_unk_on_unseen_scripts(ascii_unigram, training_ch
 
 def test_chat_preset_template_and_role_tokens(tmp_path):
     out = tmp_path / "chat"
-    train_tokenizer(["hello there, how are you today?"] * 20, "bpe", 300, preset="chat", output_dir=out,
+    train_tokenizer(["hello there, how are you today?"] * 20, "bpe", 300, special_tokens="chat", output_dir=out,
                     show_progress=False)
     tok = AutoTokenizer.from_pretrained(out)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
@@ -179,8 +180,8 @@ def test_chat_preset_template_and_role_tokens(tmp_path):
 
 
 def test_extra_special_tokens_and_bert_preset_on_bpe():
-    tok = train_tokenizer(["some words to learn from"] * 10, "bpe", 300, preset="bert",
-                          special_tokens=["<sep2>"], show_progress=False)
+    tok = train_tokenizer(["some words to learn from"] * 10, "bpe", 300, special_tokens="bert",
+                          extra_special_tokens=["<sep2>"], show_progress=False)
     assert "<sep2>" in tok.convert_ids_to_tokens(_ids(tok, "a <sep2> b"))
     assert "<sep2>" in tok.all_special_tokens
     enc = tok("some", "words")
@@ -204,8 +205,8 @@ def test_vocab_too_small(shakespeare_slice, algorithm, vocab, message):
 def test_unknown_algorithm_and_preset():
     with pytest.raises(LmforgeError, match="unknown algorithm 'sentencepiece'; valid algorithms: bpe, wordpiece, unigram"):
         train_tokenizer(["x"], "sentencepiece", 1000)
-    with pytest.raises(LmforgeError, match="unknown preset 't5'"):
-        train_tokenizer(["x"], "bpe", 1000, preset="t5")
+    with pytest.raises(LmforgeError, match="special_tokens: unknown set 't5'"):
+        train_tokenizer(["x"], "bpe", 1000, special_tokens="t5")
 
 
 def test_output_dir_refused_unless_overwrite(tmp_path):
@@ -282,10 +283,11 @@ def test_evaluate_tokenizer_metrics(trained):
 def test_eval_command_prints_table_and_writes_json(trained, tmp_path, capsys):
     data = tmp_path / "valid.txt"
     data.write_text("Friends, Romans, countrymen, lend me your ears;\nI come to bury Caesar.\n", encoding="utf-8")
-    rows = eval_command([trained["bpe"], trained["unigram"]], data=str(data))
+    assert main(["tokenizer", "eval", str(trained["bpe"]), str(trained["unigram"]), "--data", str(data),
+                 "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "| bpe " in out and "| unigram " in out and "bytes/token" in out
     written = json.loads((trained["bpe"].parent / "tokenizer_eval.json").read_text())
-    assert [r["name"] for r in written["tokenizers"]] == ["bpe", "unigram"] == [r["name"] for r in rows]
-    with pytest.raises(LmforgeError, match="tokenizer folder not found"):
-        eval_command([tmp_path / "nope"], data=str(data))
+    assert [r["name"] for r in written["tokenizers"]] == ["bpe", "unigram"]
+    assert main(["tokenizer", "eval", str(tmp_path / "nope"), "--data", str(data)]) == 2
+    assert f"tokenizer {tmp_path / 'nope'}: {tmp_path / 'nope'} is not a folder" in capsys.readouterr().err

@@ -21,6 +21,8 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 
 from lmforge.errors import LmforgeError
+from lmforge.presets import find_preset
+from lmforge.runs import check_launch
 from lmforge.train import distributed as dist_mod
 from tests.fake_hub import FakeHub
 from tests.pipeline_fixtures import gpt_tokenizer, make_corpus
@@ -41,11 +43,11 @@ def _acc(n: int = 1, kind: str = "NO") -> SimpleNamespace:
 
 def test_check_launch_refuses_processes_accelerate_cannot_see():
     with pytest.raises(LmforgeError, match="ACCELERATE_USE_CPU=1") as e:
-        dist_mod.check_launch(_acc(1), env={"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})
+        check_launch(_acc(1), env={"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})
     assert "started 2 processes" in str(e.value) and "WORLD_SIZE=2" in str(e.value)
-    dist_mod.check_launch(_acc(1), env={})  # plain single process
-    dist_mod.check_launch(_acc(1), env={"WORLD_SIZE": "1"})
-    dist_mod.check_launch(_acc(2, "MULTI_CPU"), env={"WORLD_SIZE": "2"})
+    check_launch(_acc(1), env={})  # plain single process
+    check_launch(_acc(1), env={"WORLD_SIZE": "1"})
+    check_launch(_acc(2, "MULTI_CPU"), env={"WORLD_SIZE": "2"})
 
 
 def test_shard_model_refuses_what_cannot_run_here():
@@ -59,9 +61,9 @@ def test_shard_model_refuses_what_cannot_run_here():
 
 
 def test_transformer_blocks_found_from_no_split_modules():
-    from lmforge.models import GPTConfig, GPTForCausalLM
+    from lmforge.models import LmforgeGPTConfig, LmforgeGPTForCausalLM
 
-    model = GPTForCausalLM(GPTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    model = LmforgeGPTForCausalLM(LmforgeGPTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                      num_attention_heads=4, num_key_value_heads=2))
     assert [type(b).__name__ for b in dist_mod.transformer_blocks(model)] == ["TransformerBlock"] * 3
 
@@ -71,7 +73,7 @@ def test_transformer_blocks_found_from_no_split_modules():
 def test_accelerate_configs_are_valid(name):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    config = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    config = load_config_from_file(str(find_preset("accelerate", name)))
     expected = {"cpu_multiprocess": "MULTI_GPU", "single_gpu": "NO", "multi_gpu_ddp": "MULTI_GPU",
                 "fsdp2": "FSDP", "deepspeed_zero2": "DEEPSPEED", "deepspeed_zero3": "DEEPSPEED"}[name]
     assert str(config.distributed_type).endswith(expected)
@@ -106,7 +108,7 @@ def run_config(tmp_path_factory) -> Path:
         "data": {"source": str(tmp / "corpus.jsonl"), "tokenizer": str(tmp / "tok"), "block_size": BLOCK,
                  "eval_split": None},
         "train": {"micro_batch_size": GLOBAL_BATCH, "max_steps": steps_per_epoch + 3, "log_every": 1,
-                  "eval_every": 1000, "save_every": 2, "keep_last": 100, "progress_bar": False},
+                  "eval_every": 1000, "save_every": 2, "keep_last": 100, "progress": False},
         # eps 1e-6, not AdamW's 1e-8: with 1e-8, weights whose gradients are ~1e-8 get updates of
         # ~lr from float noise, so summing a batch in another order (2 processes or 2 micro-batches
         # instead of one) moved some weights by 1.3e-5 after 9 steps; with 1e-6, by 2.7e-7
@@ -139,7 +141,7 @@ def _losses(run_dir: Path) -> list[float]:
 
 def _accelerate(cfg: Path, out: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "accelerate"), "launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "cpu_multiprocess.yaml"), "-m", "lmforge.cli",
+           str(find_preset("accelerate", "cpu_multiprocess")), "-m", "lmforge.cli",
            *_pretrain_args(cfg, out, "--train.micro-batch-size", str(GLOBAL_BATCH // 2), *extra)]
     result = _launch(cmd, {**_env(), "ACCELERATE_USE_CPU": "1", **(env or {})})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -264,13 +266,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from lmforge.errors import LmforgeError
-from lmforge.models import GPTConfig, GPTForCausalLM
+from lmforge.models import LmforgeGPTConfig, LmforgeGPTForCausalLM
 from lmforge.train import OptimConfig
 from lmforge.train.optim import build_optimizer
 
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
 dist.init_process_group("gloo", rank=0, world_size=1)
-model = GPTForCausalLM(GPTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+model = LmforgeGPTForCausalLM(LmforgeGPTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2))
 mesh = init_device_mesh("cpu", (1,))
 for block in model.model.layers:
@@ -374,12 +376,12 @@ import torch
 from accelerate import Accelerator
 from torch.distributed.tensor import DTensor
 
-from lmforge.models import GPTConfig, GPTForCausalLM
+from lmforge.models import LmforgeGPTConfig, LmforgeGPTForCausalLM
 from lmforge.train.distributed import shard_model
 
 accelerator = Accelerator()
 torch.manual_seed(0)
-model = GPTForCausalLM(GPTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+model = LmforgeGPTForCausalLM(LmforgeGPTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2))
 full = {name: tuple(p.shape) for name, p in model.named_parameters()}
 model = shard_model(accelerator, model, "fsdp")
@@ -403,7 +405,7 @@ def test_fsdp_parameters_are_dtensor_shards_across_two_processes(tmp_path):
     script = tmp_path / "sharded.py"
     script.write_text(_SHARDED)
     cmd = [str(BIN / "accelerate"), "launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "cpu_multiprocess.yaml"), str(script), str(tmp_path)]
+           str(find_preset("accelerate", "cpu_multiprocess")), str(script), str(tmp_path)]
     result = _launch(cmd, {**_env(), "ACCELERATE_USE_CPU": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads((tmp_path / f"report-{rank}.json").read_text()) for rank in range(2)]
@@ -411,9 +413,9 @@ def test_fsdp_parameters_are_dtensor_shards_across_two_processes(tmp_path):
     for r in reports:
         assert r["dtensor"] and r["global_shapes_kept"]
         assert r["placements"] == ["(Shard(dim=0),)"]
-    from lmforge.models import GPTConfig, GPTForCausalLM
+    from lmforge.models import LmforgeGPTConfig, LmforgeGPTForCausalLM
 
-    model = GPTForCausalLM(GPTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    model = LmforgeGPTForCausalLM(LmforgeGPTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2))
     for name, p in model.named_parameters():
         rows = [r["local_rows"][name] for r in reports]

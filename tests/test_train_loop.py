@@ -13,19 +13,20 @@ from torch import nn
 import lmforge.models  # noqa: F401  (registers the families)
 from lmforge.data.collators import CausalLMCollator, MLMCollator
 from lmforge.eval.perplexity import evaluate_lm, text_bytes_scale, token_byte_lengths
+from lmforge.runs import latest_checkpoint, list_checkpoints
 from lmforge.train import BatchStream, LoopConfig, NonFiniteLossError, OptimConfig, Trainer
-from lmforge.train.checkpoint import TrainerState, latest_checkpoint, list_checkpoints
+from lmforge.train.checkpoint import TrainerState
 from lmforge.train.optim import Schedule, param_groups
 from tests.train_fixtures import bert_tokenizer, gpt_tokenizer, make_corpus
 
 
 def tiny_gpt(vocab: int, **kw):
-    from lmforge.models import GPTConfig, GPTForCausalLM
+    from lmforge.models import LmforgeGPTConfig, LmforgeGPTForCausalLM
 
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LmforgeGPTConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **kw)
-    return GPTForCausalLM(cfg)
+    return LmforgeGPTForCausalLM(cfg)
 
 
 def tiny_bert(vocab: int):
@@ -57,7 +58,7 @@ def grads(model: nn.Module) -> dict[str, torch.Tensor]:
 def loop_grads(make_model, rows, collate, micro: int, accum: int, tmp_path) -> dict[str, torch.Tensor]:
     model = make_model()
     stream = BatchStream(rows, micro, collate, shuffle=False, grad_accum_steps=accum)
-    cfg = LoopConfig(micro_batch_size=micro, grad_accum_steps=accum, max_steps=1, progress_bar=False)
+    cfg = LoopConfig(micro_batch_size=micro, grad_accum_steps=accum, max_steps=1, progress=False)
     trainer = Trainer(model, stream, cfg, OptimConfig(max_grad_norm=0.0), tmp_path / f"run{micro}x{accum}")
     trainer._train_step()
     return grads(trainer.model)
@@ -129,7 +130,7 @@ def poison_rows(n: int = 32) -> list[dict]:
 
 def test_nonfinite_loss_stops_with_step_and_keeps_last_good_state(tmp_path):
     rows = poison_rows()
-    cfg = LoopConfig(micro_batch_size=4, max_steps=6, save_every=2, progress_bar=False)
+    cfg = LoopConfig(micro_batch_size=4, max_steps=6, save_every=2, progress=False)
     trainer = Trainer(PoisonModel(), BatchStream(rows, 4, poison_collate({13}), shuffle=False), cfg,
                       OptimConfig(lr=1e-2, warmup_steps=0), tmp_path)
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 4;.*step 3"):
@@ -148,7 +149,7 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_state(tmp_path):
 
 
 def test_nonfinite_loss_can_be_skipped(tmp_path):
-    cfg = LoopConfig(micro_batch_size=4, max_steps=6, save_every=0, skip_nonfinite=True, progress_bar=False)
+    cfg = LoopConfig(micro_batch_size=4, max_steps=6, save_every=0, skip_nonfinite=True, progress=False)
     trainer = Trainer(PoisonModel(), BatchStream(poison_rows(), 4, poison_collate({13, 14})), cfg,
                       OptimConfig(lr=1e-2, warmup_steps=0), tmp_path)
     result = trainer.fit()
@@ -161,7 +162,7 @@ def test_nonfinite_loss_can_be_skipped(tmp_path):
 
 
 def test_checkpoints_keep_last_k_and_survive_a_crash_while_saving(tmp_path, monkeypatch):
-    cfg = LoopConfig(micro_batch_size=4, max_steps=5, save_every=2, keep_last=2, progress_bar=False)
+    cfg = LoopConfig(micro_batch_size=4, max_steps=5, save_every=2, keep_last=2, progress=False)
     trainer = Trainer(PoisonModel(), BatchStream(poison_rows(), 4, poison_collate(set())), cfg,
                       OptimConfig(lr=1e-2), tmp_path)
     trainer.fit()
@@ -309,7 +310,7 @@ def test_time_budget_recovers_from_an_injected_slow_phase(tmp_path):
         now[0] += 3.0 if now[0] < 15 else 0.5
         return collate(rows)
 
-    cfg = LoopConfig(micro_batch_size=4, max_steps=10**6, max_minutes=1, progress_bar=False, log_every=1000,
+    cfg = LoopConfig(micro_batch_size=4, max_steps=10**6, max_minutes=1, progress=False, log_every=1000,
                      save_every=0, eval_every=0)
     trainer = Trainer(tiny_gpt(len(tok)), BatchStream(variable_rows(tok, 64), 4, slow_start_collate), cfg,
                       OptimConfig(), tmp_path / "run", clock=lambda: now[0])

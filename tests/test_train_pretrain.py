@@ -15,11 +15,10 @@ from safetensors.torch import load_file
 
 from lmforge.config import build_dataclass, load_config
 from lmforge.errors import LmforgeError
+from lmforge.runs import read_metrics
 from lmforge.train import PretrainConfig
 from lmforge.train.loop import Trainer
-from lmforge.train.pretrain import pretrain
-from lmforge.train.tracking import read_metrics
-from tests.train_fixtures import save_tokenizers, snapshot, write_corpus, write_preset
+from tests.train_fixtures import pretrain, save_tokenizers, snapshot, write_corpus, write_preset
 
 FAMILIES = {"gpt": "causal", "mamba": "causal", "bert": "mlm"}
 
@@ -42,7 +41,7 @@ def make_config(ws, family: str, run: str, **sections) -> PretrainConfig:
         "data": {"source": str(ws["corpus"]), "tokenizer": str(ws["tok"]["bert" if family == "bert" else "gpt"]),
                  "block_size": 32},
         "train": {"micro_batch_size": 4, "max_steps": 12, "log_every": 1, "eval_every": 0, "save_every": 0,
-                  "progress_bar": False},
+                  "progress": False},
         "optim": {"lr": 3e-3, "warmup_steps": 2},
     }
     for key, value in sections.items():
@@ -149,9 +148,9 @@ def test_unknown_config_key_suggests_the_closest(ws, tmp_path):
     ("objective", r"cannot be trained with objective 'mlm'"),
     ("tokenizer", r"data.tokenizer is required"),
     ("batch", r"fewer than one optimizer step of 4096 rows \(train.micro_batch_size 4096"),
-    ("override typo", r"model.overrides.num_hidden_layer: GPTConfig \(lmforge_gpt\) has no setting "
+    ("override typo", r"model.overrides.num_hidden_layer: LmforgeGPTConfig \(lmforge_gpt\) has no setting "
                       r"'num_hidden_layer'; did you mean 'num_hidden_layers'\?"),
-    ("preset typo", r"gpt-typo.yaml: 'norm_typ': GPTConfig \(lmforge_gpt\) has no setting 'norm_typ'; "
+    ("preset typo", r"gpt-typo.yaml: 'norm_typ': LmforgeGPTConfig \(lmforge_gpt\) has no setting 'norm_typ'; "
                     r"did you mean 'norm_type'\?"),
 ])
 def test_bad_input_fails_before_training(ws, case, match):
@@ -176,7 +175,7 @@ def test_nothing_is_written_before_every_check_passed(ws):
     creates nothing; the corrected rerun then trains (no "already holds a run")."""
     missing = ws["root"] / "tok-not-trained-yet"
     config = make_config(ws, "gpt", "readme-order", data={"tokenizer": str(missing)}, train={"max_steps": 2})
-    with pytest.raises(LmforgeError, match=f"data.tokenizer: {missing} is not a directory.*--output"):
+    with pytest.raises(LmforgeError, match=f"data.tokenizer: {missing} is not a folder.*--output-dir"):
         pretrain(config)
     assert not (ws["root"] / "readme-order").exists()
     fixed = make_config(ws, "gpt", "readme-order", train={"max_steps": 2})
@@ -193,8 +192,8 @@ def test_an_existing_run_is_untouched_when_a_check_fails(ws, overwrite):
     assert "config.yaml" in before and "final/model.safetensors" in before
     bad = make_config(ws, "gpt", f"kept-{overwrite}", overwrite=overwrite,
                       model={"overrides": {"num_hidden_layer": 4}})
-    first_failure = ("model.overrides.num_hidden_layer: GPTConfig .* did you mean 'num_hidden_layers'" if overwrite
-                     else "already holds a run.*resume: auto.*overwrite: true")
+    first_failure = ("model.overrides.num_hidden_layer: LmforgeGPTConfig .* did you mean 'num_hidden_layers'" if overwrite
+                     else "already holds a run.*--resume.*--overwrite")
     with pytest.raises(LmforgeError, match=first_failure):
         pretrain(bad)
     assert snapshot(run.output_dir) == before

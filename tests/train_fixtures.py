@@ -65,3 +65,11 @@ def save_tokenizers(folder: Path) -> dict[str, Path]:
 
 __all__ = ["PRESETS", "bert_tokenizer", "gpt_tokenizer", "launch_env", "make_corpus", "save_tokenizers", "snapshot",
            "write_corpus", "write_preset"]
+
+
+def pretrain(config):
+    """``lmforge pretrain`` from Python: the run with its model card and Hub pushes (``run_publisher``)."""
+    from lmforge.publish import run_publisher
+    from lmforge.train.pretrain import pretrain as run
+
+    return run(config, hooks=run_publisher(config))

@@ -1,32 +1,36 @@
-"""The ``lmforge`` command. Each subcommand is a plain typed function (see ``lmforge.config``).
+"""The ``lmforge`` command: verbs mapped to the command functions of ``lmforge.commands``.
 
-Modules are imported only for the subcommand that runs, so ``lmforge --help`` stays fast.
-Run ``LMFORGE_DEBUG=1 lmforge ...`` to see a full traceback for a reported error.
+A command module is imported only for the verb that runs, so ``lmforge --help`` stays fast.
+
+Environment: ``LMFORGE_DEBUG=1`` shows the full traceback behind a reported error;
+``LMFORGE_ARGS`` holds arguments appended to every command line (as ``PYTEST_ADDOPTS`` does for
+pytest), e.g. ``LMFORGE_ARGS="--train.max-steps 20"`` for a quick try of any pretraining preset.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
+import shlex
 import sys
 
-from lmforge.errors import LmforgeError
+from lmforge import __version__
+from lmforge.errors import LmforgeError, closest
 
-# (command words) -> ("module:function", one-line summary). The function's signature and
-# docstring define the flags and help of the subcommand.
-COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("data", "fetch"): ("lmforge.data.fetch:fetch", "download a built-in corpus into the cache"),
-    ("tokenizer", "train"): ("lmforge.tokenizers.train:train_command", "train a BPE, WordPiece or Unigram tokenizer"),
-    ("tokenizer", "eval"): ("lmforge.tokenizers.metrics:eval_command", "compare tokenizers on a corpus"),
-    ("pretrain",): ("lmforge.train.pretrain:pretrain_command", "pretrain a model (causal or masked LM)"),
-    ("finetune",): ("lmforge.train.finetune:finetune_command", "fine-tune a model: classification or chat SFT, full or LoRA"),
-    ("eval",): ("lmforge.eval.command:eval_command", "evaluate models: perplexity, masked-token or classification metrics"),
-    ("quickstart",): ("lmforge.quickstart:quickstart", "the end-to-end default job on Shakespeare"),
-    ("merge",): ("lmforge.train.merge:merge_command", "merge a LoRA adapter into its base model"),
-    ("push",): ("lmforge.hub:push_command", "push a model, adapter or tokenizer to the Hugging Face Hub"),
-    ("convert",): ("lmforge.export:convert_command", "convert a model to or from stock transformers classes"),
-    ("ablate",): ("lmforge.train.ablate:ablate_command", "compare architecture and tokenizer choices on the same data and budget"),
+# (command words) -> ("module:function" in lmforge.commands, one-line summary, preset kind of --config)
+COMMANDS: dict[tuple[str, ...], tuple[str, str, str | None]] = {
+    ("data", "fetch"): ("data:fetch", "download a built-in corpus into the cache", None),
+    ("tokenizer", "train"): ("tokenizer:train", "train a BPE, WordPiece or Unigram tokenizer", "tokenizer"),
+    ("tokenizer", "eval"): ("tokenizer:evaluate", "compare tokenizers on a corpus", None),
+    ("pretrain",): ("pretrain:pretrain", "pretrain a model (causal or masked LM)", "pretrain"),
+    ("finetune",): ("finetune:finetune", "fine-tune a model: classification or chat SFT, full or LoRA", "finetune"),
+    ("eval",): ("eval:evaluate", "evaluate models: perplexity, masked-token or classification metrics", None),
+    ("merge",): ("merge:merge", "merge a LoRA adapter into a copy of its base model", None),
+    ("convert",): ("convert:convert", "convert a model to or from stock transformers classes", None),
+    ("push",): ("push:push", "push a model, adapter or tokenizer to the Hugging Face Hub", None),
+    ("ablate",): ("ablate:ablate", "compare architecture and tokenizer choices on the same data and budget", "ablate"),
+    ("quickstart",): ("quickstart:quickstart", "the end-to-end default job on Shakespeare", None),
+    ("presets",): ("presets:presets", "list the presets that ship with lmforge", None),
 }
 
 _HELP = ("-h", "--help", "help")
@@ -34,13 +38,15 @@ _HELP = ("-h", "--help", "help")
 
 def _usage(group: str | None = None) -> str:
     """The commands (or those of one group, such as ``tokenizer``) with their one-line summaries."""
-    commands = {words: text for words, (_, text) in COMMANDS.items() if group in (None, words[0])}
+    commands = {words: text for words, (_, text, _) in COMMANDS.items() if group in (None, words[0])}
     name = f"lmforge {group} COMMAND" if group else "lmforge COMMAND"
     lines = [f"usage: {name} [ARGS...]", "", "commands:"]
     width = max(len(" ".join(words)) for words in commands)
     for words, text in commands.items():
         lines.append(f"  {' '.join(words):<{width}}  {text}")
     lines += ["", f"Run '{name} --help' for the options of a command."]
+    if group is None:
+        lines += ["", "options:", "  -h, --help     show this list", "  -V, --version  show the version"]
     return "\n".join(lines)
 
 
@@ -57,31 +63,13 @@ def _resolve(argv: list[str]) -> tuple[tuple[str, ...], list[str]]:
     if argv[0] in _groups():
         subs = [w[1] for w in COMMANDS if w[0] == argv[0] and len(w) > 1]
         got = f", got {argv[1]!r}" if len(argv) > 1 else ""
-        raise LmforgeError(f"'lmforge {argv[0]}' needs a subcommand ({', '.join(subs)}){got}\n\n{_usage(argv[0])}")
-    from lmforge.config import closest
-
+        raise LmforgeError(f"'lmforge {argv[0]}' needs a subcommand ({', '.join(subs)}){got}")
     names = sorted({w[0] for w in COMMANDS})
     meant = "".join(f" (did you mean '{m}'?)" for m in closest(argv[0], names))
     raise LmforgeError(f"unknown command {argv[0]!r}{meant}; valid commands: {', '.join(names)}")
 
 
-def _unknown_arguments(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
-    """'unrecognized arguments' with the flag(s) each unknown one most likely meant."""
-    from lmforge.config import closest
-
-    flags = [o for action in parser._actions for o in action.option_strings if o.startswith("--") and o != "--help"]
-    parts = []
-    for arg in unknown:
-        meant = closest(arg.split("=", 1)[0], flags) if arg.startswith("--") else []
-        parts.append(f"{arg} (did you mean {' or '.join(meant)}?)" if meant else arg)
-    return (f"{parser.prog}: unrecognized arguments: {' '.join(parts)}; "
-            f"'{parser.prog} --help' lists the options")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from lmforge.config import add_function_arguments, call_with_namespace, description
-
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _run(argv: list[str]) -> int:
     if not argv or argv[0] in _HELP:
         print(_usage())
         return 0
@@ -89,26 +77,28 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage(argv[0]))
         return 0
     if argv[0] in ("-V", "--version"):
-        from lmforge import __version__
-
         print(f"lmforge {__version__}")
         return 0
+    words, rest = _resolve(argv)
+    rest = rest + shlex.split(os.environ.get("LMFORGE_ARGS", ""))
+    target, text, preset_kind = COMMANDS[words]
+    module_name, fn_name = target.split(":")
+    # imported here, for the verb that runs: a command module imports torch and transformers
+    from lmforge.commands import arguments
+
+    module = importlib.import_module(module_name if "." in module_name else f"lmforge.commands.{module_name}")
+    fn = getattr(module, fn_name)
+    from lmforge.config import description
+
+    result = arguments.run(fn, rest, prog="lmforge " + " ".join(words), description=description(fn) or text,
+                           preset_kind=preset_kind)
+    return result if isinstance(result, int) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        words, rest = _resolve(argv)
-        target, text = COMMANDS[words]
-        module_name, fn_name = target.split(":")
-        fn = getattr(importlib.import_module(module_name), fn_name)
-        parser = argparse.ArgumentParser(
-            prog="lmforge " + " ".join(words),
-            description=description(fn) or text,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-            allow_abbrev=False,  # --minute must not quietly stand for --minutes
-        )
-        add_function_arguments(parser, fn)
-        ns, unknown = parser.parse_known_args(rest)
-        if unknown:
-            raise LmforgeError(_unknown_arguments(parser, unknown))
-        result = call_with_namespace(fn, ns)
+        return _run(argv)
     except LmforgeError as e:
         if os.environ.get("LMFORGE_DEBUG"):
             raise
@@ -117,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130
-    return result if isinstance(result, int) else 0
+    except BrokenPipeError:  # `lmforge ... | head`: the reader left; end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # accelerate launch -m lmforge.cli ...
     sys.exit(main())

@@ -1,17 +1,17 @@
-"""Typed functions and dataclasses as the one source of truth for CLI flags and YAML keys.
+"""Typed dataclasses as the one source of truth for YAML keys (and, through ``lmforge.commands``,
+for command-line flags).
 
-A command is a plain typed function. Its parameters become flags (``vocab_size`` ->
-``--vocab-size``), its Google-style docstring ``Args:`` become the help text. A parameter
-annotated with a dataclass becomes ``--config FILE.yaml`` plus one flag per (nested) field
-(``--optim.lr 3e-4``); flags given on the command line override the YAML file, and unknown
-keys in either are refused with the closest valid key suggested.
+A configuration is a (nested) dataclass whose fields are documented in its docstring's
+``Attributes:``. ``load_config(cls, path, overrides)`` reads a YAML file, applies dotted overrides
+(``{"optim.lr": 3e-4}``), refuses unknown keys with the closest valid one suggested, converts
+every value to its annotated type and validates the result. ``Option`` (through
+``typing.Annotated``) says more about a field: a short flag spelling, the value of a flag given
+without one, or that it names an input path (resolved against the config file's folder).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
 import inspect
 import re
 import types
@@ -22,16 +22,54 @@ from typing import Any, Literal
 
 import yaml
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, closest
+from lmforge.presets import is_packaged
 
-_NO_DEFAULT = inspect.Parameter.empty
+NO_DEFAULT = inspect.Parameter.empty
+_UNSET = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """More about a setting, given as ``Annotated[str, Option(...)]`` on a field or parameter.
+
+    Attributes:
+        alias: another flag for it (``--data`` for ``data.source``).
+        const: the value of its flag given without a value (``--resume`` alone means ``auto``).
+        input_path: it names a file or folder to read: a relative path in a config file is looked
+            up from that file's folder first (packaged presets: from the current folder).
+        positional: an optional positional argument (``lmforge presets [KIND]``), not a flag.
+    """
+
+    alias: str | None = None
+    const: Any = _UNSET
+    input_path: bool = False
+    positional: bool = False
+
+    @property
+    def has_const(self) -> bool:
+        return self.const is not _UNSET
+
+
+def option_of(tp: Any) -> tuple[Any, Option | None]:
+    """``Annotated[X, Option(...)]`` -> (X, the Option); anything else -> (tp, None)."""
+    if typing.get_origin(tp) is typing.Annotated:
+        base, *extras = typing.get_args(tp)
+        return base, next((e for e in extras if isinstance(e, Option)), None)
+    return tp, None
+
+
+def type_hints(obj: Any) -> dict[str, Any]:
+    """The annotations of a function or dataclass, ``Annotated`` extras kept."""
+    return typing.get_type_hints(obj, include_extras=True)
 
 
 # --------------------------------------------------------------------------- type helpers
 
 
-def _strip_optional(tp: Any) -> tuple[Any, bool]:
-    """``X | None`` -> (X, True); anything else -> (tp, False)."""
+def strip_optional(tp: Any) -> tuple[Any, bool]:
+    """``X | None`` -> (X, True); anything else -> (tp, False) (``Annotated`` extras dropped)."""
+    tp = option_of(tp)[0]
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -40,13 +78,14 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _is_dataclass_type(tp: Any) -> bool:
+def is_dataclass_type(tp: Any) -> bool:
+    tp = option_of(tp)[0]
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
 def coerce(value: Any, tp: Any, *, name: str) -> Any:
     """Convert a YAML or command-line value to the annotated type, or raise a clear error."""
-    tp, optional = _strip_optional(tp)
+    tp, optional = strip_optional(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional or tp is Any:
             return None
@@ -146,13 +185,14 @@ def description(fn: Callable) -> str:
 
 
 def flat_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, Any, Any, str]]:
-    """Yield (dotted name, type, default, help) for every leaf field of a (nested) dataclass."""
-    hints = typing.get_type_hints(cls)
+    """Yield (dotted name, type, default, help) for every leaf field of a (nested) dataclass; the
+    type keeps its ``Annotated`` ``Option``."""
+    hints = type_hints(cls)
     helps = docstring_args(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         name = f"{prefix}{f.name}"
-        if _is_dataclass_type(tp):
+        if is_dataclass_type(tp):
             yield from flat_fields(tp, prefix=f"{name}.")
             continue
         if f.default is not dataclasses.MISSING:
@@ -160,23 +200,8 @@ def flat_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, Any, Any, st
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         else:
-            default = _NO_DEFAULT
+            default = NO_DEFAULT
         yield name, tp, default, helps.get(f.name, "")
-
-
-def closest(name: str, valid: list[str], *, cutoff: float = 0.6) -> list[str]:
-    """The valid names ``name`` most likely meant: the closest spelling, where a dotted name can
-    also be written as its last part alone, so ``lr`` finds ``optim.lr`` (and ``--lr`` finds
-    ``--optim.lr``, ``--no-streaming`` finds ``--no-data.streaming``). A last part shared by
-    several sections gives them all."""
-    spellings: dict[str, list[str]] = {}
-    for v in valid:
-        spellings.setdefault(v, []).append(v)
-        if "." in v:
-            leaf = re.match(r"(--(no-)?)?", v).group() + v.rsplit(".", 1)[1]
-            spellings.setdefault(leaf, []).append(v)
-    match = difflib.get_close_matches(name, list(spellings), n=1, cutoff=cutoff)
-    return spellings[match[0]] if match else []
 
 
 def _closest(key: str, valid: list[str]) -> str:
@@ -188,7 +213,7 @@ def build_dataclass(cls: type, values: dict[str, Any], *, source: str = "config"
     """Build a nested dataclass from a (nested) mapping, refusing unknown keys by name."""
     if not isinstance(values, dict):
         raise LmforgeError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
@@ -197,7 +222,7 @@ def build_dataclass(cls: type, values: dict[str, Any], *, source: str = "config"
             valid = [n for n, *_ in flat_fields(cls, prefix)] + [f"{prefix}{n}" for n in names]
             raise LmforgeError(f"{source}: unknown key '{full}'{_closest(full, sorted(set(valid)))}")
         tp = hints[key]
-        if _is_dataclass_type(tp):
+        if is_dataclass_type(tp):
             kwargs[key] = build_dataclass(tp, value or {}, source=source, prefix=f"{full}.")
         else:
             kwargs[key] = coerce(value, tp, name=f"{source}: {full}")
@@ -264,9 +289,48 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def resolve_path(value: str, folder: Path) -> str:
+    """A relative input path from a config file in ``folder``: the file's folder first, then the
+    current folder; when neither has it, the file's folder for a path written as relative
+    (``./x``, ``../x``), else the value as it is (a built-in name or a Hub id)."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return value
+    near = folder / path
+    if near.exists():
+        return str(near)
+    if path.exists():
+        return value
+    return str(near) if value.startswith(("./", "../")) else value
+
+
+def resolve_input_paths(cls: type, values: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``values`` (a nested mapping for ``cls``) with the relative paths of its input-path fields
+    (``Option(input_path=True)``) looked up from ``folder`` (see ``resolve_path``)."""
+    if not isinstance(values, dict):
+        return values
+    hints = type_hints(cls)
+    out = dict(values)
+    for f in dataclasses.fields(cls):
+        if f.name not in out:
+            continue
+        tp = hints[f.name]
+        if is_dataclass_type(tp):
+            out[f.name] = resolve_input_paths(option_of(tp)[0], out[f.name], folder)
+        elif (option_of(tp)[1] or Option()).input_path and isinstance(out[f.name], str) and out[f.name]:
+            out[f.name] = resolve_path(out[f.name], folder)
+    return out
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | None = None):
-    """YAML file (optional) + dotted overrides -> a validated ``cls`` instance."""
+    """YAML file (optional) + dotted overrides -> a validated ``cls`` instance.
+
+    Input paths in the file are relative to its folder (a packaged preset's: to the current folder,
+    where the files it names are written); overrides (command-line flags) to the current folder.
+    """
     values = load_yaml(path) if path else {}
+    if path and not is_packaged(path):
+        values = resolve_input_paths(cls, values, Path(path).expanduser().resolve().parent)
     source = str(path) if path else "config"
     if overrides:
         source = f"{source} + command-line flags" if path else "command-line flags"
@@ -283,109 +347,3 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
-
-
-# --------------------------------------------------------------------------- argparse
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _add_argument(parser: argparse.ArgumentParser, name: str, tp: Any, default: Any, help: str,
-                  *, positional: bool, dest: str, required: bool | None = None) -> None:
-    base, _ = _strip_optional(tp)
-    origin = typing.get_origin(base)
-    kwargs: dict[str, Any] = {"help": help or None}
-    if origin is Literal:
-        kwargs["choices"] = [str(c) for c in typing.get_args(base)]
-    if origin in (list, tuple):
-        kwargs["nargs"] = "+" if (positional or default is _NO_DEFAULT) else "*"
-    if default is not _NO_DEFAULT and help is not None and default not in (None, [], ()):
-        kwargs["help"] = f"{help} (default: {default})".strip()
-    if positional:
-        parser.add_argument(name, metavar=name.upper().replace("-", "_"), **kwargs)
-        return
-    if base is bool:
-        kwargs["action"] = argparse.BooleanOptionalAction
-    metavar = None if "choices" in kwargs else name.split(".")[-1].upper().replace("-", "_")
-    parser.add_argument(_flag(name), dest=dest, default=argparse.SUPPRESS, metavar=metavar,
-                        required=default is _NO_DEFAULT if required is None else required, **kwargs)
-
-
-_CONFIG_DEST = "__config__"
-
-
-def _takes_config_file(fn: Callable) -> bool:
-    """Commands with keyword options and no dataclass parameter take ``--config`` for those options."""
-    hints = typing.get_type_hints(fn)
-    params = inspect.signature(fn).parameters.values()
-    return (not any(_is_dataclass_type(hints.get(p.name)) for p in params)
-            and any(p.kind == p.KEYWORD_ONLY for p in params))
-
-
-def add_function_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
-    """Add one argument per parameter of ``fn`` (positional when it has no default).
-
-    A dataclass parameter becomes ``--config FILE.yaml`` plus one dotted flag per field. A command
-    with keyword-only options takes ``--config FILE.yaml`` holding any of them (keys as the
-    parameter names); flags given on the command line override the file.
-    """
-    hints = typing.get_type_hints(fn)
-    helps = docstring_args(fn)
-    options_file = _takes_config_file(fn)
-    if options_file:
-        parser.add_argument("--config", dest=_CONFIG_DEST, default=argparse.SUPPRESS, metavar="FILE.yaml",
-                            help="YAML file with any of the options below (keys as the flags without "
-                                 "dashes, e.g. vocab_size: 8192); flags given here override it")
-    for p in inspect.signature(fn).parameters.values():
-        tp = hints.get(p.name, str)
-        if _is_dataclass_type(tp):
-            parser.add_argument("--config", dest=f"{p.name}.__config__", default=argparse.SUPPRESS,
-                                metavar="FILE.yaml", help="YAML file with the settings below; flags override it")
-            group = parser.add_argument_group(f"{p.name} settings (YAML keys)")
-            for fname, ftp, fdefault, fhelp in flat_fields(tp):
-                _add_argument(group, fname, ftp, fdefault if fdefault is not _NO_DEFAULT else None,
-                              fhelp, positional=False, dest=f"{p.name}.{fname}")
-            continue
-        positional = p.default is _NO_DEFAULT and p.kind != p.KEYWORD_ONLY
-        _add_argument(parser, p.name.replace("_", "-") if not positional else p.name, tp, p.default,
-                      helps.get(p.name, ""), positional=positional, dest=p.name,
-                      required=False if options_file else None)  # may come from --config: checked later
-
-
-def call_with_namespace(fn: Callable, ns: argparse.Namespace) -> Any:
-    """Call ``fn`` with the parsed values, coercing types and building dataclass parameters."""
-    hints = typing.get_type_hints(fn)
-    given = vars(ns)
-    kwargs: dict[str, Any] = {}
-    for p in inspect.signature(fn).parameters.values():
-        tp = hints.get(p.name, str)
-        if _is_dataclass_type(tp):
-            prefix = f"{p.name}."
-            config_path = given.get(f"{prefix}__config__")
-            overrides = {k[len(prefix):]: v for k, v in given.items()
-                         if k.startswith(prefix) and not k.endswith("__config__")}
-            kwargs[p.name] = load_config(tp, config_path, overrides)
-        elif p.name in given:
-            kwargs[p.name] = coerce(given[p.name], tp, name=_flag(p.name))
-    if _CONFIG_DEST in given:
-        _fill_from_file(fn, hints, given[_CONFIG_DEST], kwargs)
-    missing = [p.name for p in inspect.signature(fn).parameters.values()
-               if p.default is _NO_DEFAULT and p.name not in kwargs]
-    if missing:
-        where = " (on the command line or in the --config file)" if _takes_config_file(fn) else ""
-        raise LmforgeError(f"missing required option(s) {', '.join(map(_flag, missing))}{where}")
-    return fn(**kwargs)
-
-
-def _fill_from_file(fn: Callable, hints: dict[str, Any], path: str, kwargs: dict[str, Any]) -> None:
-    """Options from a ``--config`` YAML file, for those not given as flags (flags win)."""
-    params = {p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY}
-    for key, value in load_yaml(path).items():
-        name = str(key).replace("-", "_")
-        if name not in params:
-            raise LmforgeError(f"{path}: unknown option '{key}'{_closest(name, sorted(params))}; "
-                               f"valid: {', '.join(sorted(params))}")
-        if name not in kwargs:
-            kwargs[name] = coerce(value, hints.get(name, str), name=f"{path}: {key}")

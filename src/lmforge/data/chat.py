@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 
 CHAT_VERSION = "1"  # bump when the encoded format changes: invalidates cached datasets
 GET_A_CHAT_TOKENIZER = (
-    "train one with a chat template: `lmforge tokenizer train --config configs/tokenizer/chat-bpe.yaml "
-    "--data CORPUS --output DIR` (the `chat` preset), or set tokenizer.chat_template to a Jinja template")
+    "train one with a chat template: `lmforge tokenizer train --config chat-bpe "
+    "--data CORPUS --output-dir DIR`), or set tokenizer.chat_template to a Jinja template")
 
 
 # --------------------------------------------------------------------------- checks

@@ -141,7 +141,7 @@ class MLMCollator:
 
         if tokenizer.mask_token_id is None:
             raise LmforgeError(f"{type(tokenizer).__name__} has no mask token; masked LM needs one "
-                               "(train the tokenizer with the 'bert' preset, or use a causal objective)")
+                               "(train the tokenizer with --special-tokens bert, or use a causal objective)")
         if not 0.0 < mlm_probability < 1.0:
             raise LmforgeError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
         with warnings.catch_warnings():  # whole-word: "Setting mask_replace_prob to 1" is expected

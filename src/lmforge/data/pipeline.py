@@ -55,7 +55,7 @@ def separator_id(tokenizer: PreTrainedTokenizerBase) -> int:
         return sep
     raise LmforgeError(
         f"tokenizer {type(tokenizer).__name__} has neither an eos_token nor a sep_token; packing needs "
-        "one to separate documents (set tokenizer.eos_token, or train it with a 'gpt' or 'bert' preset)"
+        "one to separate documents (set tokenizer.eos_token, or train it with --special-tokens gpt or bert)"
     )
 
 

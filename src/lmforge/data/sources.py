@@ -136,19 +136,20 @@ def _is_pathlike(text: str) -> bool:
             or any(c in text for c in _GLOB_CHARS))
 
 
-def _split_files(files: list[Path], split: str) -> list[Path]:
-    """From a folder's files, those named after ``split`` (``train.jsonl``, ``train-0001.parquet``);
-    all files when none is named after any split."""
-    def split_of(p: Path) -> str | None:
-        stem = p.name.split(".")[0].lower()
-        return next((s for s in SPLITS if stem == s or stem.startswith((f"{s}-", f"{s}_"))), None)
+def _split_of(path: Path) -> str | None:
+    """The split a file is named after (``train.jsonl``, ``train-0001.parquet``), if any."""
+    stem = path.name.split(".")[0].lower()
+    return next((s for s in SPLITS if stem == s or stem.startswith((f"{s}-", f"{s}_"))), None)
 
-    named = [p for p in files if split_of(p) is not None]
+
+def _split_files(files: list[Path], split: str) -> list[Path]:
+    """From a folder's files, those named after ``split``; all files when none is named after any split."""
+    named = [p for p in files if _split_of(p) is not None]
     if not named:
         return files
-    chosen = [p for p in named if split_of(p) == split]
+    chosen = [p for p in named if _split_of(p) == split]
     if not chosen:
-        have = sorted({split_of(p) for p in named})
+        have = sorted({_split_of(p) for p in named})
         raise LmforgeError(f"split {split!r} not found among the files; available splits: {', '.join(have)}")
     return chosen
 
@@ -173,6 +174,24 @@ def resolve_local_files(source: str | Path, split: str) -> list[Path]:
     if not path.exists():
         raise LmforgeError(f"{path}: file not found")
     return [path]
+
+
+def available_splits(source: Any) -> list[str] | None:
+    """The splits a source offers: a built-in corpus' three, the split-named files of a folder
+    (``train.jsonl``, ``validation.jsonl``, ...), ``["train"]`` for a file, glob or folder without
+    split names (all of it is training data), None when it cannot be told (a Hub id, a dataset)."""
+    if _is_dataset(source):
+        return None
+    text = str(source)
+    if text in BUILTIN_CORPORA:
+        return list(SPLITS)
+    path = Path(text).expanduser()
+    if not (path.exists() or _is_pathlike(text)):
+        return None
+    if path.is_dir():
+        found = {_split_of(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FORMATS}
+        return [s for s in SPLITS if s in found] or ["train"]
+    return ["train"]
 
 
 def _format_of(files: list[Path]) -> str:

@@ -10,7 +10,7 @@ its own modules (numpy only, checked against scikit-learn and scipy in the tests
   mean squared error.
 
 ``evaluate_classifier`` runs a model over batches from ``ClassificationCollator`` (through
-``lmforge.train.batches.eval_batches`` for several processes), gathers every process's
+``lmforge.data.batches.eval_batches`` for several processes), gathers every process's
 predictions with ``accelerator.gather_for_metrics`` and computes the metrics on all of them, so
 the figures do not depend on the number of processes.
 """

@@ -1,7 +1,7 @@
 """Configuration of the lmforge GPT family (``model_type`` "lmforge_gpt").
 
 Defaults are Llama-like: RoPE, pre-norm RMSNorm, SwiGLU, grouped-query attention, no biases.
-Every architectural choice is a switch (see ``layers.py``); GPT-2 is
+Every architectural choice is a switch (allowed values in ``switches.py``); GPT-2 is
 ``position_embedding_type="learned", norm_type="layernorm", hidden_act="gelu_tanh"`` with all
 biases, MHA and tied embeddings.
 
@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from .layers import ACTIVATIONS, NORM_POSITIONS, NORM_TYPES, POSITION_TYPES, ROPE_TYPES
+from .switches import ROPE_TYPES, check_switches
 
 
-class GPTConfig(PreTrainedConfig):
+class LmforgeGPTConfig(PreTrainedConfig):
     """Decoder-only transformer configuration. Invalid combinations raise ``ValueError``.
 
     Args (the switchboard; all keyword):
@@ -88,34 +88,26 @@ class GPTConfig(PreTrainedConfig):
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"LmforgeGPTConfig.{name} must be a positive integer, got {value!r}")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"GPTConfig: hidden_size={self.hidden_size} is not divisible by "
+                f"LmforgeGPTConfig: hidden_size={self.hidden_size} is not divisible by "
                 f"num_attention_heads={self.num_attention_heads} (or set head_dim explicitly)"
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
-                f"GPTConfig: num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"LmforgeGPTConfig: num_attention_heads={self.num_attention_heads} is not divisible by "
                 f"num_key_value_heads={self.num_key_value_heads} (MHA: equal, MQA: 1, GQA: a divisor)"
             )
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"GPTConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+                raise ValueError(f"LmforgeGPTConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
 
     def _validate_switches(self) -> None:
-        choices = {
-            "hidden_act": tuple(ACTIVATIONS),
-            "position_embedding_type": POSITION_TYPES,
-            "norm_type": NORM_TYPES,
-            "norm_position": NORM_POSITIONS,
-        }
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r} is not one of {valid}")
+        check_switches(self)
         if self.position_embedding_type == "alibi" and "flash" in (self._attn_implementation or ""):
             raise ValueError(
-                "GPTConfig: position_embedding_type='alibi' cannot run with "
+                "LmforgeGPTConfig: position_embedding_type='alibi' cannot run with "
                 f"attn_implementation={self._attn_implementation!r} (no additive bias); use 'sdpa' or 'eager'"
             )
 
@@ -123,19 +115,19 @@ class GPTConfig(PreTrainedConfig):
         if self.position_embedding_type != "rope":
             return
         if self.head_dim % 2:
-            raise ValueError(f"GPTConfig: RoPE needs an even head_dim, got head_dim={self.head_dim}")
+            raise ValueError(f"LmforgeGPTConfig: RoPE needs an even head_dim, got head_dim={self.head_dim}")
         rope = self.rope_parameters or {}
         rope_type = rope.get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
-            raise ValueError(f"GPTConfig.rope_parameters rope_type={rope_type!r} is not one of {ROPE_TYPES}")
+            raise ValueError(f"LmforgeGPTConfig.rope_parameters rope_type={rope_type!r} is not one of {ROPE_TYPES}")
         if rope_type != "default":
             factor = rope.get("factor")
             if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1.0:
                 raise ValueError(
-                    f"GPTConfig.rope_parameters factor={factor!r} must be a number >= 1.0 for rope_type={rope_type!r}"
+                    f"LmforgeGPTConfig.rope_parameters factor={factor!r} must be a number >= 1.0 for rope_type={rope_type!r}"
                 )
         if not rope.get("rope_theta", 1.0) > 0:
-            raise ValueError(f"GPTConfig: rope_theta must be > 0, got {rope.get('rope_theta')!r}")
+            raise ValueError(f"LmforgeGPTConfig: rope_theta must be > 0, got {rope.get('rope_theta')!r}")
 
 
-__all__ = ["GPTConfig"]
+__all__ = ["LmforgeGPTConfig"]

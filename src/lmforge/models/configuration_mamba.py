@@ -5,7 +5,8 @@ original Mamba names are accepted as aliases: ``d_model`` (hidden_size), ``n_lay
 (num_hidden_layers), ``d_state`` (state_size), ``d_conv`` (conv_kernel), ``dt_rank``
 (time_step_rank), ``dt_min`` / ``dt_max`` / ``dt_init_floor`` (time_step_min / max / floor).
 
-This file is copied next to saved weights: it imports only transformers and the standard library.
+This file is copied next to saved weights: it imports only transformers, the standard library and
+siblings.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import math
 
 from transformers import PreTrainedConfig
 
-TIME_STEP_INIT_SCHEMES = ("random", "constant")
+from .switches import TIME_STEP_INIT_SCHEMES, check_choice
 
 
-class MambaConfig(PreTrainedConfig):
+class LmforgeMambaConfig(PreTrainedConfig):
     """Mamba (S6) language model configuration. Invalid values raise ``ValueError``.
 
     Args (all keyword):
@@ -92,31 +93,27 @@ class MambaConfig(PreTrainedConfig):
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "expand", "conv_kernel"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MambaConfig.{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"LmforgeMambaConfig.{name} must be a positive integer, got {value!r}")
         rank = self.time_step_rank
         if rank != "auto" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-            raise ValueError(f"MambaConfig.time_step_rank must be 'auto' or a positive integer, got {rank!r}")
+            raise ValueError(f"LmforgeMambaConfig.time_step_rank must be 'auto' or a positive integer, got {rank!r}")
         lo, hi = self.time_step_min, self.time_step_max
         if not (_is_number(lo) and _is_number(hi) and 0 < lo <= hi):
             raise ValueError(
-                f"MambaConfig: need 0 < time_step_min <= time_step_max (dt_min, dt_max), got {lo!r}, {hi!r}"
+                f"LmforgeMambaConfig: need 0 < time_step_min <= time_step_max (dt_min, dt_max), got {lo!r}, {hi!r}"
             )
         if not (_is_number(self.time_step_floor) and 0 <= self.time_step_floor):
-            raise ValueError(f"MambaConfig.time_step_floor must be >= 0, got {self.time_step_floor!r}")
-        if self.time_step_init_scheme not in TIME_STEP_INIT_SCHEMES:
-            raise ValueError(
-                f"MambaConfig.time_step_init_scheme={self.time_step_init_scheme!r} is not one of "
-                f"{TIME_STEP_INIT_SCHEMES}"
-            )
+            raise ValueError(f"LmforgeMambaConfig.time_step_floor must be >= 0, got {self.time_step_floor!r}")
+        check_choice("LmforgeMambaConfig", "time_step_init_scheme", self.time_step_init_scheme, TIME_STEP_INIT_SCHEMES)
         if not (_is_number(self.norm_eps) and self.norm_eps > 0):
-            raise ValueError(f"MambaConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+            raise ValueError(f"LmforgeMambaConfig.norm_eps must be > 0, got {self.norm_eps!r}")
         chunk = self.scan_chunk_size
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(f"MambaConfig.scan_chunk_size must be None or a positive integer, got {chunk!r}")
+            raise ValueError(f"LmforgeMambaConfig.scan_chunk_size must be None or a positive integer, got {chunk!r}")
 
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-__all__ = ["MambaConfig"]
+__all__ = ["LmforgeMambaConfig"]

@@ -3,7 +3,8 @@
 Only what is BERT's own lives here: the embeddings (words + token types + absolute positions, an
 embedding norm and dropout), the pooler, the MLM head (dense, activation, norm, decoder tied to the
 word embedding, with a bias) and the classification heads. Norms, positions, attention, MLP and
-the Transformer block come from ``layers.py`` and follow the config's switchboard; attention is
+the Transformer block come from the shared sibling files (``norms.py``, ``positions.py``,
+``attention.py``, ``feed_forward.py``, ``block.py``) and follow the config's switchboard; attention is
 bidirectional (``config.is_causal = False``).
 
 The ``classic`` preset is numerically identical to transformers' ``BertForMaskedLM`` (see
@@ -17,14 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForMaskedLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    PreTrainedModel,
-)
+from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
@@ -37,20 +31,16 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from .attention import Attention, build_attention_mask
+from .block import TransformerBlock
 from .configuration_bert import LmforgeBertConfig
-from .layers import (
-    ACTIVATIONS,
-    Attention,
-    Dropout,
-    RotaryEmbedding,
-    SinusoidalPositionalEmbedding,
-    TransformerBlock,
-    build_attention_mask,
-    build_norm,
-    check_positions,
-    init_weights,
-    masked_lm_loss,
-)
+from .dropout import Dropout
+from .initialization import init_weights
+from .losses import masked_lm_loss
+from .norms import build_norm
+from .positions import RotaryEmbedding, SinusoidalPositionalEmbedding, check_positions
+from .registration import merged_auto_map, register_family
+from .switches import ACTIVATIONS
 
 # What ``save_pretrained`` writes into config.json's ``auto_map`` (files copied next to the weights).
 AUTO_MAP = {
@@ -148,7 +138,7 @@ class LmforgeBertPreTrainedModel(PreTrainedModel):
     def __init__(self, config: LmforgeBertConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         # every head loads from any BERT checkpoint (pretrain MLM, then fine-tune a classifier)
-        self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        self.config.auto_map = merged_auto_map(self.config, AUTO_MAP)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -330,22 +320,15 @@ class LmforgeBertForTokenClassification(LmforgeBertPreTrainedModel):
                                      attentions=outputs.attentions)
 
 
-_AUTO_CLASSES = {
-    "AutoModel": (AutoModel, LmforgeBertModel),
-    "AutoModelForMaskedLM": (AutoModelForMaskedLM, LmforgeBertForMaskedLM),
-    "AutoModelForSequenceClassification": (AutoModelForSequenceClassification, LmforgeBertForSequenceClassification),
-    "AutoModelForTokenClassification": (AutoModelForTokenClassification, LmforgeBertForTokenClassification),
-}
-
-
 def register() -> None:
     """Register ``lmforge_bert`` with AutoConfig / AutoModel* in-process, and make ``save_pretrained``
     write ``auto_map`` and copy this code next to the weights (``trust_remote_code`` loading)."""
-    AutoConfig.register(LmforgeBertConfig.model_type, LmforgeBertConfig, exist_ok=True)
-    LmforgeBertConfig.register_for_auto_class()
-    for auto_name, (auto_cls, model_cls) in _AUTO_CLASSES.items():
-        auto_cls.register(LmforgeBertConfig, model_cls, exist_ok=True)
-        model_cls.register_for_auto_class(auto_name)
+    register_family(LmforgeBertConfig, {
+        "AutoModel": LmforgeBertModel,
+        "AutoModelForMaskedLM": LmforgeBertForMaskedLM,
+        "AutoModelForSequenceClassification": LmforgeBertForSequenceClassification,
+        "AutoModelForTokenClassification": LmforgeBertForTokenClassification,
+    })
 
 
 __all__ = [

@@ -1,7 +1,8 @@
-"""The lmforge GPT family: a decoder-only transformer built from ``layers.py``.
+"""The lmforge GPT family: a decoder-only transformer built from the shared blocks (``block.py``,
+``attention.py``, ``positions.py``, ``norms.py``...).
 
-``GPTModel`` (embeddings, blocks, final norm), ``GPTForCausalLM`` (LM head, shifted loss,
-``generate``) and ``GPTForSequenceClassification`` (last non-pad token). Real transformers models:
+``LmforgeGPTModel`` (embeddings, blocks, final norm), ``LmforgeGPTForCausalLM`` (LM head, shifted
+loss, ``generate``) and ``LmforgeGPTForSequenceClassification`` (last non-pad token). Real transformers models:
 Cache objects, attention masks from transformers' masking utils, ``attn_implementation``
 eager / sdpa / flash_attention_2, gradient checkpointing, ``logits_to_keep``, ``num_items_in_batch``.
 
@@ -24,37 +25,33 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_gpt import GPTConfig
-from .layers import (
-    LEGACY_CACHE_NAMES_UNTIL,
-    Attention,
-    Dropout,
-    RotaryEmbedding,
-    SinusoidalPositionalEmbedding,
-    TransformerBlock,
-    build_attention_mask,
-    build_norm,
-    causal_lm_loss,
-    check_positions,
-    init_weights,
-    last_token_index,
-)
+from .attention import Attention, build_attention_mask
+from .block import TransformerBlock
+from .compat import LEGACY_CACHE_NAMES_UNTIL
+from .configuration_gpt import LmforgeGPTConfig
+from .dropout import Dropout
+from .initialization import init_weights
+from .losses import causal_lm_loss
+from .norms import build_norm
+from .pooling import last_token_index
+from .positions import RotaryEmbedding, SinusoidalPositionalEmbedding, check_positions
+from .registration import merged_auto_map, register_family
 
 # What ``save_pretrained`` writes into config.json's ``auto_map`` (files copied next to the weights):
 # every head, so a classifier loads from a pretrained causal LM where lmforge is not installed.
 AUTO_MAP = {
-    "AutoConfig": "configuration_gpt.GPTConfig",
-    "AutoModel": "modeling_gpt.GPTModel",
-    "AutoModelForCausalLM": "modeling_gpt.GPTForCausalLM",
-    "AutoModelForSequenceClassification": "modeling_gpt.GPTForSequenceClassification",
+    "AutoConfig": "configuration_gpt.LmforgeGPTConfig",
+    "AutoModel": "modeling_gpt.LmforgeGPTModel",
+    "AutoModelForCausalLM": "modeling_gpt.LmforgeGPTForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_gpt.LmforgeGPTForSequenceClassification",
 }
 
 
-class GPTPreTrainedModel(PreTrainedModel):
+class LmforgeGPTPreTrainedModel(PreTrainedModel):
     """Shared settings of the GPT models (init, attention backends, checkpointing, device maps)."""
 
-    config_class = GPTConfig
-    config: GPTConfig
+    config_class = LmforgeGPTConfig
+    config: LmforgeGPTConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["TransformerBlock"]
@@ -64,18 +61,18 @@ class GPTPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": TransformerBlock, "attentions": Attention}
 
-    def __init__(self, config: GPTConfig, *args, **kwargs):
+    def __init__(self, config: LmforgeGPTConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        self.config.auto_map = merged_auto_map(self.config, AUTO_MAP)
 
     def _init_weights(self, module: nn.Module) -> None:
         init_weights(module, self.config)
 
 
-class GPTModel(GPTPreTrainedModel):
+class LmforgeGPTModel(LmforgeGPTPreTrainedModel):
     """Token (+ absolute position) embeddings, ``num_hidden_layers`` blocks and a final norm (pre-norm only)."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: LmforgeGPTConfig):
         super().__init__(config)
         d = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, d)
@@ -118,7 +115,7 @@ class GPTModel(GPTPreTrainedModel):
         when training on packed data: transformers ignores packing when a cache is present).
         """
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("GPTModel: pass exactly one of input_ids or inputs_embeds")
+            raise ValueError("LmforgeGPTModel: pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, D)
         if use_cache and cache is None:
@@ -148,16 +145,16 @@ class GPTModel(GPTPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
 
-class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
+class LmforgeGPTForCausalLM(LmforgeGPTPreTrainedModel, GenerationMixin):
     """GPT with a language-model head; ``labels`` give the shifted next-token loss."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     # read by transformers' ``loss_function`` property; assign ``model.loss_function`` to replace it
     _loss_function = staticmethod(causal_lm_loss)
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: LmforgeGPTConfig):
         super().__init__(config)
-        self.model = GPTModel(config)
+        self.model = LmforgeGPTModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
@@ -216,14 +213,14 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         )
 
 
-class GPTForSequenceClassification(GPTPreTrainedModel):
-    """GPT with a linear head on the last real token (``layers.last_token_index``: from
+class LmforgeGPTForSequenceClassification(LmforgeGPTPreTrainedModel):
+    """GPT with a linear head on the last real token (``pooling.last_token_index``: from
     ``attention_mask``, else ``config.pad_token_id``; left or right padding)."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: LmforgeGPTConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.model = GPTModel(config)
+        self.model = LmforgeGPTModel(config)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
@@ -275,21 +272,16 @@ class GPTForSequenceClassification(GPTPreTrainedModel):
 
 def register() -> None:
     """Register the GPT family with the Auto classes (in-process and for ``save_pretrained`` code export)."""
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-    )
-
-    AutoConfig.register(GPTConfig.model_type, GPTConfig, exist_ok=True)
-    AutoModel.register(GPTConfig, GPTModel, exist_ok=True)
-    AutoModelForCausalLM.register(GPTConfig, GPTForCausalLM, exist_ok=True)
-    AutoModelForSequenceClassification.register(GPTConfig, GPTForSequenceClassification, exist_ok=True)
-    GPTConfig.register_for_auto_class()
-    GPTModel.register_for_auto_class("AutoModel")
-    GPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-    GPTForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+    register_family(LmforgeGPTConfig, {
+        "AutoModel": LmforgeGPTModel,
+        "AutoModelForCausalLM": LmforgeGPTForCausalLM,
+        "AutoModelForSequenceClassification": LmforgeGPTForSequenceClassification,
+    })
 
 
-__all__ = ["GPTPreTrainedModel", "GPTModel", "GPTForCausalLM", "GPTForSequenceClassification"]
+__all__ = [
+    "LmforgeGPTPreTrainedModel",
+    "LmforgeGPTModel",
+    "LmforgeGPTForCausalLM",
+    "LmforgeGPTForSequenceClassification",
+]

@@ -1,9 +1,11 @@
 """The lmforge Mamba family: selective state-space (S6) language models.
 
-``MambaMixer`` (in_proj -> causal depthwise conv -> SiLU -> input-dependent dt, B, C -> selective
-scan with ``A = -exp(A_log)`` and ``D`` skip -> SiLU(z) gate -> out_proj) inside pre-RMSNorm
-residual blocks; ``MambaModel``, ``MambaForCausalLM`` (``generate`` with O(1) decoding) and
-``MambaForSequenceClassification``.
+``LmforgeMambaMixer`` (in_proj -> causal depthwise conv -> SiLU -> input-dependent dt, B, C ->
+selective scan with ``A = -exp(A_log)`` and ``D`` skip -> SiLU(z) gate -> out_proj) inside
+pre-RMSNorm residual blocks (``LmforgeMambaBlock``); ``LmforgeMambaModel``,
+``LmforgeMambaForCausalLM`` (``generate`` with O(1) decoding) and
+``LmforgeMambaForSequenceClassification``. The class names keep "Mamba": transformers' ``generate``
+picks the state-cache path by class name.
 
 The scan has three paths: the sequential reference (``mamba_scan.selective_scan_ref``), the
 default chunked PyTorch scan (``mamba_scan.selective_scan``), and the ``mamba_ssm`` /
@@ -33,9 +35,13 @@ from transformers.models.mamba.modeling_mamba import MambaCausalLMOutput, MambaO
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_mamba import MambaConfig
-from .layers import LEGACY_CACHE_NAMES_UNTIL, RMSNorm, causal_lm_loss, last_token_index
+from .compat import LEGACY_CACHE_NAMES_UNTIL
+from .configuration_mamba import LmforgeMambaConfig
+from .losses import causal_lm_loss
 from .mamba_scan import selective_scan, selective_state_step, seq_idx_to_reset
+from .norms import RMSNorm
+from .pooling import last_token_index
+from .registration import merged_auto_map, register_family
 
 try:  # optional CUDA kernels (pip install lmforge[mamba])
     from causal_conv1d import causal_conv1d_fn
@@ -65,10 +71,10 @@ def causal_conv_docs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return out
 
 
-class MambaMixer(nn.Module):
+class LmforgeMambaMixer(nn.Module):
     """The selective SSM branch of a Mamba block (the attention of a transformer)."""
 
-    def __init__(self, config: MambaConfig, layer_idx: int):
+    def __init__(self, config: LmforgeMambaConfig, layer_idx: int):
         super().__init__()
         h, di, n, r, k = (config.hidden_size, config.intermediate_size, config.state_size,
                           config.time_step_rank, config.conv_kernel)
@@ -162,14 +168,14 @@ def _use_kernels(x: torch.Tensor) -> bool:
     return selective_scan_fn is not None and causal_conv1d_fn is not None and x.is_cuda
 
 
-class MambaBlock(GradientCheckpointingLayer):
+class LmforgeMambaBlock(GradientCheckpointingLayer):
     """Pre-norm residual block: x + mixer(norm(x)), the residual kept in float32 if configured."""
 
-    def __init__(self, config: MambaConfig, layer_idx: int):
+    def __init__(self, config: LmforgeMambaConfig, layer_idx: int):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
-        self.mixer = MambaMixer(config, layer_idx)
+        self.mixer = LmforgeMambaMixer(config, layer_idx)
 
     def forward(self, hidden_states, cache=None, attention_mask=None, seq_idx=None):
         residual = hidden_states.to(_at_least_fp32(hidden_states.dtype)) if self.residual_in_fp32 else hidden_states
@@ -180,26 +186,26 @@ class MambaBlock(GradientCheckpointingLayer):
 # What ``save_pretrained`` writes into config.json's ``auto_map`` (files copied next to the weights):
 # every head, so a classifier loads from a pretrained causal LM where lmforge is not installed.
 AUTO_MAP = {
-    "AutoConfig": "configuration_mamba.MambaConfig",
-    "AutoModel": "modeling_mamba.MambaModel",
-    "AutoModelForCausalLM": "modeling_mamba.MambaForCausalLM",
-    "AutoModelForSequenceClassification": "modeling_mamba.MambaForSequenceClassification",
+    "AutoConfig": "configuration_mamba.LmforgeMambaConfig",
+    "AutoModel": "modeling_mamba.LmforgeMambaModel",
+    "AutoModelForCausalLM": "modeling_mamba.LmforgeMambaForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_mamba.LmforgeMambaForSequenceClassification",
 }
 
 
-class MambaPreTrainedModel(PreTrainedModel):
+class LmforgeMambaPreTrainedModel(PreTrainedModel):
     """Shared settings and initialisation of the Mamba models."""
 
-    config_class = MambaConfig
-    config: MambaConfig
+    config_class = LmforgeMambaConfig
+    config: LmforgeMambaConfig
     base_model_prefix = "backbone"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["MambaBlock"]
+    _no_split_modules = ["LmforgeMambaBlock"]
     _is_stateful = True
 
-    def __init__(self, config: MambaConfig, *args, **kwargs):
+    def __init__(self, config: LmforgeMambaConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        self.config.auto_map = merged_auto_map(self.config, AUTO_MAP)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -210,10 +216,10 @@ class MambaPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
-        elif isinstance(module, MambaMixer):
+        elif isinstance(module, LmforgeMambaMixer):
             self._init_mixer(module)
 
-    def _init_mixer(self, m: MambaMixer) -> None:
+    def _init_mixer(self, m: LmforgeMambaMixer) -> None:
         """S4D-real A, unit D, dt bias = softplus^-1 of log-uniform steps in [dt_min, dt_max]."""
         cfg = self.config
         a = torch.arange(1, m.state_size + 1, dtype=torch.float32).expand(m.inner, -1)
@@ -236,13 +242,13 @@ class MambaPreTrainedModel(PreTrainedModel):
         init.normal_(m.out_proj.weight, mean=0.0, std=std_out)
 
 
-class MambaModel(MambaPreTrainedModel):
+class LmforgeMambaModel(LmforgeMambaPreTrainedModel):
     """Embeddings, ``num_hidden_layers`` Mamba blocks and a final RMSNorm."""
 
-    def __init__(self, config: MambaConfig):
+    def __init__(self, config: LmforgeMambaConfig):
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(MambaBlock(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LmforgeMambaBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm_f = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
@@ -276,11 +282,11 @@ class MambaModel(MambaPreTrainedModel):
                 SSM) crosses a change of index. Not combinable with a cache.
         """
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("MambaModel: pass exactly one of input_ids or inputs_embeds")
+            raise ValueError("LmforgeMambaModel: pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)  # (B, L, H)
         if seq_idx is not None and (cache is not None or use_cache):
-            raise ValueError("MambaModel: seq_idx (packed documents) cannot be combined with a cache")
+            raise ValueError("LmforgeMambaModel: seq_idx (packed documents) cannot be combined with a cache")
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training and seq_idx is None
         if self.gradient_checkpointing and self.training:
@@ -309,16 +315,16 @@ class MambaModel(MambaPreTrainedModel):
         )
 
 
-class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
+class LmforgeMambaForCausalLM(LmforgeMambaPreTrainedModel, GenerationMixin):
     """Mamba with a language-model head; ``labels`` give the shifted next-token loss."""
 
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
     # read by transformers' ``loss_function`` property; assign ``model.loss_function`` to replace it
     _loss_function = staticmethod(causal_lm_loss)
 
-    def __init__(self, config: MambaConfig):
+    def __init__(self, config: LmforgeMambaConfig):
         super().__init__(config)
-        self.backbone = MambaModel(config)
+        self.backbone = LmforgeMambaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
@@ -375,15 +381,15 @@ class MambaForCausalLM(MambaPreTrainedModel, GenerationMixin):
         )
 
 
-class MambaForSequenceClassification(MambaPreTrainedModel):
-    """Mamba with a linear head on the last real token (``layers.last_token_index``: from
+class LmforgeMambaForSequenceClassification(LmforgeMambaPreTrainedModel):
+    """Mamba with a linear head on the last real token (``pooling.last_token_index``: from
     ``attention_mask``, else ``config.pad_token_id``). The mask also zeroes padded positions
     inside the mixers, so left and right padding both give each row's own logits."""
 
-    def __init__(self, config: MambaConfig):
+    def __init__(self, config: LmforgeMambaConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.backbone = MambaModel(config)
+        self.backbone = LmforgeMambaModel(config)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
@@ -421,27 +427,17 @@ class MambaForSequenceClassification(MambaPreTrainedModel):
 
 def register() -> None:
     """Register the Mamba family with the Auto classes (in-process and for ``save_pretrained`` code export)."""
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-    )
-
-    AutoConfig.register(MambaConfig.model_type, MambaConfig, exist_ok=True)
-    AutoModel.register(MambaConfig, MambaModel, exist_ok=True)
-    AutoModelForCausalLM.register(MambaConfig, MambaForCausalLM, exist_ok=True)
-    AutoModelForSequenceClassification.register(MambaConfig, MambaForSequenceClassification, exist_ok=True)
-    MambaConfig.register_for_auto_class()
-    MambaModel.register_for_auto_class("AutoModel")
-    MambaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-    MambaForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+    register_family(LmforgeMambaConfig, {
+        "AutoModel": LmforgeMambaModel,
+        "AutoModelForCausalLM": LmforgeMambaForCausalLM,
+        "AutoModelForSequenceClassification": LmforgeMambaForSequenceClassification,
+    })
 
 
 __all__ = [
-    "MambaConfig",
-    "MambaPreTrainedModel",
-    "MambaModel",
-    "MambaForCausalLM",
-    "MambaForSequenceClassification",
+    "LmforgeMambaConfig",
+    "LmforgeMambaPreTrainedModel",
+    "LmforgeMambaModel",
+    "LmforgeMambaForCausalLM",
+    "LmforgeMambaForSequenceClassification",
 ]

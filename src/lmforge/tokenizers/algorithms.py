@@ -1,7 +1,7 @@
 """The three tokenizer pipelines, built from ``tokenizers`` components (never hand-edited JSON).
 
 Each ``build_*`` returns an untrained ``Tokenizer`` and its trainer; ``finish_*`` turns the
-trained model into the final one. ``post_processor`` adds the preset's template.
+trained model into the final one. ``post_processor`` adds the special-token set's template.
 
 - BPE: byte-level like GPT-2. The trainer gets ``initial_alphabet=ByteLevel.alphabet()`` so all
   256 byte symbols are in the vocabulary; without it unseen bytes are silently dropped.
@@ -30,7 +30,7 @@ from tokenizers import (
     trainers,
 )
 
-from lmforge.tokenizers.presets import SpecialTokens
+from lmforge.tokenizers.special_tokens import SpecialTokens
 
 ALGORITHMS = ("bpe", "wordpiece", "unigram")
 N_BYTES = 256
@@ -105,7 +105,7 @@ def finish_unigram(tok: Tokenizer) -> Tokenizer:
 
 
 def post_processor(tok: Tokenizer, algorithm: str, tokens: SpecialTokens) -> processors.PostProcessor | None:
-    """BERT-style presets: ``[CLS] A [SEP] B [SEP]`` with token types 0/1. GPT-style: nothing
+    """BERT-style sets: ``[CLS] A [SEP] B [SEP]`` with token types 0/1. GPT-style: nothing
     added (GPT-2 behaviour; packing adds eos between documents). Byte-level BPE keeps its
     ByteLevel offsets processor in front."""
     steps: list[processors.PostProcessor] = []

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from lmforge.errors import LmforgeError
+from lmforge.runs import check_output_dir
 from lmforge.tokenizers.algorithms import (
     ALGORITHMS,
     build_bpe,
@@ -28,7 +29,11 @@ from lmforge.tokenizers.algorithms import (
     minimum_vocab_size,
     post_processor,
 )
-from lmforge.tokenizers.presets import DEFAULT_PRESET, PRESETS, SpecialTokens
+from lmforge.tokenizers.special_tokens import (
+    DEFAULT_SPECIAL_TOKENS,
+    SPECIAL_TOKEN_SETS,
+    SpecialTokens,
+)
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -41,14 +46,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 RECORD = "lmforge_tokenizer.json"
 
 
-def resolve_special_tokens(algorithm: str, preset: str | None, extra: list[str] | None,
+def resolve_special_tokens(algorithm: str, special_tokens: str | None, extra: list[str] | None,
                            chat_template: str | None) -> SpecialTokens:
-    """The preset's tokens (default: the algorithm's usual family) plus extra ones; WordPiece
+    """The named set's tokens (default: the algorithm's usual family) plus extra ones; WordPiece
     and Unigram always get an unknown token (byte-level BPE never needs one)."""
-    name = preset or DEFAULT_PRESET[algorithm]
-    if name not in PRESETS:
-        raise LmforgeError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
-    tokens = PRESETS[name].with_extra(extra or [])
+    name = special_tokens or DEFAULT_SPECIAL_TOKENS[algorithm]
+    if name not in SPECIAL_TOKEN_SETS:
+        raise LmforgeError(f"special_tokens: unknown set {name!r}; valid sets: {', '.join(SPECIAL_TOKEN_SETS)}")
+    tokens = SPECIAL_TOKEN_SETS[name].with_extra(extra or [])
     if algorithm == "wordpiece":
         tokens = tokens.with_unk("[UNK]")
     elif algorithm == "unigram":
@@ -60,14 +65,11 @@ def resolve_special_tokens(algorithm: str, preset: str | None, extra: list[str] 
     return tokens
 
 
-def check_output_dir(path: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty folder unless ``overwrite`` (then old tokenizer files go)."""
-    if path.exists() and not path.is_dir():
-        raise LmforgeError(f"output {path} exists and is a file, not a folder")
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise LmforgeError(f"output folder {path} exists and is not empty; choose another "
-                               "folder or set overwrite=True (--overwrite) to replace the tokenizer in it")
+def prepare_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty folder unless ``overwrite``; then remove the files of a tokenizer
+    saved there (and nothing else: a tokenizer may be written into a model's folder)."""
+    check_output_dir(path, overwrite=overwrite, what="tokenizer", replaceable=None)
+    if overwrite:
         for name in TOKENIZER_FILES:
             (path / name).unlink(missing_ok=True)
 
@@ -106,7 +108,7 @@ def _train(tok: Tokenizer, trainer: Any, batches: Iterator[list[str]], rows: int
 
 
 def wrap(tok: Tokenizer, tokens: SpecialTokens, model_max_length: int) -> PreTrainedTokenizerFast:
-    """A transformers fast tokenizer around ``tok`` with the preset's named special tokens."""
+    """A transformers fast tokenizer around ``tok`` with the set's named special tokens."""
     from transformers import PreTrainedTokenizerFast
 
     bert_like = tokens.cls is not None and tokens.sep is not None
@@ -126,9 +128,9 @@ def train_tokenizer(
     data: Any,
     algorithm: str = "bpe",
     vocab_size: int = 8192,
-    preset: str | None = None,
+    special_tokens: str | None = None,
     *,
-    special_tokens: list[str] | None = None,
+    extra_special_tokens: list[str] | None = None,
     chat_template: str | None = None,
     model_max_length: int = 1024,
     lowercase: bool = False,
@@ -152,10 +154,10 @@ def train_tokenizer(
             ``unigram`` (SentencePiece-style with byte fallback).
         vocab_size: the vocabulary size including special tokens (and, for Unigram, the 256
             byte pieces).
-        preset: special tokens of a family: ``gpt``, ``bert`` or ``chat``. Default: ``gpt`` for
-            bpe and unigram, ``bert`` for wordpiece.
-        special_tokens: extra special tokens, added after the preset's.
-        chat_template: a Jinja chat template (text or a ``.jinja`` file); the ``chat`` preset
+        special_tokens: the special-token set of a family: ``gpt``, ``bert`` or ``chat``.
+            Default: ``gpt`` for bpe and unigram, ``bert`` for wordpiece.
+        extra_special_tokens: more special tokens, added after the set's.
+        chat_template: a Jinja chat template (text or a ``.jinja`` file); the ``chat`` set
             has one already.
         model_max_length: the longest sequence the model takes (saved in the tokenizer).
         lowercase: WordPiece only: lowercase the text.
@@ -178,7 +180,7 @@ def train_tokenizer(
         raise LmforgeError(f"unknown algorithm {algorithm!r}; valid algorithms: {', '.join(ALGORITHMS)}")
     if model_max_length < 1:
         raise LmforgeError(f"model_max_length must be positive, got {model_max_length}")
-    tokens = resolve_special_tokens(algorithm, preset, special_tokens, chat_template)
+    tokens = resolve_special_tokens(algorithm, special_tokens, extra_special_tokens, chat_template)
     n_special = len(tokens.all())
     minimum = minimum_vocab_size(algorithm, n_special)
     if vocab_size < minimum:
@@ -187,7 +189,7 @@ def train_tokenizer(
             f"{n_special} special tokens: use at least {minimum}")
     out = Path(output_dir).expanduser() if output_dir is not None else None
     if out is not None:
-        check_output_dir(out, overwrite)
+        prepare_output_dir(out, overwrite)
 
     if algorithm == "bpe":
         tok, trainer = build_bpe(vocab_size, tokens, min_frequency, show_progress)
@@ -215,7 +217,7 @@ def train_tokenizer(
     hf = wrap(tok, tokens, model_max_length)
     if out is not None:
         record = {"algorithm": algorithm, "vocab_size": len(hf), "requested_vocab_size": vocab_size,
-                  "preset": preset or DEFAULT_PRESET[algorithm], "special_tokens": tokens.all(),
+                  "special_token_set": special_tokens or DEFAULT_SPECIAL_TOKENS[algorithm], "special_tokens": tokens.all(),
                   "model_max_length": model_max_length, "lowercase": lowercase,
                   "data": str(data) if isinstance(data, (str, Path)) else type(data).__name__,
                   "split": split, "texts": counter["texts"], "bytes": counter["bytes"],
@@ -229,56 +231,3 @@ def save(hf: PreTrainedTokenizerFast, out: Path, record: dict[str, Any]) -> None
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out)
     (out / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-
-
-def train_command(
-    *,
-    data: str,
-    output: Path,
-    algorithm: Literal["bpe", "wordpiece", "unigram"] = "bpe",
-    vocab_size: int = 8192,
-    preset: Literal["gpt", "bert", "chat"] | None = None,
-    special_tokens: list[str] | None = None,
-    chat_template: str | None = None,
-    model_max_length: int = 1024,
-    lowercase: bool = False,
-    strip_accents: bool | None = None,
-    min_frequency: int = 2,
-    split: str = "train",
-    text_column: str = "text",
-    errors: Literal["strict", "replace"] = "strict",
-    streaming: bool = False,
-    overwrite: bool = False,
-) -> None:
-    """Train a BPE, WordPiece or Unigram tokenizer on a corpus and save it to a folder.
-
-    The folder loads with ``AutoTokenizer.from_pretrained(OUTPUT)``. Example:
-    ``lmforge tokenizer train --algorithm bpe --vocab-size 8192 --data shakespeare --output tok/``
-
-    Args:
-        data: a built-in corpus (shakespeare, rotten-tomatoes), a local txt/jsonl/csv/parquet
-            file, glob or folder, or a Hub dataset id.
-        output: the folder to write the tokenizer to.
-        algorithm: bpe (byte-level, GPT-2 style), wordpiece (BERT style) or unigram
-            (SentencePiece style, byte fallback).
-        vocab_size: vocabulary size including special tokens.
-        preset: special-token family (default: gpt for bpe/unigram, bert for wordpiece).
-        special_tokens: extra special tokens to add.
-        chat_template: a Jinja chat template or a .jinja file (the chat preset has one).
-        model_max_length: the model's context length, saved in the tokenizer.
-        lowercase: wordpiece: lowercase the text.
-        strip_accents: wordpiece: strip accents (default: same as --lowercase).
-        min_frequency: bpe/wordpiece: minimum frequency of a merged pair.
-        split: which split of the corpus to train on.
-        text_column: the column holding the text.
-        errors: strict refuses non-UTF-8 bytes; replace decodes them as U+FFFD.
-        streaming: read the corpus lazily (useful for large Hub datasets).
-        overwrite: replace the tokenizer in a non-empty output folder.
-    """
-    start = time.perf_counter()
-    hf = train_tokenizer(
-        data, algorithm, vocab_size, preset, special_tokens=special_tokens, chat_template=chat_template,
-        model_max_length=model_max_length, lowercase=lowercase, strip_accents=strip_accents,
-        min_frequency=min_frequency, split=split, text_column=text_column, errors=errors,
-        streaming=streaming, output_dir=output, overwrite=overwrite)
-    print(f"{algorithm}: vocabulary {len(hf)} -> {output} ({time.perf_counter() - start:.1f} s)")

@@ -7,7 +7,7 @@ and runs the loop; ``lmforge.train.finetune.finetune`` (from a ``FinetuneConfig`
 same ``Trainer`` with other data, collators and model wrapping.
 """
 
-from lmforge.train.batches import BatchStream
+from lmforge.data.batches import BatchStream
 from lmforge.train.config import (
     DataSection,
     FinetuneConfig,

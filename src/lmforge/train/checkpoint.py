@@ -1,4 +1,4 @@
-"""Atomic checkpoints: ``run_dir/checkpoints/step_N``, keep the last K, find the latest.
+"""Atomic checkpoints: ``run_dir/checkpoints/step_N``, keep the last K (``lmforge.runs`` finds them).
 
 A checkpoint is written by every process into ``.tmp-step_N`` (accelerate's ``save_state``
 plus ``trainer_state.json``); only after ``wait_for_everyone()`` does the main process rename it
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -19,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
-
-STATE_FILE = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+from lmforge.runs import STATE_FILE, checkpoints_dir, link_or_copy, list_checkpoints
 
 
 @dataclass
@@ -59,46 +55,11 @@ class TrainerState:
         return cls(**known)
 
 
-def checkpoints_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
-    """``auto`` -> the latest checkpoint of ``run_dir`` (or None); a path -> that checkpoint."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    path = Path(resume)
-    if path.is_dir() and not (path / STATE_FILE).is_file():
-        latest = latest_checkpoint(path)  # a run directory was given
-        if latest is not None:
-            return latest
-    if not (path / STATE_FILE).is_file():
-        raise LmforgeError(f"resume {resume!r}: not a checkpoint (expected a folder with {STATE_FILE}, "
-                           f"e.g. {checkpoints_dir(run_dir)}/step_N) and not a run directory with checkpoints")
-    return path
-
-
 def check_compatible(state: TrainerState, *, world_size: int, micro_batch_size: int,
                      grad_accum_steps: int, checkpoint: Path) -> None:
     """Refuse a resume whose optimizer steps hold another number of rows.
 
-    The data position counts rows of one global order (``lmforge.train.batches``), so any
+    The data position counts rows of one global order (``lmforge.data.batches``), so any
     geometry with the same rows per step (processes x micro_batch_size x grad_accum_steps)
     continues on exactly the same rows: 2 processes x 4 rows resume as 1 process x 8 rows.
     """
@@ -138,14 +99,6 @@ def link_tree(source: Path, target: Path) -> None:
     """Copy the folder ``source`` to ``target`` by hard links where the file system allows (the
     files of ``source`` are replaced, never rewritten in place, so a link stays a snapshot)."""
     shutil.copytree(source, target, copy_function=link_or_copy)
-
-
-def link_or_copy(src: str | Path, dst: str | Path) -> None:
-    """A hard link to ``src`` at ``dst`` (no bytes copied), or a copy where links cannot be made."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def save_checkpoint(accelerator: Any, run_dir: str | Path, state: TrainerState, keep_last: int,

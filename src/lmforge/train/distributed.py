@@ -1,26 +1,24 @@
 """Multi-process training: refuse broken launches, shard the model, say what really runs.
 
-Launching (see configs/accelerate/ and the README "Distributed training" section):
+Launching (see the accelerate presets, ``lmforge presets accelerate``, and docs/training.md):
 
 - ``accelerate launch --multi_gpu --num_processes N`` on a machine without GPUs starts N processes
   that each see ``DistributedType.NO`` and train alone on the same data. ``torchrun`` does the same.
   Real multi-process CPU training needs ``ACCELERATE_USE_CPU=1`` (gloo backend,
-  ``DistributedType.MULTI_CPU``). ``check_launch`` refuses the broken case before any step.
+  ``DistributedType.MULTI_CPU``). ``lmforge.runs.check_launch`` refuses the broken case first.
 - accelerate enables FSDP only on GPU-like backends: on CPU an FSDP plugin silently becomes DDP.
   ``shard_model(..., "fsdp")`` then applies torch's ``fully_shard`` (FSDP2) itself, per block and
   at the root, so parameters really are sharded ``DTensor``s. DeepSpeed is disabled by
   accelerate on CPU; ``shard_model(..., "deepspeed")`` refuses instead of pretending.
 - ``strategy_name`` reports what the prepared model actually is, never the requested strategy.
 
-Order in the loop: ``check_launch`` -> build model -> ``model = shard_model(...)`` -> create the
+Order in the loop: ``lmforge.runs.check_launch`` -> build model -> ``model = shard_model(...)`` -> create the
 optimizer from ``model.parameters()`` (FSDP2 replaces parameters with DTensors, so an optimizer
 built before would hold dead tensors) -> ``accelerator.prepare(model, optimizer, ...)``.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from functools import partial
 from typing import Any, Literal
 
@@ -31,47 +29,6 @@ from lmforge.errors import LmforgeError
 
 Strategy = Literal["ddp", "fsdp", "deepspeed"]
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
-# environment variables through which launchers announce the number of processes
-LAUNCHER_WORLD_SIZE_ENV = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "LOCAL_WORLD_SIZE")
-
-
-def launched_world_size(env: Mapping[str, str] | None = None) -> int:
-    """How many processes the launcher (accelerate launch, torchrun, mpirun) says it started."""
-    env = os.environ if env is None else env
-    for name in LAUNCHER_WORLD_SIZE_ENV:
-        value = env.get(name, "")
-        if value.strip().isdigit():
-            return int(value)
-    return 1
-
-
-def check_launch(accelerator: Any, env: Mapping[str, str] | None = None) -> None:
-    """Refuse to run when the launcher started several processes but accelerate sees one.
-
-    Raises:
-        LmforgeError: explaining ``ACCELERATE_USE_CPU=1`` (no GPUs) or the GPU count.
-    """
-    env = os.environ if env is None else env
-    launched = launched_world_size(env)
-    if launched <= 1 or accelerator.num_processes > 1:
-        return
-    names = ", ".join(f"{n}={env[n]}" for n in LAUNCHER_WORLD_SIZE_ENV if n in env)
-    hint = (
-        "This machine has no GPU, and accelerate uses several CPU processes only when "
-        "ACCELERATE_USE_CPU=1 is set (gloo backend, DistributedType.MULTI_CPU): "
-        f"ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {launched} "
-        "-m lmforge.cli pretrain ... (or --config_file configs/accelerate/cpu_multiprocess.yaml)."
-        if not torch.cuda.is_available()
-        else f"Check that {launched} GPUs are visible (CUDA_VISIBLE_DEVICES) and launch with "
-        "accelerate launch --multi_gpu (configs/accelerate/multi_gpu_ddp.yaml)."
-    )
-    raise LmforgeError(
-        f"the launcher started {launched} processes ({names}) but accelerate sees only one "
-        f"(distributed_type {accelerator.distributed_type}): every process would train alone on "
-        f"the same data, {launched} times over. {hint}"
-    )
-
-
 def distributed_kind(accelerator: Any) -> str:
     """accelerate's ``DistributedType`` as a bare name: ``NO``, ``MULTI_CPU``, ``MULTI_GPU``,
     ``FSDP``, ``DEEPSPEED``, ..."""
@@ -83,7 +40,7 @@ def shard_model(accelerator: Any, model: nn.Module, strategy: Strategy = "ddp") 
 
     - ``ddp``: nothing to do here; ``accelerator.prepare`` wraps the model in DDP when several
       processes run.
-    - ``fsdp``: when accelerate runs FSDP (GPU launch with configs/accelerate/fsdp2.yaml) it shards
+    - ``fsdp``: when accelerate runs FSDP (GPU launch with the fsdp2 accelerate preset) it shards
       in ``prepare``. Otherwise (several processes on CPU, where accelerate turns FSDP into DDP),
       apply ``torch.distributed.fsdp.fully_shard`` to every transformer block and to the root
       (mixed precision from ``accelerator.mixed_precision``), and mark the model as prepared so
@@ -99,14 +56,14 @@ def shard_model(accelerator: Any, model: nn.Module, strategy: Strategy = "ddp") 
         if kind != "DEEPSPEED":
             raise LmforgeError(
                 f"strategy 'deepspeed' but accelerate runs {kind}: accelerate disables DeepSpeed "
-                "without GPUs. Launch on GPUs with --config_file configs/accelerate/deepspeed_zero2.yaml "
-                "(or deepspeed_zero3.yaml), or use strategy 'fsdp' or 'ddp'."
+                "without GPUs. Launch on GPUs with the deepspeed_zero2 or deepspeed_zero3 accelerate preset "
+                "(lmforge presets accelerate), or use strategy 'fsdp' or 'ddp'."
             )
         return model
     if kind in ("FSDP", "DEEPSPEED"):
         if strategy != kind.lower():
             raise LmforgeError(f"strategy {strategy!r} but the accelerate config launched {kind}; "
-                               "make them agree (configs/accelerate/)")
+                               "make them agree (lmforge presets accelerate)")
         return model
     if strategy == "ddp" or accelerator.num_processes == 1:
         return model

@@ -27,26 +27,51 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, TaskType, get_peft_model, set_peft_model_state_dict
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+from safetensors.torch import load_file
 from torch import nn
 
 from lmforge.config import to_dict
+from lmforge.data.batches import BatchStream, eval_batches
+from lmforge.data.chat import build_sft_dataset, check_chat_tokenizer
+from lmforge.data.classification import (
+    ClassificationCollator,
+    encode_classification,
+    infer_label_spec,
+    load_labelled,
+)
+from lmforge.data.collators import CausalLMCollator
+from lmforge.data.sources import available_splits
 from lmforge.errors import LmforgeError
-from lmforge.eval.report import plot_loss_curve, write_card
-from lmforge.hub import RunPublisher
-from lmforge.train.batches import BatchStream, eval_batches
-from lmforge.train.checkpoint import resolve_resume
-from lmforge.train.config import FinetuneConfig
-from lmforge.train.factory import count_parameters
-from lmforge.train.loop import ModelSelection, Trainer, TrainResult, make_accelerator, rows_of
-from lmforge.train.pretrain import (
+from lmforge.eval.classification import evaluate_classifier
+from lmforge.eval.perplexity import evaluate_lm, token_byte_lengths
+from lmforge.runs import (
+    CHECKPOINTS,
+    CONFIG_FILE,
+    FINAL,
+    METRICS_FILE,
+    check_launch,
     check_run_dir,
-    model_inputs_filter,
-    set_generation_ids,
+    find_model,
+    is_local_path,
+    load_pretrained,
+    load_tokenizer,
+    read_metrics,
+    resolve_model_source,
+    resolve_resume,
     start_run_dir,
 )
+from lmforge.train import distributed
+from lmforge.train.config import FinetuneConfig
+from lmforge.train.hooks import RunHooks, RunSummary
+from lmforge.train.loop import ModelSelection, Trainer, TrainResult, make_accelerator, rows_of
+from lmforge.train.model_presets import count_parameters
+from lmforge.train.pretrain import model_inputs_filter, set_generation_ids
+from lmforge.train.tracking import plot_loss_curve
 
 RESULTS_FILE = "eval_results.json"
-_RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "best", "final", RESULTS_FILE, "loss.png")
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINTS, "best", FINAL, RESULTS_FILE, "loss.png")
 
 # LoRA target modules per model_type when lora.target_modules is not set (peft's own table covers
 # the stock families it knows; ours and Mamba are added here)
@@ -68,47 +93,27 @@ class FinetuneResult:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # {"eval": ..., "test": ...}
 
 
-# ----------------------------------------------------------------------------------- run dir
-
-
 # ----------------------------------------------------------------------------------- model
 
 
 def resolve_model_path(path: str) -> str:
-    """``model.path`` -> what ``from_pretrained`` should read: a run folder's ``final/``, a model
-    folder, or (anything that is not a local path) a Hub id."""
-    if not path:
-        raise LmforgeError("model.path is required: an lmforge run folder, a saved model folder or a Hub id")
-    folder = Path(path)
-    if not folder.exists():
-        if path.startswith((".", "/", "~")) or folder.suffix or path.count("/") > 1:
-            raise LmforgeError(f"model.path: {path} does not exist")
-        return path  # a Hub id such as user/name
-    if (folder / "final" / "config.json").is_file():
-        folder = folder / "final"
-    if (folder / "adapter_config.json").is_file():
+    """``model.path`` -> what ``from_pretrained`` should read: the model of any folder lmforge wrote
+    (``lmforge.runs.find_model``), a built-in model, or a Hub id."""
+    source = resolve_model_source(path, what="model.path")
+    if is_local_path(source) and find_model(source, what="model.path").is_adapter:
         raise LmforgeError(f"model.path: {path} holds a LoRA adapter, not a model; merge it first "
-                           f"(lmforge merge {path} --output DIR) and fine-tune DIR")
-    if not (folder / "config.json").is_file():
-        raise LmforgeError(f"model.path: {path} holds no model (no config.json, and no final/config.json "
-                           "of an lmforge run)")
-    return str(folder)
+                           f"(lmforge merge {path} --output-dir DIR) and fine-tune DIR")
+    return source
 
 
-def load_tokenizer(config: FinetuneConfig, model_path: str) -> Any:
+def finetune_tokenizer(config: FinetuneConfig, model_path: str) -> Any:
     """``data.tokenizer``, or the tokenizer saved with the model; a pad token is guaranteed."""
-    from transformers import AutoTokenizer
-
     source = config.data.tokenizer or model_path
-    where = "data.tokenizer" if config.data.tokenizer else f"model.path {model_path} (its tokenizer)"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.model.trust_remote_code)
-    except (OSError, ValueError, TypeError) as e:
-        raise LmforgeError(f"{where}: no tokenizer could be loaded from {source} ({str(e).splitlines()[0]}); "
-                           "set data.tokenizer to a tokenizer folder") from None
+    what = "data.tokenizer" if config.data.tokenizer else f"model.path {model_path} (its tokenizer)"
+    tokenizer = load_tokenizer(source, what=what, trust_remote_code=config.model.trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise LmforgeError(f"{where}: the tokenizer has neither a pad nor an eos token to pad batches with")
+            raise LmforgeError(f"{what}: the tokenizer has neither a pad nor an eos token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
         print(f"tokenizer: no pad token; padding with the eos token {tokenizer.eos_token!r} "
               "(masked out of the loss and of pooling by the attention mask)")
@@ -127,42 +132,32 @@ def _check_vocab(model: nn.Module, tokenizer: Any, config: FinetuneConfig) -> No
     print(f"model: embedding resized from {vocab} to {len(tokenizer)} tokens for the tokenizer")
 
 
-def load_model(config: FinetuneConfig, model_path: str, tokenizer: Any, spec: Any | None) -> tuple[nn.Module, list[str]]:
+def load_base_model(config: FinetuneConfig, model_path: str, tokenizer: Any,
+                    spec: Any | None) -> tuple[nn.Module, list[str]]:
     """The model to fine-tune and the names of the modules it had to initialise (a new head).
 
     Classification: ``num_labels``, ``id2label``/``label2id`` and ``problem_type`` come from the
     training labels (``spec``); a checkpoint whose head has another size gets a new head.
     """
-    import transformers
-
-    import lmforge.models  # noqa: F401  (registers the lmforge families with the Auto classes)
-
-    kwargs: dict[str, Any] = {"trust_remote_code": config.model.trust_remote_code}
+    kwargs: dict[str, Any] = {}
     if config.task == "classification":
-        auto = transformers.AutoModelForSequenceClassification
+        auto = "AutoModelForSequenceClassification"
         kwargs.update(spec.config_kwargs(), ignore_mismatched_sizes=True)
     else:
-        auto = transformers.AutoModelForCausalLM
+        auto = "AutoModelForCausalLM"
     torch.manual_seed(config.train.seed)  # the new head's initialisation
-    try:
-        model, info = auto.from_pretrained(model_path, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise LmforgeError(f"model.path {model_path}: {auto.__name__} cannot load it: "
-                           f"{str(e).strip().splitlines()[0]}") from None
+    model, info = load_pretrained(auto, model_path, what="model.path",
+                                  trust_remote_code=config.model.trust_remote_code, **kwargs)
     new_keys = sorted(set(info.get("missing_keys", [])) | {k for k, *_ in info.get("mismatched_keys", [])})
     new_modules = sorted({key.rsplit(".", 1)[0] for key in new_keys})
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # last-token pooling without a mask
     _check_vocab(model, tokenizer, config)
-    return model, new_modules
+    return model.train(), new_modules
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
     """The family's LoRA targets; for a model we do not know, the linear layers of its attention."""
-    from peft.utils.constants import (
-        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS,
-    )
-
     model_type = getattr(model.config, "model_type", "")
     targets = DEFAULT_LORA_TARGETS.get(model_type) or PEFT_TARGETS.get(model_type)
     if targets:
@@ -182,8 +177,6 @@ def _linear_names(model: nn.Module) -> list[str]:
 
 def apply_lora(model: nn.Module, config: FinetuneConfig, new_modules: list[str]) -> nn.Module:
     """Wrap ``model`` with LoRA adapters; the newly initialised modules (the head) train fully."""
-    from peft import LoraConfig, TaskType, get_peft_model
-
     lora = config.lora
     targets = list(lora.target_modules) if lora.target_modules else default_target_modules(model)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -228,17 +221,24 @@ def _sample(ds: Any, rows: int | None, seed: int) -> Any:
     return ds.select(sorted(keep.tolist()))
 
 
-def load_data(config: FinetuneConfig, tokenizer: Any) -> _Data:
-    """Every split, tokenized and checked, before anything is written."""
-    data = config.data
-    splits = {"train": data.train_split, "eval": data.eval_split, "test": data.test_split}
-    if config.task == "classification":
-        from lmforge.data.classification import (
-            encode_classification,
-            infer_label_spec,
-            load_labelled,
-        )
+def resolve_splits(data: Any) -> dict[str, str | None]:
+    """The split names to read (``data``: the FinetuneDataSection): ``auto`` for eval_split and
+    test_split means the source's validation (test) split when it has one, none otherwise; a
+    split named explicitly is read, and a missing one is an error when it is loaded."""
+    available = available_splits(data.source)
+    splits = {"train": data.train_split}
+    for key, split, default in (("eval", data.eval_split, "validation"), ("test", data.test_split, "test")):
+        if split == "auto":
+            split = default if available is None or default in available else None
+        splits[key] = split
+    return splits
 
+
+def load_data(config: FinetuneConfig, tokenizer: Any, splits: dict[str, str | None]) -> _Data:
+    """Every split of ``splits`` (see ``resolve_splits``), tokenized and checked, before anything
+    is written."""
+    data = config.data
+    if config.task == "classification":
         raw = {}
         for key, split in splits.items():
             if split is None:
@@ -257,8 +257,6 @@ def load_data(config: FinetuneConfig, tokenizer: Any) -> _Data:
                    for key, ds in raw.items()}
         return _Data(encoded["train"], encoded.get("eval"), encoded.get("test"), spec)
 
-    from lmforge.data.chat import build_sft_dataset, check_chat_tokenizer
-
     check_chat_tokenizer(tokenizer, where="data.tokenizer" if data.tokenizer else f"model.path {config.model.path}")
     built = {}
     for key, split in splits.items():
@@ -274,11 +272,7 @@ def load_data(config: FinetuneConfig, tokenizer: Any) -> _Data:
 
 def _collator(config: FinetuneConfig, tokenizer: Any, spec: Any | None) -> Any:
     if config.task == "classification":
-        from lmforge.data.classification import ClassificationCollator
-
         return ClassificationCollator(tokenizer.pad_token_id, spec.problem_type)
-    from lmforge.data.collators import CausalLMCollator
-
     return CausalLMCollator(tokenizer.pad_token_id)
 
 
@@ -317,11 +311,7 @@ def save_model(model: nn.Module, folder: Path, tokenizer: Any) -> None:
 
 def load_saved_weights(model: nn.Module, folder: Path) -> None:
     """Load the weights ``save_model`` wrote into ``folder`` back into ``model`` (in place)."""
-    from safetensors.torch import load_file
-
     if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-
         set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
         return
     state: dict[str, torch.Tensor] = {}
@@ -339,27 +329,26 @@ def load_saved_weights(model: nn.Module, folder: Path) -> None:
 # ----------------------------------------------------------------------------------- the task
 
 
-def finetune(config: FinetuneConfig) -> FinetuneResult:
-    """Fine-tune a model as described by ``config`` (see ``FinetuneConfig``); usable from Python.
+def finetune(config: FinetuneConfig, *, hooks: RunHooks | None = None) -> FinetuneResult:
+    """Fine-tune a model as described by ``config`` (see ``FinetuneConfig``).
 
     Every check (launch, run folder, model, tokenizer, data, LoRA targets, checkpoint) runs
-    before the run folder is created or changed.
+    before the run folder is created or changed. ``hooks`` (e.g. ``lmforge.publish.RunPublisher``)
+    see every checkpoint and the end of the run: the model card and Hub pushes live there.
     """
-    from lmforge.train import distributed
-
+    hooks = hooks or RunHooks()
     run_dir = Path(config.output_dir)
     accelerator = make_accelerator(run_dir, config.train.mixed_precision)
-    distributed.check_launch(accelerator)  # first: a broken launch must not race on the run folder
+    check_launch(accelerator)  # first: a broken launch must not race on the run folder
     checkpoint = resolve_resume(config.resume, run_dir)
-    check_run_dir(run_dir, resuming=config.resume is not None, overwrite=config.overwrite, files=_RUN_FILES)
+    check_run_dir(run_dir, resuming=config.resume is not None, overwrite=config.overwrite, files=RUN_FILES)
     is_main = accelerator.is_main_process
-    RunPublisher.check(config)
-    hub_base = _hub_base_model(config)
 
     model_path = resolve_model_path(config.model.path)
-    tokenizer = load_tokenizer(config, model_path)
-    data = load_data(config, tokenizer)
-    model, new_modules = load_model(config, model_path, tokenizer, data.spec)
+    tokenizer = finetune_tokenizer(config, model_path)
+    splits = resolve_splits(config.data)
+    data = load_data(config, tokenizer, splits)
+    model, new_modules = load_base_model(config, model_path, tokenizer, data.spec)
     if config.method == "lora":
         model = apply_lora(model, config, new_modules)
     trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
@@ -378,64 +367,74 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         train.max_steps = max(1, math.ceil(train.epochs * len(train_data)))
 
     evaluate = _evaluator(config, data, collate, accelerator, tokenizer, model)
-    select = None
-    if evaluate is not None:
-        metric, greater = _selection_metric(config, data.spec)
-        best_dir = run_dir / "best"
+    select = _model_selection(config, data, run_dir, accelerator, tokenizer) if evaluate is not None else None
+    summarize = _summarizer(config, model_path, trainable, total)
 
-        def on_best(prepared: nn.Module, step: int, metrics: dict[str, float]) -> None:
-            if accelerator.is_main_process:  # written aside, then swapped in: never half-written
-                tmp, old = run_dir / ".best-tmp", run_dir / ".best-old"
-                for stale in (tmp, old):
-                    shutil.rmtree(stale, ignore_errors=True)
-                save_model(accelerator.unwrap_model(prepared), tmp, tokenizer)
-                (tmp / "best_step.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
-                if best_dir.exists():
-                    best_dir.rename(old)
-                tmp.rename(best_dir)
-                shutil.rmtree(old, ignore_errors=True)
+    def export(folder: Path | None) -> RunSummary | None:  # a checkpoint's model or adapter
+        if folder is None:  # not the main process (fine-tuning does not shard)
+            return None
+        inner = export_model(trainer.accelerator.unwrap_model(trainer.model), folder, tokenizer, config)
+        state = trainer.state
+        return summarize(inner, step=state.step, tokens_seen=state.tokens_seen, elapsed=state.elapsed_seconds,
+                         metrics={}, status=f"checkpoint of a {state.total_steps}-step run")
 
-        select = ModelSelection(metric, greater, on_best, patience=train.early_stopping_patience,
-                                folder=best_dir)
-
-    publisher = None
-    if config.push_to_hub:
-        publisher = RunPublisher(config, is_main=is_main, base_model=hub_base,
-                                 export=_checkpoint_export(tokenizer, config, model_path, trainable, total))
     trainer = Trainer(model, train_data, train, config.optim, run_dir, accelerator=accelerator,
                       evaluate=(lambda m, final: evaluate(m, "eval", final)) if evaluate else None,
                       count_targets=rows_of if config.task == "classification" else None, select=select,
-                      on_checkpoint=publisher.on_checkpoint if publisher else None)
+                      on_checkpoint=lambda trainer, path: hooks.on_checkpoint(trainer, path, export))
     if checkpoint is not None:
         trainer.resume(checkpoint)
     accelerator.wait_for_everyone()  # every process passed every check
     strategy = distributed.strategy_name(accelerator, trainer.model)  # what really runs, after prepare
     if is_main:
-        start_run_dir(run_dir, config, restart=config.resume is not None and checkpoint is None, is_main=True,
-                      files=_RUN_FILES)
+        start_run_dir(run_dir, config, clear=config.overwrite and config.resume is None,
+                      restart=config.resume is not None and checkpoint is None, files=RUN_FILES)
+        untested = "" if data.test is not None else "; no test split: nothing will be tested"
+        unevaluated = "" if data.eval is not None else "; no validation split: no evaluation during training"
         print(f"lmforge finetune: {config.task} ({config.method}) of {model_path}: "
               f"{type(base_model(model)).__name__}, trainable {trainable:,} of {total:,} parameters "
-              f"({100 * trainable / total:.2f}%), {len(data.train):,} training rows, {train.max_steps} steps, "
-              f"strategy {strategy}, {accelerator.num_processes} process(es), run dir {run_dir}"
-              + (f", resuming from {checkpoint}" if checkpoint else ""), flush=True)
+              f"({100 * trainable / total:.2f}%), {len(data.train):,} training rows ({splits['train']}), "
+              f"{train.max_steps} steps, strategy {strategy}, {accelerator.num_processes} process(es), "
+              f"run folder {run_dir}" + (f", resuming from {checkpoint}" if checkpoint else "")
+              + unevaluated + untested, flush=True)
     accelerator.wait_for_everyone()
-    final_dir, metrics = None, {}
+    final_dir, metrics, summary = None, {}, None
     try:
         result = trainer.fit()
-        final_dir, metrics = _finish(trainer, result, config, data, evaluate, select, tokenizer, model_path,
-                                     trainable=trainable, total=total)
-    finally:  # the checkpoints already queued are pushed even when training failed
-        if publisher is not None:
-            publisher.finish(final_dir)
+        final_dir, metrics, summary = _finish(trainer, result, config, data, evaluate, select, tokenizer, summarize)
+    finally:  # the checkpoints already queued are published even when training failed
+        hooks.on_end(final_dir, summary)
     return FinetuneResult(run_dir=run_dir, final_dir=final_dir, train=result, metrics=metrics)
 
 
+def _model_selection(config: FinetuneConfig, data: _Data, run_dir: Path, accelerator: Any,
+                     tokenizer: Any) -> ModelSelection:
+    """Keep the best model by ``train.metric_for_best`` in ``run_dir/best`` (written aside, then
+    swapped in: never half-written)."""
+    metric, greater = _selection_metric(config, data.spec)
+    best_dir = run_dir / "best"
+
+    def on_best(prepared: nn.Module, step: int, metrics: dict[str, float]) -> None:
+        if accelerator.is_main_process:
+            tmp, old = run_dir / ".best-tmp", run_dir / ".best-old"
+            for stale in (tmp, old):
+                shutil.rmtree(stale, ignore_errors=True)
+            save_model(accelerator.unwrap_model(prepared), tmp, tokenizer)
+            (tmp / "best_step.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+            if best_dir.exists():
+                best_dir.rename(old)
+            tmp.rename(best_dir)
+            shutil.rmtree(old, ignore_errors=True)
+
+    return ModelSelection(metric, greater, on_best, patience=config.train.early_stopping_patience, folder=best_dir)
+
+
 def _finish(trainer: Trainer, result: TrainResult, config: FinetuneConfig, data: _Data, evaluate: Any,
-            select: ModelSelection | None, tokenizer: Any, model_path: str, *, trainable: int,
-            total: int) -> tuple[Path | None, dict[str, dict[str, float]]]:
+            select: ModelSelection | None, tokenizer: Any,
+            summarize: Any) -> tuple[Path | None, dict[str, dict[str, float]], RunSummary | None]:
     """After training: the selected model back in place, its eval/test metrics, final/ written."""
     accelerator, run_dir, is_main = trainer.accelerator, Path(config.output_dir), trainer.accelerator.is_main_process
-    final_dir, metrics = None, {}
+    final_dir, metrics, summary = None, {}, None
     if result.status != "interrupted":
         unwrapped = accelerator.unwrap_model(trainer.model)
         if select is not None and result.best_step is not None and result.best_step != result.step:
@@ -447,30 +446,9 @@ def _finish(trainer: Trainer, result: TrainResult, config: FinetuneConfig, data:
             if data.test is not None:
                 metrics["test"] = evaluate(trainer.model, "test", True)
         if is_main:
-            final_dir = _save_final(unwrapped, tokenizer, config, model_path, result, metrics,
-                                    trainable=trainable, total=total)
+            final_dir, summary = _save_final(unwrapped, tokenizer, config, result, metrics, summarize)
     accelerator.wait_for_everyone()
-    return final_dir, metrics
-
-
-def _hub_base_model(config: FinetuneConfig) -> str | None:
-    """The base model's Hub id for a pushed card (and a LoRA adapter's config), checked before training:
-    a LoRA adapter on a local base without ``hub_base_model`` is refused."""
-    from lmforge.hub import check_model_id, is_local_path
-
-    if not config.push_to_hub:
-        return None
-    if config.hub_base_model:
-        return check_model_id(config.hub_base_model, "hub_base_model")
-    if not is_local_path(config.model.path):
-        return config.model.path
-    if config.method != "lora":
-        return None  # a full fine-tune stands alone; its card just names no base on the Hub
-    raise LmforgeError(
-        f"push_to_hub with method lora: the base model.path {config.model.path!r} is a folder on this disk, "
-        "which nobody who downloads the adapter has. Publish the base first (lmforge push "
-        f"{config.model.path} --repo-id USER/BASE) and set hub_base_model: USER/BASE"
-    )
+    return final_dir, metrics, summary
 
 
 def _evaluator(config: FinetuneConfig, data: _Data, collate: Any, accelerator: Any, tokenizer: Any,
@@ -488,15 +466,11 @@ def _evaluator(config: FinetuneConfig, data: _Data, collate: Any, accelerator: A
     def rows_of_split(split: str, final: bool) -> Any:
         return splits[split] if final or limit is None or split != "eval" else splits["eval-sample"]
     if config.task == "classification":
-        from lmforge.eval.classification import evaluate_classifier
-
         def evaluate(prepared: nn.Module, split: str, final: bool) -> dict[str, float]:
             batches = eval_batches(rows_of_split(split, final), batch_size, collate, None, **ranks)
             return evaluate_classifier(prepared, batches, problem_type=data.spec.problem_type,
                                        accelerator=accelerator)
         return evaluate
-
-    from lmforge.eval.perplexity import evaluate_lm, token_byte_lengths
 
     byte_lengths = token_byte_lengths(tokenizer, base_model(model).config.vocab_size)
 
@@ -519,35 +493,25 @@ def export_model(model: nn.Module, folder: Path, tokenizer: Any, config: Finetun
     return inner
 
 
-def _facts(inner: nn.Module, config: FinetuneConfig, model_path: str, *, step: int, tokens_seen: int, elapsed: float,
-           metrics: dict[str, dict[str, float]], trainable: int, total: int, plot: str | None = None) -> Any:
-    from lmforge.eval.report import finetune_facts
-
-    labels = list(getattr(inner.config, "id2label", {}).values()) if config.task == "classification" else None
-    return finetune_facts(model_config=inner.config, base_model=model_path, task=config.task, method=config.method,
-                          config=to_dict(config), data=config.data.source, steps=step, tokens_seen=tokens_seen,
-                          elapsed_seconds=elapsed, metrics=metrics, trainable=trainable, total=total,
-                          labels=labels, plot=plot, license=config.license)
-
-
-def _checkpoint_export(tokenizer: Any, config: FinetuneConfig, model_path: str, trainable: int, total: int) -> Any:
-    """``export(trainer, folder)`` for ``RunPublisher``: a checkpoint's model or adapter with its card."""
-    def export(trainer: Trainer, folder: Path | None) -> None:
-        if folder is not None:  # the main process (fine-tuning does not shard)
-            inner = export_model(trainer.accelerator.unwrap_model(trainer.model), folder, tokenizer, config)
-            state = trainer.state
-            write_card(folder, _facts(inner, config, model_path, step=state.step, tokens_seen=state.tokens_seen,
-                                      elapsed=state.elapsed_seconds, metrics={}, trainable=trainable, total=total))
-    return export
+def _summarizer(config: FinetuneConfig, model_path: str, trainable: int, total: int) -> Any:
+    """``summarize(inner, step=..., ...)`` -> the ``RunSummary`` of this run at that point."""
+    def summarize(inner: nn.Module, *, step: int, tokens_seen: int, elapsed: float,
+                  metrics: dict[str, dict[str, float]], status: str, plot: str | None = None) -> RunSummary:
+        labels = list(getattr(inner.config, "id2label", {}).values()) if config.task == "classification" else None
+        return RunSummary(kind="finetune", model_config=inner.config, config=to_dict(config),
+                          data=config.data.source, steps=step, tokens_seen=tokens_seen, elapsed_seconds=elapsed,
+                          status=status, n_params=total, trainable=trainable, task=config.task,
+                          method=config.method, base_model=model_path, labels=labels, license=config.license,
+                          metrics={"validation" if k == "eval" else k: v for k, v in metrics.items()}, plot=plot)
+    return summarize
 
 
-def _save_final(model: nn.Module, tokenizer: Any, config: FinetuneConfig, model_path: str, result: TrainResult,
-                metrics: dict[str, dict[str, float]], *, trainable: int, total: int) -> Path:
-    """final/: the selected model or adapter, tokenizer, generation config, model card; eval_results.json."""
-    from lmforge.train.tracking import read_metrics
-
+def _save_final(model: nn.Module, tokenizer: Any, config: FinetuneConfig, result: TrainResult,
+                metrics: dict[str, dict[str, float]], summarize: Any) -> tuple[Path, RunSummary]:
+    """final/: the selected model or adapter, tokenizer, generation config, loss plot;
+    eval_results.json. Returns the folder and its summary."""
     run_dir = Path(config.output_dir)
-    final = run_dir / "final"
+    final = run_dir / FINAL
     if final.exists():
         shutil.rmtree(final)
     inner = export_model(model, final, tokenizer, config)
@@ -556,39 +520,11 @@ def _save_final(model: nn.Module, tokenizer: Any, config: FinetuneConfig, model_
         (folder / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     logged = {f"{split}_{k}": v for split, values in metrics.items() for k, v in values.items()}
     if logged:
-        with open(run_dir / "metrics.jsonl", "a") as f:
+        with open(run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps({"step": result.step, "selected_step": result.best_step, **logged}) + "\n")
     plot = plot_loss_curve(read_metrics(run_dir), run_dir / "loss.png",
-                           title=f"{config.task} fine-tuning of {model_path}")
+                           title=f"{config.task} fine-tuning of {config.model.path}")
     if plot is not None:
         shutil.copy(plot, final / "loss.png")
-    write_card(final, _facts(inner, config, model_path, step=result.step, tokens_seen=result.tokens_seen,
-                             elapsed=result.elapsed_seconds, metrics=metrics, trainable=trainable, total=total,
-                             plot="loss.png" if plot else None))
-    return final
-
-
-def finetune_command(config: FinetuneConfig) -> int:
-    """Fine-tune a pretrained model: sequence classification or chat SFT, full or LoRA.
-
-    Reads a YAML config (``--config configs/finetune/<preset>.yaml``) and dotted flags that
-    override it (``--method lora --lora.r 16``). ``model.path`` is an lmforge run folder, a saved
-    model or a Hub id (ours or stock BERT, Llama, GPT-2, Mamba...). Runs on one process, or many
-    under ``accelerate launch -m lmforge.cli finetune ...``. Ctrl-C saves a checkpoint; continue
-    with ``--resume auto``. final/ holds the selected model (or the LoRA adapter; ``lmforge merge``
-    folds it into the base).
-
-    Args:
-        config: the run configuration (see the settings below).
-    """
-    from accelerate import PartialState
-
-    result = finetune(config)
-    if result.final_dir is not None and PartialState().is_main_process:
-        lines = [f"done: {result.train.step} steps ({result.train.status})"]
-        for split, values in result.metrics.items():
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float))
-            lines.append(f"  {split}: {shown}")
-        lines.append(f"model: {result.final_dir}")
-        print("\n".join(lines))
-    return result.train.exit_code
+    return final, summarize(inner, step=result.step, tokens_seen=result.tokens_seen, elapsed=result.elapsed_seconds,
+                            metrics=metrics, status=result.status, plot="loss.png" if plot else None)

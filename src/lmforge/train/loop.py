@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.data.batches import BatchStream
 from lmforge.errors import LmforgeError
 from lmforge.eval.perplexity import target_shift
-from lmforge.train.batches import BatchStream
 from lmforge.train.checkpoint import (
     TrainerState,
     check_compatible,
@@ -329,7 +329,7 @@ class Trainer:
         """Train until ``max_steps`` (or the time budget, or a stop signal)."""
         acc, cfg, state = self.accelerator, self.config, self.state
         logger = MetricsLogger(acc, self.run_dir, resume_step=state.step if state.step else None,
-                               progress_bar=cfg.progress_bar, total_steps=state.total_steps,
+                               progress_bar=cfg.progress, total_steps=state.total_steps,
                                use_trackers=bool(acc.log_with))
         peak = (cfg.peak_tflops * 1e12 if cfg.peak_tflops else
                 measure_peak_flops(acc.device) if self.flops_per_token else None)

@@ -1,4 +1,5 @@
-"""Metrics out of the loop: a JSONL file, accelerate trackers, a tqdm bar, and MFU estimates."""
+"""Metrics out of the loop: a JSONL file, accelerate trackers, a tqdm bar, MFU estimates and the
+loss-curve plot."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 
-METRICS_FILE = "metrics.jsonl"
+from lmforge.runs import METRICS_FILE
 
 
 class MetricsLogger:
@@ -75,13 +76,6 @@ class MetricsLogger:
             self.bar = None
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def flops_per_token(n_params: int, num_layers: int = 0, hidden_size: int = 0, seq_len: int = 0) -> float:
     """Training FLOPs per token: 6 N (forward + backward) + 12 L H T for attention (PaLM appendix B)."""
     return 6.0 * n_params + 12.0 * num_layers * hidden_size * seq_len
@@ -108,3 +102,35 @@ def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = 
         reps += 1
     _PEAK_CACHE[key] = 2 * n**3 * reps / (time.perf_counter() - start)
     return _PEAK_CACHE[key]
+
+
+def plot_loss_curve(records: list[dict[str, Any]], path: str | Path, title: str = "training loss") -> Path | None:
+    """Train loss (and eval loss / bits per byte when present) against step; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    bpb = [(r["step"], r["eval_bits_per_byte"]) for r in records if "eval_bits_per_byte" in r]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train, strict=True), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", lw=1.5)
+    if bpb:
+        ax.plot(*zip(*bpb, strict=True), "s--", label="eval bits/byte", lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("nats per token / bits per byte")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
