@@ -6,8 +6,9 @@
 
 Timings interleave the two implementations in one process, alternating which goes first, and
 report medians; ratios > 1 mean lmforge is faster. Each family writes
-benchmarks/results/models_<family>.json. To add a family: write ``bench_<family>(args) -> dict``
-below (use ``interleaved`` and ``report``) and add it to ``FAMILIES``.
+benchmarks/results/models_<family>.json (``--quick``: models_<family>_quick.json, not committed).
+To add a family: write ``bench_<family>(args) -> dict`` below (use ``interleaved`` and
+``report``) and add it to ``FAMILIES``.
 """
 
 from __future__ import annotations
@@ -68,10 +69,15 @@ def report(title: str, times: dict[str, list[float]], ours: str, ref: str, unit_
     return {"median_s": med, "speedup": ratio, "reps": len(times[ours]), "all_s": times}
 
 
-def write_results(family: str, results: dict) -> Path:
-    """Write benchmarks/results/models_<family>.json with the machine description."""
+def results_path(family: str, quick: bool = False) -> Path:
+    """benchmarks/results/models_<family>.json, or models_<family>_quick.json for a ``--quick`` run."""
+    return RESULTS / f"models_{family}{'_quick' if quick else ''}.json"
+
+
+def write_results(family: str, results: dict, quick: bool = False) -> Path:
+    """Write ``results_path(family, quick)`` with the machine description."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"models_{family}.json"
+    path = results_path(family, quick)
     meta = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -266,7 +272,7 @@ def bench_gpt(args) -> dict:
     if unknown:
         raise SystemExit(f"--gpt-parts: unknown {sorted(unknown)}; choose from {sorted(GPT_PARTS)}")
     results = {part: GPT_PARTS[part](args) for part in parts}
-    previous = RESULTS / "models_gpt.json"  # read at the end: another run may have written meanwhile
+    previous = results_path("gpt", args.quick)  # read at the end: another run may have written meanwhile
     if set(parts) != set(GPT_PARTS) and previous.is_file():
         old = {k: v for k, v in json.loads(previous.read_text()).items() if k not in ("meta", *parts)}
         results = {**old, **results}
@@ -674,7 +680,7 @@ def main(argv: list[str] | None = None) -> None:
         info = machine_info()
         results = FAMILIES[family](args)
         results.setdefault("machine", finish(info))  # Mamba samples the load along the way itself
-        write_results(family, results)
+        write_results(family, results, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,15 @@
     python benchmarks/bench_quickstart.py                  # the 5-minute budget of `lmforge quickstart`
     python benchmarks/bench_quickstart.py --minutes 0.5 --out /tmp/quickstart_check.json   # a check run
 
-Runs the steps of ``lmforge quickstart`` (src/lmforge/quickstart.py) that make the model: the
-corpus, the model's byte-level BPE trained on the training plays, and the pretraining of
+Runs the steps of ``lmforge quickstart`` (``lmforge.commands.quickstart``) that make the model:
+the corpus, the model's byte-level BPE trained on the training plays, and the pretraining of
 the quickstart pretrain preset for ``--minutes``. Everything in the results file is measured by
 this run: steps, tokens, train seconds, tokens/s, the validation curve and the final validation
 bits per byte (whole validation split) from the run's metrics.jsonl, the machine (threads,
-versions, load average: benchmarks/machine.py), and, measured once at the very end, bits per
-byte on the held-out test plays. The loss plot is copied next to the JSON file.
+versions, load average: benchmarks/machine.py), and, measured once at the very end by the
+quickstart's own held-out step (``heldout_step``: the saved model scored as ``lmforge eval``
+scores it: disjoint windows as long as the run's training rows), bits per byte on the held-out
+test plays. The loss plot is copied next to the JSON file.
 
 The settings of the quickstart pretrain preset are chosen on the validation plays only, by
 benchmarks/tune_quickstart.py; this script is the one place that reads the test plays.
@@ -92,14 +94,13 @@ def training_figures(result: Any) -> dict:
 
 
 def heldout_test_figure(result: Any) -> dict:
-    """Quickstart step 6, once, at the end: bits per byte on the held-out test plays."""
-    import yaml
-
+    """Quickstart step 6, once, at the end: bits per byte on the held-out test plays, scored as
+    the quickstart scores them (windows of the run's training rows, ``lmforge eval``'s way)."""
     from lmforge.commands.quickstart import heldout_step
 
-    block_size = int(yaml.safe_load((result.run_dir / "config.yaml").read_text())["data"]["block_size"])
-    metrics = heldout_step(result.final_dir, CORPUS, "test", block_size=block_size)
-    return {"test_bits_per_byte": metrics["bits_per_byte"], "test_bytes": metrics["bytes"]}
+    metrics = heldout_step(result.final_dir, CORPUS, "test")
+    return {"test_bits_per_byte": metrics["bits_per_byte"], "test_bytes": metrics["bytes"],
+            "test_window": {key: metrics.get(key) for key in ("max_length", "stride", "window")}}
 
 
 def main() -> int:
@@ -132,7 +133,7 @@ def main() -> int:
         shutil.copy(result.run_dir / "loss.png", plot)
     record = {
         "command": f"python benchmarks/bench_quickstart.py --minutes {args.minutes:g}",
-        "config": str(CONFIG.relative_to(ROOT)),
+        "config": str(CONFIG.relative_to(ROOT)) if ROOT in CONFIG.parents else str(CONFIG),
         "config_values": _config_values(result.run_dir),
         "minutes": args.minutes, "model_vocab_size": args.model_vocab_size, "threads_requested": threads,
         **figures,

@@ -223,7 +223,7 @@ def bench_tokenize_pack() -> dict:
     # 10 MB repeats the 5 MB of plays; the 5 MB run (each play once) shows the gain without repeats
     half = len(docs) // 2
     result = {
-        "setup": {**PACK, "tokenizer": "lmforge byte-level BPE (gpt preset) trained on the Shakespeare train split"},
+        "setup": {**PACK, "tokenizer": "lmforge byte-level BPE (gpt special tokens) trained on the Shakespeare train split"},
         "10mb": _time_tokenize_pack(docs, tokenizer, info),
         "5mb_no_repeats": _time_tokenize_pack(docs[:half], tokenizer, info),
         "note": "lmforge = build_lm_dataset (tokenize + pack into 512-token rows with document "

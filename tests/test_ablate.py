@@ -448,3 +448,28 @@ def test_an_output_dir_holding_another_sweep_is_left_alone(ws, main_sweep, tmp_p
         assert err.startswith("lmforge: error: ") and str(out) in err, err
         assert snapshot(out) == before
         assert not (out / "plain").exists() or out == main_sweep["out"]
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_paths_in_a_sweep_and_its_base_file_are_relative_to_their_folder(ws, tmp_path, monkeypatch, inline):
+    """A sweep kept beside its tokenizer runs from any folder: the base file's input paths (and an
+    inline base's) are looked up from the folder of the file that names them."""
+    from lmforge.config import load_config
+    from lmforge.experiments.ablate import AblateConfig, plan
+
+    folder = tmp_path / "sw"
+    shutil.copytree(ws["tok"], folder / "mytok")
+    shutil.copy(ws["preset"], folder / "tiny.yaml")
+    base = base_values(ws, data={"tokenizer": "mytok"}, model={"preset": "tiny.yaml"})
+    if inline:
+        sweep = {"base": base}
+    else:
+        write_yaml(folder / "base.yaml", base)
+        sweep = {"base": "base.yaml"}
+    write_yaml(folder / "sweep.yaml", {**sweep, "budget": {"steps": 2}, "variants": {"a": {}}})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (run,) = plan(load_config(AblateConfig, folder / "sweep.yaml")).runs
+    assert Path(run.config.data.tokenizer) == folder / "mytok"
+    assert Path(run.config.model.preset) == folder / "tiny.yaml"

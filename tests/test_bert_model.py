@@ -336,3 +336,19 @@ def test_sparse_prediction_same_loss_and_gradients():
     torch.testing.assert_close(sparse.loss, dense.loss, atol=1e-6, rtol=0)
     for name, grad in dense_grads.items():
         torch.testing.assert_close(sparse_grads[name], grad, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned", "alibi"])
+def test_packed_documents_via_position_ids_equal_separate_documents(positions):
+    """document_masks for BERT: a packed row whose position_ids restart at each document attends
+    only within each document (and never to the padding that ends a packed batch's last row,
+    which starts a segment of its own)."""
+    config = tiny(position_embedding_type=positions, hidden_dropout=0.0, attention_dropout=0.0)
+    model = LmforgeBertForMaskedLM(config).eval()
+    a, b, pad = _ids(1, 7, seed=3), _ids(1, 5, seed=4), torch.zeros(1, 3, dtype=torch.long)
+    packed = torch.cat([a, b, pad], dim=1)
+    position_ids = torch.cat([torch.arange(7), torch.arange(5), torch.arange(3)])[None]
+    with torch.no_grad():
+        got = model(packed, position_ids=position_ids).logits[:, :12]
+        sep = torch.cat([model(a).logits, model(b).logits], dim=1)
+    torch.testing.assert_close(got, sep, atol=1e-5, rtol=0)

@@ -153,21 +153,20 @@ def test_tokenizer_train_reads_a_config_file_and_flags_override_it(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(list_presets("tokenizer")))
 def test_shipped_tokenizer_presets_hold_valid_options(name):
-    from lmforge.commands.arguments import _fill_from_file
-    from lmforge.commands.tokenizer import train
+    from lmforge.commands.tokenizer import TrainTokenizer
+    from lmforge.config import load_config
 
-    options: dict = {}
-    _fill_from_file(train, find_preset("tokenizer", name), options)
-    assert options["algorithm"] in ("bpe", "wordpiece", "unigram") and options["vocab_size"] > 256
+    config = load_config(TrainTokenizer, find_preset("tokenizer", name), {"data": "x", "output_dir": "o"})
+    assert config.algorithm in ("bpe", "wordpiece", "unigram") and config.vocab_size > 256
 
 
 def test_config_file_errors_name_the_file_and_the_closest_key(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("algoritm: bpe\n")
     assert main(["tokenizer", "train", "--config", str(bad), "--data", "x", "--output-dir", str(tmp_path / "o")]) == 2
-    assert f"{bad}: unknown option 'algoritm'; did you mean 'algorithm'?" in capsys.readouterr().err
+    assert f"{bad}: unknown key 'algoritm'; did you mean 'algorithm'?" in capsys.readouterr().err
     assert main(["tokenizer", "train", "--config", "gpt-bpe", "--output-dir", str(tmp_path / "o")]) == 2
-    assert "missing required option(s) --data (on the command line or in the --config file)" in capsys.readouterr().err
+    assert "missing required key(s): data" in capsys.readouterr().err
 
 
 @dataclass
@@ -250,6 +249,9 @@ def test_print_config_shows_the_resolved_settings_and_exits(tmp_path, capsys):
                  "--print-config"]) == 0
     options = yaml.safe_load(capsys.readouterr().out)
     assert options["algorithm"] == "unigram" and options["output_dir"] == "o" and options["data"] == "x"
+    assert main(["quickstart", "--minutes", "2", "--print-config"]) == 0  # every option, defaults included
+    options = yaml.safe_load(capsys.readouterr().out)
+    assert options["minutes"] == 2 and options["data"] == "shakespeare" and options["pretrain_config"] == "quickstart"
 
 
 def test_required_options_are_marked_and_version_is_listed(capsys):
@@ -260,7 +262,8 @@ def test_required_options_are_marked_and_version_is_listed(capsys):
     with pytest.raises(SystemExit):
         main(["merge", "--help"])
     out = capsys.readouterr().out
-    assert re.search(r"required:\n  --output-dir OUTPUT_DIR\s+the folder to write the merged model to. \(required\)", out)
+    assert re.search(r"required:\n  --output-dir OUTPUT_DIR, --output OUTPUT_DIR\s+the folder to write the merged "
+                     r"model to. \(required\)", out)
     assert "usage: lmforge merge [-h] --output-dir OUTPUT_DIR" in out  # no brackets: required
     assert main(["--help"]) == 0
     assert "-V, --version" in capsys.readouterr().out

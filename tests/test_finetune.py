@@ -5,6 +5,7 @@ anything is written."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -371,3 +372,34 @@ def test_lora_run_evaluates_and_merges_with_its_label_names(tmp_path, bases, lab
         assert got["accuracy"] == reported["accuracy"], name
         assert got["macro_f1"] == pytest.approx(reported["macro_f1"]), name
         assert got["loss"] == pytest.approx(reported["loss"], rel=1e-4), name
+
+
+@pytest.mark.parametrize("present", [("train", "validation"), ("train", "test")])
+def test_optional_splits_are_used_when_present_and_a_named_missing_one_is_refused(tmp_path, bases, labelled,
+                                                                                 present, capsys):
+    """Train + validation: trains, selects, and says nothing was tested; train + test: no model
+    selection, but the test split is scored. A split named explicitly and missing stays an error."""
+    import shutil
+
+    from lmforge.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in present:
+        shutil.copy(labelled / f"{split}.jsonl", data / f"{split}.jsonl")
+    result = run_finetune(finetune_config(tmp_path / "run", bases["bert"], data, train={"max_steps": 4}))
+    assert result.final_dir is not None
+    assert set(result.metrics) == ({"eval"} if "validation" in present else {"test"})
+    assert main(["finetune", "--model.path", str(bases["bert"]), "--data", str(data), "--method", "full",
+                 "--train.max-steps", "2", "--train.epochs", "null", "--data.max-length", "32",
+                 "--output-dir", str(tmp_path / "cli"), "--no-train.progress"]) == 0
+    out = capsys.readouterr().out
+    if "test" in present:
+        assert re.search(r"^  test: .*accuracy", out, re.M) and "no validation split: no evaluation during training" in out
+    else:
+        assert "test: nothing tested (the data has no test split)" in out
+    missing = "validation" if "test" in present else "test"
+    key = {"validation": "eval_split", "test": "test_split"}[missing]
+    with pytest.raises(LmforgeError, match=f"data.{key}: {data} has no split '{missing}'"):
+        run_finetune(finetune_config(tmp_path / "named", bases["bert"], data, data={key: missing}))
+    assert not (tmp_path / "named").exists()

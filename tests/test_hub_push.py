@@ -379,3 +379,21 @@ def test_pushing_again_replaces_the_weights_and_keeps_other_files(fake_hub, smal
     assert "model-00002-of-00002.safetensors" not in files and "model.safetensors.index.json" not in files
     assert files["model.safetensors"] == (small_model / "model.safetensors").read_bytes()
     assert files["NOTES.md"] == b"kept"
+
+
+def test_an_adapter_on_the_built_in_minilm_names_its_hub_id(fake_hub, tmp_path):
+    """The built-in all-minilm-l6-v2 is the PyPI copy of a Hub model: a pushed adapter trained on it
+    names the Hub id, so it loads wherever the Hub does, without --hub-base-model."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from lmforge.runs import builtin_model_dir
+
+    base = builtin_model_dir("all-minilm-l6-v2")
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
+    adapter = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=2, target_modules=["query", "value"]))
+    adapter.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    assert main(["push", str(tmp_path / "adapter"), "user/minilm-lora"]) == 0
+    pushed = json.loads(fake_hub.files("user/minilm-lora")["adapter_config.json"])
+    assert pushed["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"

@@ -4,6 +4,7 @@ an explicit folder that holds files is refused (before anything is fetched or tr
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,16 @@ def test_the_model_tokenizer_must_be_lossless(tmp_path, capsys):
     assert model_tokenizer_path(tmp_path, 2048, "unigram") == tmp_path / "unigram-2048"
     assert main(["quickstart", "--output-dir", str(tmp_path / "q"), "--model-tokenizer", "wordpiece"]) == 2
     assert "invalid choice: 'wordpiece'" in capsys.readouterr().err
+
+
+def test_the_quickstart_pretrains_on_the_corpus_it_is_given(tmp_path, monkeypatch):
+    """--data rotten-tomatoes: the tokenizers and the model both learn the movie reviews."""
+    from lmforge.commands import quickstart as command
+
+    seen = {}
+    monkeypatch.setattr(command, "_finish", lambda run_dir, config, data, *rest: seen.update(config=config, data=data) or 0)
+    assert main(["quickstart", "--data", "rotten-tomatoes", "--output-dir", str(tmp_path / "q"), "--vocab-size", "600",
+                 "--model-vocab-size", "400"]) == 0
+    assert seen["data"] == "rotten-tomatoes" and seen["config"].data.source == "rotten-tomatoes"
+    record = json.loads((tmp_path / "q" / "tokenizers" / "bpe" / "lmforge_tokenizer.json").read_text())
+    assert record["texts"] > 8000  # the review sentences of the training split

@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
@@ -86,8 +87,10 @@ def test_each_family_learns_and_final_folder_loads(ws, family):
     assert "optimizer steps: 12" in card and "from_pretrained" in card and "loss.png" in card
     assert f"{result.train.last_eval['loss']:.4f}" in card
     assert (final / "loss.png").is_file() and (result.run_dir / "loss.png").is_file()
-    # the resolved configuration is saved and reads back to the same config
-    assert load_config(PretrainConfig, result.run_dir / "config.yaml") == config
+    # the resolved configuration is saved (the splits named: auto resolved) and reads back to it
+    saved = load_config(PretrainConfig, result.run_dir / "config.yaml")
+    assert config.data.eval_split == "auto" and saved.data.eval_split == "validation"
+    assert saved == replace(config, data=replace(config.data, eval_split="validation"))
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -303,7 +306,7 @@ def test_a_causal_lm_on_wordpiece_is_scored_per_byte_of_the_text(ws):
     from lmforge.data.pipeline import build_lm_dataset
     from lmforge.data.sources import load_corpus
     from lmforge.eval.perplexity import token_byte_lengths
-    from lmforge.train.pretrain import load_tokenizer
+    from lmforge.runs import load_tokenizer
 
     config = make_config(ws, "gpt", "wordpiece-causal", train={"max_steps": 3},
                          data={"tokenizer": str(ws["tok"]["bert"]), "document_masks": False})
@@ -318,3 +321,18 @@ def test_a_causal_lm_on_wordpiece_is_scored_per_byte_of_the_text(ws):
     raw = sum(len(t.encode()) for t in load_corpus(config.data.source, "validation")["text"] if t)
     assert raw > 1.1 * covered  # the spaces
     assert result.train.last_eval["bytes"] == round(targets * raw / covered)
+
+
+def test_a_single_file_is_all_training_data(ws, capsys):
+    """A corpus without split names has no validation split: by default nothing is evaluated (and
+    the start-up line says so) instead of scoring the model on its own training text; naming one is
+    refused before anything is written."""
+    corpus = ws["root"] / "one-file.txt"
+    corpus.write_text("".join(f"line {i} of a plain text corpus with some words in it\n" for i in range(400)))
+    config = make_config(ws, "gpt", "one-file", data={"source": str(corpus)}, train={"max_steps": 2})
+    result = pretrain(config)
+    assert result.train.last_eval == {} and "no validation split in" in capsys.readouterr().out
+    named = make_config(ws, "gpt", "one-file-named", data={"source": str(corpus), "eval_split": "validation"})
+    with pytest.raises(LmforgeError, match=r"data.eval_split: .*one-file.txt has no split 'validation' \(it has: train"):
+        pretrain(named)
+    assert not (ws["root"] / "one-file-named").exists()

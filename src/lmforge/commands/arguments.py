@@ -3,9 +3,9 @@
 A command is a plain typed function. A parameter without a default is positional (``MODEL``), one
 with a default (or keyword-only) is a flag (``vocab_size`` -> ``--vocab-size``); the docstring's
 ``Args:`` are the help texts. A parameter annotated with a dataclass (``config: PretrainConfig``)
-becomes ``--config NAME|FILE`` (a packaged preset or a YAML file) plus one dotted flag per field
-(``--optim.lr 3e-4``). A command with keyword-only options takes ``--config NAME|FILE`` holding
-any of them. Flags override the file; unknown keys are refused with the closest one suggested.
+becomes ``--config NAME|FILE`` (a packaged preset or a YAML file) plus one flag per field, dotted
+for nested sections (``--vocab-size 8192``, ``--optim.lr 3e-4``). Flags override the file;
+unknown keys are refused with the closest one suggested.
 
 Every command also takes ``--print-config`` (show the resolved settings as YAML and exit), and
 accepts flags spelled with underscores (``--vocab_size``, ``--train.max_steps``). A bad flag or
@@ -29,15 +29,13 @@ from lmforge.config import (
     flat_fields,
     is_dataclass_type,
     load_config,
-    load_yaml,
     option_of,
-    resolve_path,
     strip_optional,
     to_dict,
     type_hints,
 )
 from lmforge.errors import LmforgeError, closest
-from lmforge.presets import find_preset, is_packaged
+from lmforge.presets import find_preset
 
 _CONFIG_DEST = "__config__"
 _PRINT_DEST = "__print_config__"
@@ -95,6 +93,8 @@ def _add_argument(parser: Any, name: str, tp: Any, default: Any, help: str, *, p
     elif option is not None and option.has_const:
         kwargs.update(nargs="?", const=option.const)
     flags = [_flag(name)] + ([option.alias] if option is not None and option.alias else [])
+    if name.rsplit(".", 1)[-1] == "output_dir":
+        flags.append("--output")  # its short form, in every verb
     metavar = None if "choices" in kwargs else name.split(".")[-1].upper().replace("-", "_")
     parser.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, metavar=metavar, required=required, **kwargs)
 
@@ -104,24 +104,13 @@ def _dataclass_param(fn: Callable) -> inspect.Parameter | None:
     return next((p for p in inspect.signature(fn).parameters.values() if is_dataclass_type(hints.get(p.name))), None)
 
 
-def _takes_options_file(fn: Callable, preset_kind: str | None) -> bool:
-    """Commands with presets of their keyword options (``tokenizer train``) take ``--config`` for them."""
-    params = inspect.signature(fn).parameters.values()
-    return preset_kind is not None and _dataclass_param(fn) is None and any(p.kind == p.KEYWORD_ONLY for p in params)
-
-
 def build_parser(fn: Callable, *, prog: str, description: str, preset_kind: str | None = None) -> ArgumentParser:
     """The parser of command ``fn`` (see the module docstring)."""
     parser = ArgumentParser(prog=prog, description=description)
     hints = type_hints(fn)
     helps = docstring_args(fn)
-    options_file = _takes_options_file(fn, preset_kind)
     presets = f"a packaged {preset_kind} preset ('lmforge presets {preset_kind}' lists them) or " if preset_kind else ""
     required_group = parser.add_argument_group("required")
-    if options_file:
-        parser.add_argument("--config", dest=_CONFIG_DEST, default=argparse.SUPPRESS, metavar="NAME|FILE",
-                            help=f"{presets}a YAML file with any of the options below (keys as the flags "
-                                 "without dashes, e.g. vocab_size: 8192); flags given here override it")
     for p in inspect.signature(fn).parameters.values():
         tp = hints.get(p.name, str)
         if is_dataclass_type(tp):
@@ -130,37 +119,19 @@ def build_parser(fn: Callable, *, prog: str, description: str, preset_kind: str 
                                                           "flags override it")
             group = parser.add_argument_group(f"{p.name} settings (YAML keys)")
             for fname, ftp, fdefault, fhelp in flat_fields(tp):
-                _add_argument(group, fname, ftp, fdefault, fhelp, positional=False, dest=f"{p.name}.{fname}",
-                              required=False)  # may come from --config: checked when building the config
+                needed = fdefault is NO_DEFAULT  # may come from --config: checked when the config is built
+                _add_argument(required_group if needed else group, fname, ftp, fdefault,
+                              fhelp + (" (required: here or in --config)" if needed else ""), positional=False,
+                              dest=f"{p.name}.{fname}", required=False)
             continue
         positional = p.default is NO_DEFAULT and p.kind != p.KEYWORD_ONLY
         needed = p.default is NO_DEFAULT and not positional
-        help = helps.get(p.name, "") + (" (required: here or in --config)" if needed and options_file else "")
-        _add_argument(required_group if needed else parser, p.name, tp, p.default, help, positional=positional,
-                      dest=p.name, required=needed and not options_file)  # an options file may hold it
+        _add_argument(required_group if needed else parser, p.name, tp, p.default, helps.get(p.name, ""),
+                      positional=positional, dest=p.name, required=needed)
+    usable = " (usable as --config)" if _dataclass_param(fn) is not None else ""
     parser.add_argument("--print-config", dest=_PRINT_DEST, action="store_true",
-                        help="print the resolved settings as YAML (usable as --config) and exit")
+                        help=f"print the resolved settings as YAML{usable} and exit")
     return parser
-
-
-def _fill_from_file(fn: Callable, path: Any, kwargs: dict[str, Any]) -> None:
-    """Options from a ``--config`` YAML file, for those not given as flags (flags win)."""
-    hints = type_hints(fn)
-    params = {p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY}
-    values = load_yaml(path)
-    folder = None if is_packaged(path) else path.expanduser().resolve().parent
-    for key, value in values.items():
-        name = str(key).replace("-", "_")
-        if name not in params:
-            meant = " or ".join(f"'{m}'" for m in closest(name, sorted(params), cutoff=0.5))
-            raise LmforgeError(f"{path}: unknown option '{key}'" + (f"; did you mean {meant}?" if meant else "")
-                               + f"; valid: {', '.join(sorted(params))}")
-        if name in kwargs:
-            continue
-        option = option_of(hints.get(name, str))[1]
-        if folder is not None and option is not None and option.input_path and isinstance(value, str):
-            value = resolve_path(value, folder)
-        kwargs[name] = coerce(value, hints.get(name, str), name=f"{path}: {key}")
 
 
 def resolve(fn: Callable, ns: argparse.Namespace, *, preset_kind: str | None = None) -> dict[str, Any]:
@@ -180,22 +151,21 @@ def resolve(fn: Callable, ns: argparse.Namespace, *, preset_kind: str | None = N
             kwargs[p.name] = load_config(option_of(tp)[0], path, overrides)
         elif p.name in given:
             kwargs[p.name] = coerce(given[p.name], tp, name=_flag(p.name))
-    if _CONFIG_DEST in given:
-        name = given[_CONFIG_DEST]
-        _fill_from_file(fn, find_preset(preset_kind, name) if preset_kind else name, kwargs)
     missing = [p.name for p in inspect.signature(fn).parameters.values()
                if p.default is NO_DEFAULT and p.name not in kwargs]
-    if missing:
-        where = " (on the command line or in the --config file)" if _takes_options_file(fn, preset_kind) else ""
-        raise LmforgeError(f"missing required option(s) {', '.join(map(_flag, missing))}{where}")
+    if missing:  # argparse has refused these already; a caller that built the namespace itself
+        raise LmforgeError(f"missing required option(s) {', '.join(map(_flag, missing))}")
     return kwargs
 
 
 def settings_yaml(fn: Callable, kwargs: dict[str, Any]) -> str:
     """The resolved settings as YAML: a dataclass parameter's keys (a valid ``--config`` file), or
-    the options by their names."""
+    every option by its name, defaults included."""
     param = _dataclass_param(fn)
-    values = to_dict(kwargs[param.name]) if param is not None else {k: to_dict(v) for k, v in kwargs.items()}
+    if param is not None:
+        values = to_dict(kwargs[param.name])
+    else:
+        values = {p.name: to_dict(kwargs.get(p.name, p.default)) for p in inspect.signature(fn).parameters.values()}
     return yaml.safe_dump(values, sort_keys=False).rstrip()
 
 

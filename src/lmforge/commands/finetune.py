@@ -32,7 +32,8 @@ def finetune(config: FinetuneConfig) -> int:
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float))
                 lines.append(f"  {split}: {shown}")
             if "test" not in result.metrics:
-                lines.append("  test: none (the data has no test split)")
+                why = "data.test_split is null" if config.data.test_split is None else "the data has no test split"
+                lines.append(f"  test: nothing tested ({why})")
             lines.append(f"model: {result.final_dir}")
             print("\n".join(lines))
         else:

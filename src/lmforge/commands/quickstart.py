@@ -131,15 +131,16 @@ def read_model_config(config: PretrainConfig) -> dict[str, Any]:
 
 def heldout_step(model_dir: Path, corpus: str, split: str, *, cache_dir: Path | None = None,
                  batch_size: int = 16) -> dict[str, float]:
-    """Loss, perplexity and bits per byte of the saved model on the held-out plays of ``split``,
+    """Loss, perplexity and bits per byte of the saved model on the held-out texts of ``split``,
     scored as ``lmforge eval MODEL --data CORPUS --split SPLIT`` scores it (windows of the run's
     training rows)."""
     loaded = load_model(model_dir, auto_class="AutoModelForCausalLM")
     texts = load_corpus(corpus, split, cache_dir=cache_dir)
     docs = [t for t in texts["text"] if t and t.strip()]
     metrics = evaluate_model(loaded, "causal", texts=docs, batch_size=batch_size, progress=False)
-    titles = ", ".join(texts["title"]) if "title" in texts.column_names else f"{len(texts)} documents"
-    print(f"\nheld-out {split} plays ({titles}): {metrics['bytes']:,} bytes in windows of {metrics['max_length']} "
+    titled = "title" in texts.column_names
+    what = f"plays ({', '.join(texts['title'])})" if titled else f"texts of {corpus} ({len(docs):,})"
+    print(f"\nheld-out {split} {what}: {metrics['bytes']:,} bytes in windows of {metrics['max_length']} "
           f"tokens, loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}, "
           f"bits per byte {metrics['bits_per_byte']:.4f}")
     return metrics
@@ -251,7 +252,8 @@ def quickstart(
     config_path = find_preset("pretrain", pretrain_config)
     model_tok = model_tokenizer_path(run_dir / "tokenizers", model_vocab_size, model_tokenizer)
     config = build_pretrain_config(config_path, model_tok, run_dir / "model", minutes=minutes, overwrite=overwrite,
-                                   threads=num_threads if num_threads is not None else auto_threads())
+                                   threads=num_threads if num_threads is not None else auto_threads(),
+                                   overrides={"data.source": data})
     print(f"quickstart: everything goes to {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / QUICKSTART_FILE).write_text(json.dumps(_settings(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from lmforge.config import Option
 from lmforge.data.sources import load_corpus
@@ -16,29 +17,28 @@ from lmforge.tokenizers.evaluation import (
     format_table,
     write_json,
 )
-from lmforge.tokenizers.train import train_tokenizer
+from lmforge.tokenizers.train import TokenizerConfig, train_with
 
 
-def train(
-    *,
-    data: Annotated[str, Option(input_path=True)],
-    output_dir: Path,
-    algorithm: Literal["bpe", "wordpiece", "unigram"] = "bpe",
-    vocab_size: int = 8192,
-    special_tokens: Literal["gpt", "bert", "chat"] | None = None,
-    extra_special_tokens: list[str] | None = None,
-    chat_template: Annotated[str | None, Option(input_path=True)] = None,
-    model_max_length: int = 1024,
-    lowercase: bool = False,
-    strip_accents: bool | None = None,
-    min_frequency: int = 2,
-    split: str = "train",
-    text_column: str = "text",
-    errors: Literal["strict", "replace"] = "strict",
-    streaming: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> int:
+@dataclass(kw_only=True)
+class TrainTokenizer(TokenizerConfig):
+    """The tokenizer's settings, its corpus and where it goes.
+
+    Attributes:
+        data: a built-in corpus (shakespeare, rotten-tomatoes), a local txt/jsonl/csv/parquet
+            file, glob or folder, or a Hub dataset id.
+        output_dir: the folder to write the tokenizer to.
+        overwrite: replace the tokenizer in a non-empty output folder.
+        progress: show the trainer's progress bar.
+    """
+
+    data: Annotated[str, Option(input_path=True)]
+    output_dir: str
+    overwrite: bool = False
+    progress: bool = True
+
+
+def train(config: TrainTokenizer) -> int:
     """Train a BPE, WordPiece or Unigram tokenizer on a corpus and save it to a folder.
 
     The folder loads with ``AutoTokenizer.from_pretrained(DIR)``. Packaged settings:
@@ -46,34 +46,14 @@ def train(
     ``lmforge tokenizer train --data shakespeare --vocab-size 8192 --output-dir tok``
 
     Args:
-        data: a built-in corpus (shakespeare, rotten-tomatoes), a local txt/jsonl/csv/parquet
-            file, glob or folder, or a Hub dataset id.
-        output_dir: the folder to write the tokenizer to.
-        algorithm: bpe (byte-level, GPT-2 style), wordpiece (BERT style) or unigram
-            (SentencePiece style, byte fallback).
-        vocab_size: vocabulary size including special tokens.
-        special_tokens: the special-token set of a model family (default: gpt for bpe/unigram,
-            bert for wordpiece; chat adds role markers and a chat template).
-        extra_special_tokens: more special tokens to add.
-        chat_template: a Jinja chat template or a .jinja file (the chat set has one).
-        model_max_length: the model's context length, saved in the tokenizer.
-        lowercase: wordpiece: lowercase the text.
-        strip_accents: wordpiece: strip accents (default: same as --lowercase).
-        min_frequency: bpe/wordpiece: minimum frequency of a merged pair.
-        split: which split of the corpus to train on.
-        text_column: the column holding the text.
-        errors: strict refuses non-UTF-8 bytes; replace decodes them as U+FFFD.
-        streaming: read the corpus lazily (useful for large Hub datasets).
-        overwrite: replace the tokenizer in a non-empty output folder.
-        progress: show the trainer's progress bar.
+        config: the tokenizer's settings (see below).
     """
     start = time.perf_counter()
-    tokenizer = train_tokenizer(
-        data, algorithm, vocab_size, special_tokens, extra_special_tokens=extra_special_tokens,
-        chat_template=chat_template, model_max_length=model_max_length, lowercase=lowercase,
-        strip_accents=strip_accents, min_frequency=min_frequency, split=split, text_column=text_column,
-        errors=errors, streaming=streaming, output_dir=output_dir, overwrite=overwrite, show_progress=progress)
-    print(f"{algorithm}: vocabulary {len(tokenizer)} -> {output_dir} ({time.perf_counter() - start:.1f} s)")
+    settings = {f.name: getattr(config, f.name) for f in fields(TokenizerConfig)}
+    tokenizer = train_with(config.data, TokenizerConfig(**settings), output_dir=config.output_dir,
+                           overwrite=config.overwrite, show_progress=config.progress)
+    print(f"{config.algorithm}: vocabulary {len(tokenizer)} -> {config.output_dir} "
+          f"({time.perf_counter() - start:.1f} s)")
     return 0
 
 

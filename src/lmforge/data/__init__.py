@@ -23,11 +23,11 @@ def cache_dir() -> Path:
 def __getattr__(name: str):
     # Lazy: `lmforge data fetch` must not pay for importing `datasets`.
     if name == "load_corpus":
-        from lmforge.data.sources import load_corpus
+        from lmforge.data.sources import load_corpus  # lazy: cycle; imports datasets
 
         return load_corpus
     if name == "fetch_corpus":  # the function behind `lmforge data fetch` (module: data.fetch)
-        from lmforge.data.fetch import fetch
+        from lmforge.data.fetch import fetch  # lazy: fetch imports lmforge.data
 
         return fetch
     raise AttributeError(f"module 'lmforge.data' has no attribute {name!r}")

@@ -33,15 +33,18 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+from datasets import Dataset, Features, List, Value
+from jinja2 import TemplateError
+from transformers import PreTrainedTokenizerBase
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from lmforge.data.collators import IGNORE_INDEX
-from lmforge.data.sources import load_table
+from lmforge.data.pipeline import _MainProcessFirst
+from lmforge.data.sources import load_corpus, load_table
 from lmforge.errors import LmforgeError
-
-if TYPE_CHECKING:
-    from datasets import Dataset
-    from transformers import PreTrainedTokenizerBase
 
 CHAT_VERSION = "1"  # bump when the encoded format changes: invalidates cached datasets
 GET_A_CHAT_TOKENIZER = (
@@ -98,8 +101,6 @@ def _show(value: Any, limit: int = 80) -> str:
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool = False) -> str:
     if not messages:  # apply_chat_template refuses an empty conversation; the template may not
-        from transformers.utils.chat_template_utils import render_jinja_template
-
         rendered, _ = render_jinja_template(conversations=[[]], chat_template=tokenizer.get_chat_template(),
                                             add_generation_prompt=generation_prompt,
                                             **tokenizer.special_tokens_map)
@@ -110,8 +111,6 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation
 def _render_or_explain(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str,
                        generation_prompt: bool = False) -> str:
     """Render, turning a template error into one that names the message the template rejects."""
-    from jinja2 import TemplateError
-
     try:
         return _render(tokenizer, messages, generation_prompt)
     except TemplateError as e:
@@ -293,10 +292,6 @@ def build_sft_dataset(source: Any, split: str, tokenizer: PreTrainedTokenizerBas
             row number): no assistant turn, a role the template rejects, a message without
             role or content.
     """
-    from datasets import Features, List, Value
-
-    from lmforge.data.pipeline import _MainProcessFirst
-
     name = type(source).__name__ if hasattr(source, "column_names") else str(source)
     prefix = f"{name} (split {split!r})"
     check_chat_tokenizer(tokenizer, prefix)
@@ -360,8 +355,6 @@ def chat_generate(model: Any, tokenizer: PreTrainedTokenizerBase, messages: list
     """The assistant's answer to ``messages``: the chat template with the generation prompt,
     ``model.generate`` (greedy and at most 128 new tokens unless ``generate_kwargs`` say
     otherwise), the new text up to the end-of-turn marker or eos (not included)."""
-    import torch
-
     check_chat_tokenizer(tokenizer, "chat_generate")
     messages = _clean_messages(messages, "chat_generate")
     prompt = _render_or_explain(tokenizer, messages, "chat_generate", generation_prompt=True)
@@ -458,8 +451,6 @@ def build_shakespeare_chat(out_dir: str | Path, *, min_lines: int = 4, max_lines
     Speeches of ``min_lines`` to ``max_lines`` lines are used (about 5,000 training rows with the
     defaults). Returns ``out_dir``.
     """
-    from lmforge.data.sources import load_corpus
-
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "validation", "test"):

@@ -29,17 +29,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
+from datasets import ClassLabel, Dataset, Features, List, Value
 
 from lmforge.data.collators import _pad_rows
 from lmforge.data.sources import load_table
 from lmforge.errors import LmforgeError
-
-if TYPE_CHECKING:
-    from datasets import Dataset
 
 ProblemType = Literal["single_label_classification", "multi_label_classification", "regression"]
 PROBLEM_TYPES: tuple[str, ...] = get_args(ProblemType)
@@ -215,8 +213,6 @@ def load_labelled(source: Any, split: str, *, text_column: str, text_pair_column
 
 def _class_label(ds: Dataset, column: str) -> Any:
     """The ``datasets.ClassLabel`` of a label column (or of its lists' items), else None."""
-    from datasets import ClassLabel
-
     feature = ds.features[column]
     inner = getattr(feature, "feature", None)  # List(ClassLabel) for multi-label columns
     return next((f for f in (feature, inner) if isinstance(f, ClassLabel)), None)
@@ -360,8 +356,6 @@ def _encode_labels(values: list[Any], spec: LabelSpec, where: str, column: str) 
 
 
 def _label_feature(spec: LabelSpec) -> Any:
-    from datasets import List, Value
-
     if spec.problem_type == "multi_label_classification":
         return List(Value("float32"), length=spec.num_labels)
     return Value("float32") if spec.problem_type == "regression" else Value("int64")
@@ -392,8 +386,6 @@ def encode_classification(ds: Dataset, tokenizer: Any, spec: LabelSpec, *, text_
             the row, the value and the labels seen in training), or a ``max_length`` that leaves
             no room for text.
     """
-    from datasets import Dataset, Features, List, Value
-
     _check_columns(ds, where, text_column, text_pair_column, label_column)
     specials = tokenizer.num_special_tokens_to_add(pair=text_pair_column is not None)
     if not isinstance(max_length, int) or max_length <= specials:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import DataCollatorForLanguageModeling
 
 from lmforge.errors import LmforgeError
 
@@ -137,8 +138,6 @@ class MLMCollator:
 
     def __init__(self, tokenizer: Any, mlm_probability: float = 0.15, whole_word: bool = False,
                  seed: int = 0, pad_to_multiple_of: int | None = None):
-        from transformers import DataCollatorForLanguageModeling
-
         if tokenizer.mask_token_id is None:
             raise LmforgeError(f"{type(tokenizer).__name__} has no mask token; masked LM needs one "
                                "(train the tokenizer with --special-tokens bert, or use a causal objective)")

@@ -29,16 +29,17 @@ import json
 import re
 from functools import partial
 from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch.distributed as dist
+from datasets import Dataset, Features, IterableDataset, IterableDatasetDict, List, Value
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerBase
 
 from lmforge.data.packing import pack_flat
+from lmforge.data.sources import load_corpus
 from lmforge.errors import LmforgeError
-
-if TYPE_CHECKING:
-    from datasets import Dataset, IterableDataset, IterableDatasetDict
-    from transformers import PreTrainedTokenizerBase
 
 PIPELINE_VERSION = "1"  # bump when the packed format changes: invalidates old caches
 COLUMNS = ("input_ids", "attention_mask", "position_ids", "seq_idx")
@@ -80,8 +81,6 @@ def _backend(tokenizer: PreTrainedTokenizerBase) -> Any:
 
 def _private_backend(tokenizer: PreTrainedTokenizerBase) -> Any:
     """A copy of the Rust tokenizer with truncation and padding off (documents are whole)."""
-    from tokenizers import Tokenizer
-
     backend = Tokenizer.from_str(_backend(tokenizer).to_str())
     backend.no_truncation()
     backend.no_padding()
@@ -200,8 +199,6 @@ def _tokenize_and_pack(batch: dict[str, list], *, encoder: DocumentEncoder, text
 
 
 def _features(block_size: int, document_masks: bool) -> Any:
-    from datasets import Features, List, Value
-
     names = COLUMNS if document_masks else COLUMNS[:2]
     return Features({name: List(Value("int32"), length=block_size) for name in names})
 
@@ -210,21 +207,15 @@ class _MainProcessFirst:
     """Let process 0 build the cache while the others wait, then let them load it."""
 
     def __init__(self):
-        import torch.distributed as dist
-
         self.sync = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.main = not self.sync or dist.get_rank() == 0
 
     def __enter__(self):
         if self.sync and not self.main:
-            import torch.distributed as dist
-
             dist.barrier()
 
     def __exit__(self, *exc):
         if self.sync and self.main:
-            import torch.distributed as dist
-
             dist.barrier()
 
 
@@ -267,8 +258,6 @@ def build_lm_dataset(
     Raises:
         LmforgeError: bad block_size, no text column, or no tokens left after filtering.
     """
-    from lmforge.data import load_corpus
-
     if not isinstance(block_size, int) or block_size < 2:
         raise LmforgeError(f"block_size must be an integer >= 2, got {block_size!r}")
     ds = load_corpus(source, split, streaming=streaming, text_column=text_column)

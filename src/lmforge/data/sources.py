@@ -24,14 +24,15 @@ import glob
 import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
+
+import datasets
+from datasets import Dataset, IterableDataset
 
 from lmforge.data import BUILTIN_CORPORA, SPLITS
 from lmforge.data import cache_dir as default_cache_dir
+from lmforge.data.fetch import is_fetched
 from lmforge.errors import LmforgeError
-
-if TYPE_CHECKING:
-    from datasets import Dataset, IterableDataset
 
 # file suffix -> datasets packaged builder
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
@@ -194,6 +195,19 @@ def available_splits(source: Any) -> list[str] | None:
     return ["train"]
 
 
+def resolve_split(source: Any, split: str | None, *, default: str, what: str) -> str | None:
+    """The split to read for a setting ``what`` (``data.eval_split``...): ``auto`` is ``default``
+    when the source has it and none otherwise; None is none; a split named explicitly must be one
+    the source has (``available_splits``; a source that cannot tell is trusted)."""
+    available = available_splits(source)
+    if split == "auto":
+        return default if available is None or default in available else None
+    if split is not None and available is not None and split not in available:
+        raise LmforgeError(f"{what}: {source} has no split {split!r} (it has: {', '.join(available)}; a file or "
+                           "folder without split names is all training data); name one of those, or null for none")
+    return split
+
+
 def _format_of(files: list[Path]) -> str:
     formats = {FORMATS.get(p.suffix.lower()) for p in files}
     if None in formats:
@@ -210,8 +224,6 @@ def _format_of(files: list[Path]) -> str:
 
 def _load_local(files: list[Path], *, streaming: bool, errors: str, root: Path,
                 sample_by: str) -> Dataset | IterableDataset:
-    import datasets
-
     builder = _format_of(files)
     ready: list[Path] = []
     for path in files:
@@ -231,8 +243,6 @@ def _load_local(files: list[Path], *, streaming: bool, errors: str, root: Path,
 
 
 def _load_builtin(name: str, split: str, *, streaming: bool, root: Path) -> Dataset | IterableDataset:
-    from lmforge.data.fetch import is_fetched
-
     if split not in SPLITS:
         raise LmforgeError(f"{name}: unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     if not is_fetched(name, root):
@@ -243,8 +253,6 @@ def _load_builtin(name: str, split: str, *, streaming: bool, root: Path) -> Data
 
 
 def _load_hub(name: str, split: str, *, streaming: bool) -> Dataset | IterableDataset:
-    import datasets
-
     try:
         return datasets.load_dataset(name, split=split, streaming=streaming)
     except Exception as e:

@@ -43,7 +43,11 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from lmforge.data.collators import MLMCollator
+from lmforge.data.packing import pack_flat
+from lmforge.data.pipeline import DocumentEncoder, separator_id
 from lmforge.errors import LmforgeError
+from lmforge.eval.perplexity import text_bytes_scale, token_byte_lengths
 
 _ENCODE_BATCH = 1000
 _UNLIMITED = 1_000_000  # tokenizers without a limit report model_max_length = 1e30
@@ -56,8 +60,6 @@ DEFAULT_CONTEXT = 1024  # for models without a position limit (Mamba) and no tok
 def token_stream(tokenizer: Any, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """The token ids of ``texts`` (empty ones skipped) and their document lengths, without
     separators, as ``lmforge.data.packing.pack_flat`` takes them."""
-    from lmforge.data.pipeline import DocumentEncoder
-
     encoder = DocumentEncoder(tokenizer)
     tokens, lengths = [], []
     for i in range(0, len(texts), _ENCODE_BATCH):
@@ -73,8 +75,6 @@ def token_stream(tokenizer: Any, texts: Sequence[str]) -> tuple[np.ndarray, np.n
 
 def joined_ids(tokenizer: Any, texts: Sequence[str]) -> np.ndarray:
     """Every text's token ids followed by the document separator, as one (N,) int64 array."""
-    from lmforge.data.pipeline import separator_id
-
     tokens, lengths = token_stream(tokenizer, texts)
     lengths = lengths[lengths > 0]
     return np.insert(tokens, np.cumsum(lengths), separator_id(tokenizer))
@@ -128,6 +128,19 @@ def forward_params(model: Any) -> set[str]:
     """The keyword arguments the model's ``forward`` names (peft and DDP wrappers looked through)."""
     params = inspect.signature(_unwrapped(model).forward).parameters.values()
     return {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def model_inputs_filter(model: Any, collate: Any) -> Any:
+    """``collate`` whose batches keep only the columns the model's forward names, and ``labels``
+    (seq_idx for GPT, position_ids for Mamba, token_type_ids for GPT are dropped)."""
+    names = forward_params(model) | {"labels"}
+
+    def collate_for_model(rows: list[dict]) -> dict:
+        return {k: v for k, v in collate(rows).items() if k in names}
+
+    if hasattr(collate, "set_epoch"):
+        collate_for_model.set_epoch = collate.set_epoch  # dynamic masking per epoch
+    return collate_for_model
 
 
 def _device(model: Any, accelerator: Any) -> torch.device:
@@ -196,8 +209,6 @@ def evaluate_lm_strided(model: Any, tokenizer: Any, texts: Sequence[str], *, max
     Raises:
         LmforgeError: a bad ``max_length``/``stride``, or texts with fewer than two tokens.
     """
-    from lmforge.eval.perplexity import text_bytes_scale, token_byte_lengths
-
     if batch_size < 1:
         raise LmforgeError(f"--batch-size must be at least 1, got {batch_size}")
     max_length, stride = check_window(model, tokenizer, max_length, stride)
@@ -276,10 +287,6 @@ def evaluate_mlm(model: Any, tokenizer: Any, texts: Sequence[str], *, max_length
     Returns:
         ``loss``, ``perplexity``, ``masked_accuracy``, ``masked_tokens``, ``tokens``, ``max_length``.
     """
-    from lmforge.data.collators import MLMCollator
-    from lmforge.data.packing import pack_flat
-    from lmforge.data.pipeline import separator_id
-
     if batch_size < 1:
         raise LmforgeError(f"--batch-size must be at least 1, got {batch_size}")
     max_length, _ = check_window(model, tokenizer, max_length, None)

@@ -19,7 +19,7 @@ from lmforge.data.batches import eval_batches
 from lmforge.data.classification import ClassificationCollator, LabelSpec, encode_classification
 from lmforge.errors import LmforgeError
 from lmforge.eval.classification import evaluate_classifier
-from lmforge.eval.lm import evaluate_lm_strided, evaluate_mlm, forward_params, model_context
+from lmforge.eval.lm import evaluate_lm_strided, evaluate_mlm, model_context, model_inputs_filter
 from lmforge.runs import ADAPTER_CONFIG, LoadedModel, ModelFolder, auto_class_for, read_json
 
 Kind = Literal["causal", "mlm", "classification"]
@@ -75,15 +75,10 @@ def evaluate_classification(loaded: LoadedModel, ds: Any, *, where: str, text_co
                                     label_column=label_column, max_length=length, where=where)
     keep = [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels") if c in encoded.column_names]
     encoded = encoded.select_columns(keep)
-    names = forward_params(model) | {"labels"}
-    collate = ClassificationCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-                                     spec.problem_type)
-
-    def collate_for_model(rows: list[dict]) -> dict:
-        return {k: v for k, v in collate(rows).items() if k in names}
-
+    collate = model_inputs_filter(model, ClassificationCollator(
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, spec.problem_type))
     ranks = {"process_index": accelerator.process_index, "num_processes": accelerator.num_processes} if accelerator else {}
-    batches = eval_batches(encoded, batch_size, collate_for_model, **ranks)
+    batches = eval_batches(encoded, batch_size, collate, **ranks)
     metrics = evaluate_classifier(model, batches, problem_type=spec.problem_type, accelerator=accelerator)
     return {**metrics, "rows": len(encoded), "max_length": length}
 

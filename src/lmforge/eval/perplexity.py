@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
@@ -99,8 +100,6 @@ def target_shift(model: nn.Module) -> int:
 
     Read from the loss transformers would use for the model (``loss_type``), like its Trainer.
     """
-    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
-
     model = getattr(model, "_orig_mod", model)
     model = getattr(model, "module", model)
     loss = LOSS_MAPPING.get(getattr(model, "loss_type", None) or "")

@@ -41,14 +41,25 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
+import transformers
 import yaml
 
-from lmforge.config import Option, build_dataclass, load_config, load_yaml, merge, nest, to_dict
+import lmforge
+from lmforge.config import (
+    Option,
+    build_dataclass,
+    load_config,
+    load_yaml,
+    merge,
+    nest,
+    resolve_input_paths,
+    to_dict,
+)
 from lmforge.data.pipeline import build_lm_dataset
 from lmforge.errors import LmforgeError, closest
 from lmforge.experiments.results import run_row, write_results
-from lmforge.presets import find_preset
-from lmforge.runs import SWEEP_FILE, check_run_dir, load_tokenizer
+from lmforge.presets import find_preset, is_packaged
+from lmforge.runs import SWEEP_FILE, check_run_dir, has_tokenizer, load_tokenizer
 from lmforge.tokenizers import train_tokenizer
 from lmforge.tokenizers.algorithms import minimum_vocab_size
 from lmforge.tokenizers.train import resolve_special_tokens
@@ -61,7 +72,7 @@ from lmforge.train.model_presets import (
     load_preset,
     resolve_preset,
 )
-from lmforge.train.pretrain import pretrain
+from lmforge.train.pretrain import pretrain, with_resolved_splits
 
 RUN_CONFIG = "ablate.yaml"  # the run's pretraining configuration (the worker reads it)
 OUTCOME = "ablation.json"  # written by the worker when the run finished (completed or diverged)
@@ -130,7 +141,7 @@ class AblateConfig:
             kept, unfinished ones continue from their last checkpoint, new variants run.
     """
 
-    base: Annotated[Any, Option(input_path=True)] = None
+    base: Annotated[Any, Option(input_path=True, schema=PretrainConfig)] = None
     budget: BudgetSection = field(default_factory=BudgetSection)
     seeds: list[int] = field(default_factory=lambda: [0])
     baseline: str | None = None
@@ -241,7 +252,10 @@ def _base_values(config: AblateConfig, source: str) -> tuple[dict[str, Any], str
         return dict(base), f"{source}: base"
     if isinstance(base, (str, Path)):
         path = find_preset("pretrain", str(base))
-        return load_yaml(path), str(path)
+        values = load_yaml(path)
+        if not is_packaged(path):  # its input paths are relative to its own folder, as for pretrain --config
+            values = resolve_input_paths(PretrainConfig, values, path.expanduser().resolve().parent)
+        return values, str(path)
     raise LmforgeError(f"{source}: base must be a YAML file path or a mapping, got {base!r}")
 
 
@@ -276,8 +290,6 @@ def _budget_values(config: AblateConfig, resolved: PretrainConfig) -> dict[str, 
 
 def _check_model(resolved: PretrainConfig, where: str) -> None:
     """The model settings of a variant: every key declared, every value accepted by the config class."""
-    import transformers
-
     preset = resolve_preset(resolved.model.preset)
     if preset.is_dir():
         if resolved.model.overrides:
@@ -300,7 +312,9 @@ def plan(config: AblateConfig, source: str = "sweep") -> Plan:
         meant = "".join(f"; did you mean {m!r}?" for m in closest(baseline, list(variants))[:1])
         raise LmforgeError(f"{source}: baseline {baseline!r} is not a variant{meant} (variants: {', '.join(variants)})")
     base_values, base_source = _base_values(config, source)
-    base = build_dataclass(PretrainConfig, base_values, source=base_source)
+    base = with_resolved_splits(build_dataclass(PretrainConfig, base_values, source=base_source))
+    base_values = merge(base_values, {"data": {"train_split": base.data.train_split,
+                                               "eval_split": base.data.eval_split}})
     if not base.data.eval_split or base.data.eval_split == "test":
         raise LmforgeError(f"{base_source}: data.eval_split is {base.data.eval_split!r}; variants are compared on "
                            "a validation split (the test split stays untouched for final reports)")
@@ -337,7 +351,7 @@ def plan(config: AblateConfig, source: str = "sweep") -> Plan:
             resolved = build_dataclass(PretrainConfig, merge(values, nest(controls)), source=where)
             if seed == seeds[0]:
                 _check_model(resolved, where)
-                if choice is None and not Path(resolved.data.tokenizer).is_dir():
+                if choice is None and not has_tokenizer(Path(resolved.data.tokenizer)):
                     raise LmforgeError(f"{where}: data.tokenizer {resolved.data.tokenizer!r} is not a tokenizer "
                                        "folder; train one with 'lmforge tokenizer train', or let the sweep "
                                        "train them (tokenizer: {algorithm: bpe, vocab_size: 2048})")
@@ -410,8 +424,6 @@ def pack_data(the_plan: Plan) -> None:
 
 def _child_env() -> dict[str, str]:
     """The environment of a run's process: this lmforge importable, the parent's settings kept."""
-    import lmforge
-
     src = str(Path(lmforge.__file__).resolve().parents[1])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
@@ -534,7 +546,7 @@ def _peak_memory_mb() -> float:
 
     Linux's VmHWM belongs to this program's own memory; ``ru_maxrss`` would carry over the
     parent's peak through fork and exec (the sweep's process holds the packed data)."""
-    import resource
+    import resource  # Unix only: a top-level import would break importing this module on Windows
 
     status = Path("/proc/self/status")
     hwm = re.search(r"^VmHWM:\s+(\d+) kB", status.read_text(), re.M) if status.is_file() else None

@@ -173,10 +173,10 @@ def markdown_table(rows: list[dict[str, Any]], *, metric: str, baseline: str, bu
 
 def _plt():
     try:
-        import matplotlib
+        import matplotlib  # optional (lmforge[plot]): no plots without it
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # after use("Agg"): needs no display
     except ImportError:
         return None
     return plt

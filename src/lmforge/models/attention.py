@@ -17,7 +17,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.masking_utils import (
+    create_bidirectional_mask,
+    create_causal_mask,
+    find_packed_sequence_indices,
+    packed_sequence_mask_function,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .dropout import apply_dropout
@@ -154,11 +159,15 @@ def build_attention_mask(
             allow_is_causal_skip=not alibi,
         )
     else:
+        # packed documents: transformers reads position_ids for this only in the causal mask (and, from
+        # 5.25, in the bidirectional one); the same segments through and_mask_function work on 5.24 too
+        packed = find_packed_sequence_indices(position_ids) if position_ids is not None and cache is None else None
         mask = create_bidirectional_mask(
             config=config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             cache=cache,
+            and_mask_function=packed_sequence_mask_function(packed) if packed is not None else None,
             allow_is_bidirectional_skip=not alibi,
         )
     if not alibi:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from lmforge.runs import auto_class_name, has_tokenizer
 from lmforge.train.hooks import RunSummary
@@ -172,8 +173,6 @@ def dataset_name(source: str) -> str:
 
 
 def _eval_results(facts: CardFacts) -> list[Any]:
-    from huggingface_hub import EvalResult
-
     rows, dataset = [], dataset_name(facts.dataset)
     for split, metrics in facts.results.items():
         for name, value in metrics.items():
@@ -188,8 +187,6 @@ def _eval_results(facts: CardFacts) -> list[Any]:
 
 def build_card(folder: str | Path, facts: CardFacts) -> Any:
     """The ``huggingface_hub.ModelCard`` for the model in ``folder`` described by ``facts``."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     folder = Path(folder)
     eval_results = _eval_results(facts)
     data = ModelCardData(

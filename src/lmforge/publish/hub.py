@@ -34,11 +34,12 @@ from accelerate import PartialState
 from huggingface_hub import HfApi, ModelCard, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from tqdm.auto import tqdm
 
 from lmforge.errors import LmforgeError
 from lmforge.export.convert import convert_folder
 from lmforge.publish.cards import build_card, folder_facts, retarget, run_facts, write_card
-from lmforge.runs import BUILTIN_MODELS, find_model, has_tokenizer, is_local_path, link_or_copy
+from lmforge.runs import builtin_hub_id, find_model, has_tokenizer, is_local_path, link_or_copy
 from lmforge.train.hooks import Export, RunHooks, RunSummary
 
 # the files of a folder that are published (hidden files, pickles, optimizer states never are)
@@ -134,6 +135,8 @@ def adapter_base(folder: Path, base_model: str | None) -> str:
         return check_model_id(base_model, "--hub-base-model")
     if recorded and not is_local_path(recorded):
         return recorded
+    if recorded and builtin_hub_id(recorded):  # the PyPI copy of a Hub model: name the Hub's
+        return builtin_hub_id(recorded)
     raise LmforgeError(
         f"{folder}/adapter_config.json: the adapter's base model is {recorded!r}, a folder on this disk that "
         "nobody who downloads the adapter has. Publish the base first (lmforge push BASE_DIR USER/BASE) "
@@ -341,12 +344,7 @@ class BackgroundPusher:
 
 
 def _write(line: str) -> None:
-    try:
-        from tqdm.auto import tqdm
-
-        tqdm.write(line)
-    except ImportError:
-        print(line, flush=True)
+    tqdm.write(line)
 
 
 def summary_of_pushes(repo_id: str, outcomes: list[PushOutcome]) -> str:
@@ -376,8 +374,8 @@ def hub_base_model(model_path: str, *, method: str, base_model: str | None) -> s
     (before training: nobody who downloads the adapter could load it)."""
     if base_model:
         return check_model_id(base_model, "hub_base_model")
-    if model_path.lower() in BUILTIN_MODELS:
-        return BUILTIN_MODELS[model_path.lower()][2]
+    if builtin_hub_id(model_path):
+        return builtin_hub_id(model_path)
     if not is_local_path(model_path):
         return model_path
     if method != "lora":

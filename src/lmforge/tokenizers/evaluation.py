@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from lmforge.data.sources import iter_text_batches
 from lmforge.errors import LmforgeError
 
 COLUMNS = [  # (key, header, format)
@@ -39,8 +40,6 @@ def evaluate_tokenizer(tokenizer: Any, texts: Any, *, name: str | None = None,
                        batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
     """Measure one tokenizer on ``texts`` (a dataset with a ``text`` column or an iterable of
     strings), streaming over batches. Returns a dict with the table's columns."""
-    from lmforge.data.sources import iter_text_batches
-
     unk_id = tokenizer.unk_token_id
     n_tokens = n_words = n_bytes = n_unk = lines = exact = 0
     seconds = 0.0

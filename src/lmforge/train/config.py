@@ -151,7 +151,8 @@ class DataSection:
         tokenizer: folder of a saved tokenizer (lmforge tokenizer train ... --output-dir DIR).
         block_size: tokens per packed training row.
         train_split: split to train on.
-        eval_split: held-out split for evaluation (null: no evaluation).
+        eval_split: held-out split for evaluation (auto: the validation split when the data has one;
+            null: no evaluation). A split named and missing is an error.
         text_column: the column holding the text.
         streaming: stream the corpus instead of loading it (corpora larger than memory).
         document_masks: keep attention/state inside each packed document.
@@ -163,7 +164,7 @@ class DataSection:
     tokenizer: Annotated[str, Option(input_path=True)] = ""
     block_size: int = 256
     train_split: str = "train"
-    eval_split: str | None = "validation"
+    eval_split: str | None = "auto"
     text_column: str = "text"
     streaming: bool = False
     document_masks: bool = True

@@ -20,10 +20,23 @@ built before would hold dead tensors) -> ``accelerator.prepare(model, optimizer,
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from lmforge.errors import LmforgeError
 
@@ -71,9 +84,6 @@ def shard_model(accelerator: Any, model: nn.Module, strategy: Strategy = "ddp") 
 
 
 def _fully_shard(model: nn.Module, accelerator: Any) -> nn.Module:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
@@ -103,8 +113,6 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 def is_sharded(model: nn.Module) -> bool:
     """True when the model's parameters are FSDP2 ``DTensor`` shards."""
-    from torch.distributed.tensor import DTensor
-
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
@@ -133,8 +141,6 @@ def strategy_name(accelerator: Any, model: nn.Module) -> str:
 
 
 def _backend_name() -> str:
-    import torch.distributed as dist
-
     return dist.get_backend() if dist.is_available() and dist.is_initialized() else "no backend"
 
 
@@ -146,8 +152,6 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if not is_sharded(model):
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         return inner.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return _drop_tied(model, state)
 
@@ -182,12 +186,6 @@ def _sharded_pairs(accelerator: Any, models: list[nn.Module]) -> list[tuple[int,
 
 
 def _save_full_state(accelerator: Any, models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     for i, model, opts in _sharded_pairs(accelerator, models):
         weights[i] = _drop_tied(model, get_model_state_dict(model, options=options))  # collective
@@ -202,14 +200,6 @@ def _once(value: dict, opt: Any) -> dict:
 
 
 def _load_full_state(accelerator: Any, models: list[nn.Module], input_dir: str) -> None:
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-    )
-
     options = StateDictOptions(full_state_dict=True)
     for i, model, opts in reversed(_sharded_pairs(accelerator, models)):
         name = "model.safetensors" if i == 0 else f"model_{i}.safetensors"
@@ -227,8 +217,6 @@ def _load_full_state(accelerator: Any, models: list[nn.Module], input_dir: str) 
 
 
 def _load_optimizer(model: nn.Module, opt: Any, options: Any, full: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
     del opt.load_state_dict
     set_optimizer_state_dict(model, opt.optimizer, full, options=options)
 

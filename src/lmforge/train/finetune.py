@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, TaskType, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, TaskType, get_peft_model
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
-from safetensors.torch import load_file
 from torch import nn
 
+from lmforge import runs
 from lmforge.config import to_dict
 from lmforge.data.batches import BatchStream, eval_batches
 from lmforge.data.chat import build_sft_dataset, check_chat_tokenizer
@@ -42,36 +42,21 @@ from lmforge.data.classification import (
     load_labelled,
 )
 from lmforge.data.collators import CausalLMCollator
-from lmforge.data.sources import available_splits
+from lmforge.data.sources import resolve_split
 from lmforge.errors import LmforgeError
 from lmforge.eval.classification import evaluate_classifier
+from lmforge.eval.lm import model_inputs_filter
 from lmforge.eval.perplexity import evaluate_lm, token_byte_lengths
-from lmforge.runs import (
-    CHECKPOINTS,
-    CONFIG_FILE,
-    FINAL,
-    METRICS_FILE,
-    check_launch,
-    check_run_dir,
-    find_model,
-    is_local_path,
-    load_pretrained,
-    load_tokenizer,
-    read_metrics,
-    resolve_model_source,
-    resolve_resume,
-    start_run_dir,
-)
 from lmforge.train import distributed
 from lmforge.train.config import FinetuneConfig
 from lmforge.train.hooks import RunHooks, RunSummary
 from lmforge.train.loop import ModelSelection, Trainer, TrainResult, make_accelerator, rows_of
 from lmforge.train.model_presets import count_parameters
-from lmforge.train.pretrain import model_inputs_filter, set_generation_ids
+from lmforge.train.saving import inner_model, load_saved_weights, save_model_folder
 from lmforge.train.tracking import plot_loss_curve
 
 RESULTS_FILE = "eval_results.json"
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINTS, "best", FINAL, RESULTS_FILE, "loss.png")
+RUN_FILES = (*runs.RUN_FILES, "best", RESULTS_FILE)
 
 # LoRA target modules per model_type when lora.target_modules is not set (peft's own table covers
 # the stock families it knows; ours and Mamba are added here)
@@ -99,8 +84,8 @@ class FinetuneResult:
 def resolve_model_path(path: str) -> str:
     """``model.path`` -> what ``from_pretrained`` should read: the model of any folder lmforge wrote
     (``lmforge.runs.find_model``), a built-in model, or a Hub id."""
-    source = resolve_model_source(path, what="model.path")
-    if is_local_path(source) and find_model(source, what="model.path").is_adapter:
+    source = runs.resolve_model_source(path, what="model.path")
+    if runs.is_local_path(source) and runs.find_model(source, what="model.path").is_adapter:
         raise LmforgeError(f"model.path: {path} holds a LoRA adapter, not a model; merge it first "
                            f"(lmforge merge {path} --output-dir DIR) and fine-tune DIR")
     return source
@@ -110,7 +95,7 @@ def finetune_tokenizer(config: FinetuneConfig, model_path: str) -> Any:
     """``data.tokenizer``, or the tokenizer saved with the model; a pad token is guaranteed."""
     source = config.data.tokenizer or model_path
     what = "data.tokenizer" if config.data.tokenizer else f"model.path {model_path} (its tokenizer)"
-    tokenizer = load_tokenizer(source, what=what, trust_remote_code=config.model.trust_remote_code)
+    tokenizer = runs.load_tokenizer(source, what=what, trust_remote_code=config.model.trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise LmforgeError(f"{what}: the tokenizer has neither a pad nor an eos token to pad batches with")
@@ -146,7 +131,7 @@ def load_base_model(config: FinetuneConfig, model_path: str, tokenizer: Any,
     else:
         auto = "AutoModelForCausalLM"
     torch.manual_seed(config.train.seed)  # the new head's initialisation
-    model, info = load_pretrained(auto, model_path, what="model.path",
+    model, info = runs.load_pretrained(auto, model_path, what="model.path",
                                   trust_remote_code=config.model.trust_remote_code, **kwargs)
     new_keys = sorted(set(info.get("missing_keys", [])) | {k for k, *_ in info.get("mismatched_keys", [])})
     new_modules = sorted({key.rsplit(".", 1)[0] for key in new_keys})
@@ -192,11 +177,6 @@ def apply_lora(model: nn.Module, config: FinetuneConfig, new_modules: list[str])
     return get_peft_model(model, peft_config)
 
 
-def base_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (the model itself otherwise)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 # ----------------------------------------------------------------------------------- data
 
 
@@ -222,16 +202,10 @@ def _sample(ds: Any, rows: int | None, seed: int) -> Any:
 
 
 def resolve_splits(data: Any) -> dict[str, str | None]:
-    """The split names to read (``data``: the FinetuneDataSection): ``auto`` for eval_split and
-    test_split means the source's validation (test) split when it has one, none otherwise; a
-    split named explicitly is read, and a missing one is an error when it is loaded."""
-    available = available_splits(data.source)
-    splits = {"train": data.train_split}
-    for key, split, default in (("eval", data.eval_split, "validation"), ("test", data.test_split, "test")):
-        if split == "auto":
-            split = default if available is None or default in available else None
-        splits[key] = split
-    return splits
+    """The split names to read (``data``: the FinetuneDataSection), see ``resolve_split``."""
+    return {"train": resolve_split(data.source, data.train_split, default="train", what="data.train_split"),
+            "eval": resolve_split(data.source, data.eval_split, default="validation", what="data.eval_split"),
+            "test": resolve_split(data.source, data.test_split, default="test", what="data.test_split")}
 
 
 def load_data(config: FinetuneConfig, tokenizer: Any, splits: dict[str, str | None]) -> _Data:
@@ -300,32 +274,6 @@ def _selection_metric(config: FinetuneConfig, spec: Any | None) -> tuple[str, bo
     return metric, greater
 
 
-# ----------------------------------------------------------------------------------- saving
-
-
-def save_model(model: nn.Module, folder: Path, tokenizer: Any) -> None:
-    """``save_pretrained`` of the model (or, under peft, the adapter) with the tokenizer."""
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-
-
-def load_saved_weights(model: nn.Module, folder: Path) -> None:
-    """Load the weights ``save_model`` wrote into ``folder`` back into ``model`` (in place)."""
-    if hasattr(model, "peft_config"):
-        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
-        return
-    state: dict[str, torch.Tensor] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith(("lm_head.weight", "decoder.weight"))}
-    if unexpected or set(missing) - tied:
-        raise LmforgeError(f"{folder}: the saved weights do not fit the model (missing "
-                           f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-
-
 # ----------------------------------------------------------------------------------- the task
 
 
@@ -339,9 +287,9 @@ def finetune(config: FinetuneConfig, *, hooks: RunHooks | None = None) -> Finetu
     hooks = hooks or RunHooks()
     run_dir = Path(config.output_dir)
     accelerator = make_accelerator(run_dir, config.train.mixed_precision)
-    check_launch(accelerator)  # first: a broken launch must not race on the run folder
-    checkpoint = resolve_resume(config.resume, run_dir)
-    check_run_dir(run_dir, resuming=config.resume is not None, overwrite=config.overwrite, files=RUN_FILES)
+    runs.check_launch(accelerator)  # first: a broken launch must not race on the run folder
+    checkpoint = runs.resolve_resume(config.resume, run_dir)
+    runs.check_run_dir(run_dir, resuming=config.resume is not None, overwrite=config.overwrite, files=RUN_FILES)
     is_main = accelerator.is_main_process
 
     model_path = resolve_model_path(config.model.path)
@@ -366,20 +314,22 @@ def finetune(config: FinetuneConfig, *, hooks: RunHooks | None = None) -> Finetu
     if train.epochs is not None:
         train.max_steps = max(1, math.ceil(train.epochs * len(train_data)))
 
-    evaluate = _evaluator(config, data, collate, accelerator, tokenizer, model)
-    select = _model_selection(config, data, run_dir, accelerator, tokenizer) if evaluate is not None else None
+    evaluate = _evaluator(config, data, collate, accelerator, tokenizer, model)  # eval and/or test split
+    periodic = evaluate is not None and data.eval is not None
+    select = _model_selection(config, data, run_dir, accelerator, tokenizer) if periodic else None
     summarize = _summarizer(config, model_path, trainable, total)
 
     def export(folder: Path | None) -> RunSummary | None:  # a checkpoint's model or adapter
         if folder is None:  # not the main process (fine-tuning does not shard)
             return None
-        inner = export_model(trainer.accelerator.unwrap_model(trainer.model), folder, tokenizer, config)
+        inner = save_model_folder(trainer.accelerator.unwrap_model(trainer.model), tokenizer, folder,
+                                  generation=config.task == "sft")
         state = trainer.state
         return summarize(inner, step=state.step, tokens_seen=state.tokens_seen, elapsed=state.elapsed_seconds,
                          metrics={}, status=f"checkpoint of a {state.total_steps}-step run")
 
     trainer = Trainer(model, train_data, train, config.optim, run_dir, accelerator=accelerator,
-                      evaluate=(lambda m, final: evaluate(m, "eval", final)) if evaluate else None,
+                      evaluate=(lambda m, final: evaluate(m, "eval", final)) if periodic else None,
                       count_targets=rows_of if config.task == "classification" else None, select=select,
                       on_checkpoint=lambda trainer, path: hooks.on_checkpoint(trainer, path, export))
     if checkpoint is not None:
@@ -387,12 +337,12 @@ def finetune(config: FinetuneConfig, *, hooks: RunHooks | None = None) -> Finetu
     accelerator.wait_for_everyone()  # every process passed every check
     strategy = distributed.strategy_name(accelerator, trainer.model)  # what really runs, after prepare
     if is_main:
-        start_run_dir(run_dir, config, clear=config.overwrite and config.resume is None,
+        runs.start_run_dir(run_dir, config, clear=config.overwrite and config.resume is None,
                       restart=config.resume is not None and checkpoint is None, files=RUN_FILES)
         untested = "" if data.test is not None else "; no test split: nothing will be tested"
         unevaluated = "" if data.eval is not None else "; no validation split: no evaluation during training"
         print(f"lmforge finetune: {config.task} ({config.method}) of {model_path}: "
-              f"{type(base_model(model)).__name__}, trainable {trainable:,} of {total:,} parameters "
+              f"{type(inner_model(model)).__name__}, trainable {trainable:,} of {total:,} parameters "
               f"({100 * trainable / total:.2f}%), {len(data.train):,} training rows ({splits['train']}), "
               f"{train.max_steps} steps, strategy {strategy}, {accelerator.num_processes} process(es), "
               f"run folder {run_dir}" + (f", resuming from {checkpoint}" if checkpoint else "")
@@ -419,7 +369,7 @@ def _model_selection(config: FinetuneConfig, data: _Data, run_dir: Path, acceler
             tmp, old = run_dir / ".best-tmp", run_dir / ".best-old"
             for stale in (tmp, old):
                 shutil.rmtree(stale, ignore_errors=True)
-            save_model(accelerator.unwrap_model(prepared), tmp, tokenizer)
+            save_model_folder(accelerator.unwrap_model(prepared), tokenizer, tmp, generation=False)
             (tmp / "best_step.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
             if best_dir.exists():
                 best_dir.rename(old)
@@ -441,10 +391,10 @@ def _finish(trainer: Trainer, result: TrainResult, config: FinetuneConfig, data:
             load_saved_weights(unwrapped, run_dir / "best")  # the selected model, on every process
             if is_main:
                 print(f"selected the model of step {result.best_step} ({select.metric} {result.best_value:.4f})")
-        if evaluate is not None:
+        if data.eval is not None:
             metrics["eval"] = evaluate(trainer.model, "eval", True)
-            if data.test is not None:
-                metrics["test"] = evaluate(trainer.model, "test", True)
+        if data.test is not None:
+            metrics["test"] = evaluate(trainer.model, "test", True)
         if is_main:
             final_dir, summary = _save_final(unwrapped, tokenizer, config, result, metrics, summarize)
     accelerator.wait_for_everyone()
@@ -453,13 +403,13 @@ def _finish(trainer: Trainer, result: TrainResult, config: FinetuneConfig, data:
 
 def _evaluator(config: FinetuneConfig, data: _Data, collate: Any, accelerator: Any, tokenizer: Any,
                model: nn.Module) -> Any:
-    """``evaluate(model, "eval" | "test", final) -> metrics``, or None without an eval split."""
-    if data.eval is None:
+    """``evaluate(model, "eval" | "test", final) -> metrics``, or None without eval and test splits."""
+    if data.eval is None and data.test is None:
         return None
     ranks = dict(process_index=accelerator.process_index, num_processes=accelerator.num_processes)
     batch_size, limit = config.train.micro_batch_size, config.train.eval_batches
     splits = {"eval": data.eval, "test": data.test}
-    if limit is not None:  # periodic evaluations see a fixed random sample, not a (sorted?) file's head
+    if limit is not None and data.eval is not None:  # periodic ones: a fixed random sample, not a file's head
         rows = limit * batch_size * accelerator.num_processes
         splits["eval-sample"] = _sample(data.eval, rows, config.train.seed)
 
@@ -472,25 +422,12 @@ def _evaluator(config: FinetuneConfig, data: _Data, collate: Any, accelerator: A
                                        accelerator=accelerator)
         return evaluate
 
-    byte_lengths = token_byte_lengths(tokenizer, base_model(model).config.vocab_size)
+    byte_lengths = token_byte_lengths(tokenizer, inner_model(model).config.vocab_size)
 
     def evaluate_sft(prepared: nn.Module, split: str, final: bool) -> dict[str, float]:
         batches = eval_batches(rows_of_split(split, final), batch_size, collate, None, **ranks)
         return evaluate_lm(prepared, batches, byte_lengths=byte_lengths, accelerator=accelerator, shift=1)
     return evaluate_sft
-
-
-def export_model(model: nn.Module, folder: Path, tokenizer: Any, config: FinetuneConfig) -> nn.Module:
-    """Save the (unwrapped) model, or under peft the adapter with the fine-tuned config (labels) and
-    generation settings, and the tokenizer into ``folder``; returns the inner transformers model."""
-    inner = base_model(model)
-    generation = set_generation_ids(inner, tokenizer) if config.task == "sft" else None
-    save_model(model, folder, tokenizer)
-    if hasattr(model, "peft_config"):  # the adapter's labels (id2label, problem_type) and generation settings
-        inner.config.save_pretrained(folder)
-        if generation is not None:
-            generation.save_pretrained(folder)
-    return inner
 
 
 def _summarizer(config: FinetuneConfig, model_path: str, trainable: int, total: int) -> Any:
@@ -511,18 +448,18 @@ def _save_final(model: nn.Module, tokenizer: Any, config: FinetuneConfig, result
     """final/: the selected model or adapter, tokenizer, generation config, loss plot;
     eval_results.json. Returns the folder and its summary."""
     run_dir = Path(config.output_dir)
-    final = run_dir / FINAL
+    final = run_dir / runs.FINAL
     if final.exists():
         shutil.rmtree(final)
-    inner = export_model(model, final, tokenizer, config)
+    inner = save_model_folder(model, tokenizer, final, generation=config.task == "sft")
     results = {"step": result.step, "status": result.status, "best_step": result.best_step, **metrics}
     for folder in (run_dir, final):
         (folder / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     logged = {f"{split}_{k}": v for split, values in metrics.items() for k, v in values.items()}
     if logged:
-        with open(run_dir / METRICS_FILE, "a") as f:
+        with open(run_dir / runs.METRICS_FILE, "a") as f:
             f.write(json.dumps({"step": result.step, "selected_step": result.best_step, **logged}) + "\n")
-    plot = plot_loss_curve(read_metrics(run_dir), run_dir / "loss.png",
+    plot = plot_loss_curve(runs.read_metrics(run_dir), run_dir / "loss.png",
                            title=f"{config.task} fine-tuning of {config.model.path}")
     if plot is not None:
         shutil.copy(plot, final / "loss.png")

@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lmforge.data.batches import BatchStream
 from lmforge.errors import LmforgeError
@@ -107,12 +109,10 @@ def rows_of(batch: dict[str, torch.Tensor]) -> int:
 def make_accelerator(run_dir: str | Path, mixed_precision: str = "no", *, trackers: bool = True):
     """The Accelerator the loop expects: scheduler stepped once per optimizer step, and
     tensorboard logging into ``run_dir`` when tensorboard is installed."""
-    from accelerate import Accelerator
-
     log_with = None
     if trackers:
         try:
-            import tensorboard  # noqa: F401
+            import tensorboard  # noqa: F401  (optional, lmforge[tensorboard]: logs only when installed)
 
             log_with = "tensorboard"
         except ImportError:
@@ -263,6 +263,11 @@ class Trainer:
             self.accelerator.wait_for_everyone()
         self.state = state
         self.last_checkpoint = checkpoint
+        if (state.total_steps != self.config.max_steps and self.config.max_minutes is None
+                and self.accelerator.is_main_process):
+            print(f"note: {checkpoint} belongs to a run of {state.total_steps} steps (its learning-rate schedule "
+                  f"ends there), which continues as it was; train.max_steps {self.config.max_steps} applies to a "
+                  "new run (start one from this run's final model to train longer)", flush=True)
 
     # --------------------------------------------------------------------------- one step
 
@@ -317,8 +322,6 @@ class Trainer:
         """torch's clip_grad_norm_ is what accelerate ends up calling for plain tensors without an
         fp16 grad scaler; calling it directly avoids accelerate's per-call package probing (~5 ms
         a step, measured in benchmarks/bench_train.py). Sharded/DeepSpeed/fp16 go through accelerate."""
-        from torch.distributed.tensor import DTensor
-
         kind = distributed_kind(self.accelerator)
         return (kind in ("NO", "MULTI_CPU", "MULTI_GPU") and self.accelerator.mixed_precision != "fp16"
                 and not any(isinstance(p, DTensor) for p in self._params))

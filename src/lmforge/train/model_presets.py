@@ -3,10 +3,16 @@ keys or a saved model folder; and the checks that it fits the tokenizer and the 
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
 import yaml
+from torch import nn
+from transformers import CONFIG_MAPPING
 
 from lmforge.errors import LmforgeError, closest
 from lmforge.presets import find_preset
@@ -50,9 +56,6 @@ def build_model(objective: str, preset: str, tokenizer: Any, *, overrides: dict[
     every token id). ``block_size`` is checked against the model's positions. Raises
     ``LmforgeError`` naming the field for every mismatch.
     """
-    import torch
-    import transformers
-
     auto = getattr(transformers, _AUTO_CLASS[objective])
     path = resolve_preset(preset)
     n_tokens = len(tokenizer)
@@ -92,9 +95,6 @@ _GENERIC_CONFIG_KEYS = {"attn_implementation", "output_attentions", "bos_token_i
 def config_keys(config_class: type) -> set[str]:
     """The settings a config class declares: its fields and ``__init__`` parameters, their aliases
     (``attribute_map``) and the generic ones every ``PreTrainedConfig`` reads."""
-    import dataclasses
-    import inspect
-
     keys = set(inspect.signature(config_class.__init__).parameters) - {"self", "args", "kwargs"}
     if dataclasses.is_dataclass(config_class):
         keys |= {f.name for f in dataclasses.fields(config_class)}
@@ -104,8 +104,6 @@ def config_keys(config_class: type) -> set[str]:
 def check_config_keys(values: dict[str, Any], overrides: dict[str, Any], preset: Path) -> None:
     """Refuse a setting the model's config class does not declare (a typo would otherwise be kept
     as a stray attribute while the preset's value silently applies), naming the closest valid one."""
-    from transformers import CONFIG_MAPPING
-
     model_type = values["model_type"]
     if model_type not in CONFIG_MAPPING:
         raise LmforgeError(f"{preset}: unknown model_type {model_type!r}; lmforge presets use lmforge_gpt, "
@@ -138,8 +136,6 @@ def check_model_fits(model: Any, tokenizer: Any, block_size: int | None, *, sour
 def count_parameters(model: Any, *, exclude_embeddings: bool = False, trainable_only: bool = False) -> int:
     """Parameters (tied weights counted once), optionally without embedding tables or only those
     that train (``requires_grad``)."""
-    from torch import nn
-
     skip = set()
     if exclude_embeddings:
         for m in model.modules():

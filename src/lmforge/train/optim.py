@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lmforge.errors import LmforgeError
 from lmforge.train.config import OptimConfig
@@ -189,8 +190,6 @@ def build_optimizer(model: nn.Module, config: OptimConfig, *, log: bool = False)
     if not matrices:
         raise LmforgeError(f"optim.name: muon: {type(model).__name__} has no trainable linear layers inside "
                            "repeated blocks for Muon to update; use optim.name: adamw")
-    from torch.distributed.tensor import DTensor
-
     if any(isinstance(p, DTensor) for p in matrices):
         raise LmforgeError("optim.name: muon needs each weight matrix whole on every process, but the model "
                            "is sharded (FSDP); use distributed: ddp with muon, or optim.name: adamw")

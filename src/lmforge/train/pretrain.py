@@ -7,44 +7,32 @@
 
 from __future__ import annotations
 
-import inspect
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from lmforge import runs
 from lmforge.config import to_dict
 from lmforge.data.batches import BatchStream, eval_batches
 from lmforge.data.collators import CausalLMCollator, MLMCollator
 from lmforge.data.pipeline import build_lm_dataset
-from lmforge.data.sources import load_corpus
+from lmforge.data.sources import load_corpus, resolve_split
 from lmforge.errors import LmforgeError
+from lmforge.eval.lm import model_inputs_filter
 from lmforge.eval.perplexity import (
     evaluate_lm,
     packed_token_ids,
     text_bytes_scale,
     token_byte_lengths,
 )
-from lmforge.runs import (
-    CHECKPOINTS,
-    CONFIG_FILE,
-    FINAL,
-    METRICS_FILE,
-    check_launch,
-    check_run_dir,
-    load_tokenizer,
-    read_metrics,
-    resolve_resume,
-    start_run_dir,
-)
 from lmforge.train import distributed
 from lmforge.train.config import PretrainConfig
 from lmforge.train.hooks import RunHooks, RunSummary
 from lmforge.train.loop import Trainer, TrainResult, make_accelerator
 from lmforge.train.model_presets import build_model, count_parameters, describe_model
+from lmforge.train.saving import export_trained
 from lmforge.train.tracking import flops_per_token, plot_loss_curve
-
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINTS, FINAL, "loss.png")
 
 
 @dataclass
@@ -55,20 +43,6 @@ class PretrainResult:
     final_dir: Path | None
     train: TrainResult
     strategy: str
-
-
-def model_inputs_filter(model: Any, collate: Any) -> Any:
-    """Drop batch columns the model's forward does not name (seq_idx for GPT, position_ids for
-    Mamba, token_type_ids for GPT). Under a peft wrapper, the wrapped model's forward decides."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(inspect.signature(base.forward).parameters) | {"labels"}
-
-    def collate_for_model(rows: list[dict]) -> dict:
-        return {k: v for k, v in collate(rows).items() if k in names}
-
-    if hasattr(collate, "set_epoch"):
-        collate_for_model.set_epoch = collate.set_epoch  # dynamic masking per epoch
-    return collate_for_model
 
 
 def _collator(objective: str, tokenizer: Any, config: PretrainConfig) -> Any:
@@ -135,6 +109,14 @@ def _flops_per_token(model: Any, block_size: int) -> float:
 # ----------------------------------------------------------------------------------- the task
 
 
+def with_resolved_splits(config: PretrainConfig) -> PretrainConfig:
+    """``config`` with its data splits named (``auto`` resolved; a named split checked)."""
+    data = config.data
+    train = resolve_split(data.source, data.train_split, default="train", what="data.train_split")
+    held_out = resolve_split(data.source, data.eval_split, default="validation", what="data.eval_split")
+    return replace(config, data=replace(data, train_split=train, eval_split=held_out))
+
+
 def pretrain(config: PretrainConfig, *, hooks: RunHooks | None = None) -> PretrainResult:
     """Pretrain a model as described by ``config`` (see ``PretrainConfig``).
 
@@ -143,13 +125,15 @@ def pretrain(config: PretrainConfig, *, hooks: RunHooks | None = None) -> Pretra
     checkpoint and the end of the run: the model card and Hub pushes live there.
     """
     hooks = hooks or RunHooks()
+    config = with_resolved_splits(config)
     run_dir = Path(config.output_dir)
     accelerator = make_accelerator(run_dir, config.train.mixed_precision)
-    check_launch(accelerator)  # first: a broken launch must not race on the run folder
-    checkpoint = resolve_resume(config.resume, run_dir)
-    check_run_dir(run_dir, resuming=config.resume is not None, overwrite=config.overwrite, files=RUN_FILES)
+    runs.check_launch(accelerator)  # first: a broken launch must not race on the run folder
+    checkpoint = runs.resolve_resume(config.resume, run_dir)
+    runs.check_run_dir(run_dir, resuming=config.resume is not None, overwrite=config.overwrite,
+                       files=runs.RUN_FILES)
 
-    tokenizer = load_tokenizer(config.data.tokenizer, what="data.tokenizer")
+    tokenizer = runs.load_tokenizer(config.data.tokenizer, what="data.tokenizer")
     model = build_model(config.objective, config.model.preset, tokenizer, overrides=config.model.overrides,
                         block_size=config.data.block_size, seed=config.train.seed)
     model = distributed.shard_model(accelerator, model, config.distributed)
@@ -159,7 +143,7 @@ def pretrain(config: PretrainConfig, *, hooks: RunHooks | None = None) -> Pretra
     summarize = _summarizer(config, n_params)
 
     def export(folder: Path | None) -> RunSummary | None:  # a checkpoint as a loadable model
-        saved = export_model(trainer, tokenizer, folder)
+        saved = export_trained(trainer, tokenizer, folder)
         state = trainer.state
         return None if saved is None else summarize(
             saved, step=state.step, tokens_seen=state.tokens_seen, elapsed=state.elapsed_seconds,
@@ -172,15 +156,17 @@ def pretrain(config: PretrainConfig, *, hooks: RunHooks | None = None) -> Pretra
         trainer.resume(checkpoint)
     accelerator.wait_for_everyone()  # every process passed every check
     if accelerator.is_main_process:
-        start_run_dir(run_dir, config, clear=config.overwrite and config.resume is None,
-                      restart=config.resume is not None and checkpoint is None, files=RUN_FILES)
+        runs.start_run_dir(run_dir, config, clear=config.overwrite and config.resume is None,
+                           restart=config.resume is not None and checkpoint is None, files=runs.RUN_FILES)
     accelerator.wait_for_everyone()
     strategy = distributed.strategy_name(accelerator, trainer.model)  # what really runs, after prepare
     if accelerator.is_main_process:
         print(f"lmforge pretrain: {describe_model(model.config)}, {n_params / 1e6:.2f}M parameters, "
               f"{config.objective} LM on {config.data.source}; strategy {strategy}, "
               f"{accelerator.num_processes} process(es), run folder {run_dir}"
-              + (f", resuming from {checkpoint}" if checkpoint else ""), flush=True)
+              + (f", resuming from {checkpoint}" if checkpoint else "")
+              + ("" if config.data.eval_split else f"; no validation split in {config.data.source}: nothing is "
+                 "evaluated (name one with --data.eval-split)"), flush=True)
     final_dir, summary = None, None
     try:
         result = trainer.fit()
@@ -190,30 +176,6 @@ def pretrain(config: PretrainConfig, *, hooks: RunHooks | None = None) -> Pretra
     finally:  # the checkpoints already queued are published even when training failed
         hooks.on_end(final_dir, summary)
     return PretrainResult(run_dir=run_dir, final_dir=final_dir, train=result, strategy=strategy)
-
-
-def set_generation_ids(model: Any, tokenizer: Any) -> Any:
-    """The tokenizer's bos/eos/pad ids into the model's generation config (None without one)."""
-    generation = getattr(model, "generation_config", None)
-    if generation is not None:
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            value = getattr(tokenizer, key, None)
-            if value is not None:
-                setattr(generation, key, value)
-    return generation
-
-
-def export_model(trainer: Trainer, tokenizer: Any, folder: Path | None) -> Any:
-    """``save_pretrained`` of the trained model (gathered when sharded: call on every process),
-    tokenizer and generation config into ``folder`` on the main process; returns the saved model."""
-    state_dict = distributed.full_state_dict(trainer.model)  # collective when sharded
-    if not trainer.accelerator.is_main_process:
-        return None
-    model = _unsharded(trainer.accelerator.unwrap_model(trainer.model), state_dict)
-    set_generation_ids(model, tokenizer)
-    model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return model
 
 
 def _summarizer(config: PretrainConfig, n_params: int) -> Any:
@@ -232,31 +194,13 @@ def save_final(trainer: Trainer, tokenizer: Any, config: PretrainConfig, result:
                summarize: Any) -> tuple[Path, RunSummary | None]:
     """``final/``: model, tokenizer, generation config and loss plot; its summary (main process)."""
     run_dir = Path(config.output_dir)
-    final = run_dir / FINAL
-    model = export_model(trainer, tokenizer, final)
+    final = run_dir / runs.FINAL
+    model = export_trained(trainer, tokenizer, final)
     if model is None:
         return final, None
-    plot = plot_loss_curve(read_metrics(run_dir), run_dir / "loss.png",
+    plot = plot_loss_curve(runs.read_metrics(run_dir), run_dir / "loss.png",
                            title=f"{model.config.model_type} on {config.data.source}")
     if plot is not None:
         shutil.copy(plot, final / "loss.png")
     return final, summarize(model, step=result.step, tokens_seen=result.tokens_seen, elapsed=result.elapsed_seconds,
                             metrics=result.last_eval, status=result.status, plot="loss.png" if plot else None)
-
-
-def _unsharded(model: Any, state_dict: dict) -> Any:
-    """A plain copy of an FSDP2-sharded model (whose class torch renamed ``FSDP<Name>``), so that
-    ``save_pretrained`` writes the model's own class and code, not torch's FSDP modules."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if not isinstance(model, FSDPModule):
-        return model
-    base = next(c for c in type(model).__mro__[1:]
-                if not issubclass(c, FSDPModule) and hasattr(c, "save_pretrained"))
-    plain = base(model.config)
-    missing, unexpected = plain.load_state_dict(state_dict, strict=False)
-    missing = sorted(set(missing) - distributed.tied_keys(plain))  # tied copies were dropped from the full state dict
-    if unexpected or missing:
-        raise LmforgeError(f"final model: unexpected weights {unexpected}, missing {missing}")
-    plain.generation_config = model.generation_config
-    return plain

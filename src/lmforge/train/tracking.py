@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from lmforge.runs import METRICS_FILE
 
@@ -30,8 +31,6 @@ class MetricsLogger:
             self._truncate_after(resume_step)
         self.bar = None
         if self.main and progress_bar:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total_steps, initial=resume_step or 0, desc="train", dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:
@@ -107,10 +106,10 @@ def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = 
 def plot_loss_curve(records: list[dict[str, Any]], path: str | Path, title: str = "training loss") -> Path | None:
     """Train loss (and eval loss / bits per byte when present) against step; None without matplotlib."""
     try:
-        import matplotlib
+        import matplotlib  # optional (lmforge[plot]): no plot without it
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # after use("Agg"): needs no display
     except ImportError:
         return None
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
