@@ -13,8 +13,6 @@ import shlex
 import shutil
 from pathlib import Path
 
-import pytest
-
 from lmforge.cli import main
 from lmforge.presets import find_preset
 
