@@ -17,7 +17,6 @@ Every check on the inputs and the output folder runs before anything is written.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from lmforge.runs import (
     first_line,
     has_tokenizer,
     load_tokenizer,
+    read_json,
     write_model_folder,
 )
 
@@ -89,13 +89,7 @@ def _supported() -> str:
 
 def read_config(folder: Path) -> tuple[str, str]:
     """(model_type, architecture) from ``folder/config.json``."""
-    path = folder / "config.json"
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LmforgeError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(values, dict):
-        raise LmforgeError(f"{path}: not a model config (a JSON object with model_type)")
+    values = read_json(folder / "config.json")
     architectures = values.get("architectures") or []
     return str(values.get("model_type") or ""), str(architectures[0]) if architectures else ""
 

@@ -39,7 +39,14 @@ from tqdm.auto import tqdm
 from lmforge.errors import LmforgeError
 from lmforge.export.convert import convert_folder
 from lmforge.publish.cards import build_card, folder_facts, retarget, run_facts, write_card
-from lmforge.runs import builtin_hub_id, find_model, has_tokenizer, is_local_path, link_or_copy
+from lmforge.runs import (
+    builtin_hub_id,
+    find_model,
+    has_tokenizer,
+    is_local_path,
+    link_or_copy,
+    read_json,
+)
 from lmforge.train.hooks import Export, RunHooks, RunSummary
 
 # the files of a folder that are published (hidden files, pickles, optimizer states never are)
@@ -127,21 +134,26 @@ def find_publishable(folder: str | Path) -> tuple[Path, str]:
     return folder, "model"
 
 
-def adapter_base(folder: Path, base_model: str | None) -> str:
-    """The Hub id a pushed adapter names as its base: ``base_model``, or the adapter's own
-    ``base_model_name_or_path`` when that is a Hub id (a local path is refused: nobody else has it)."""
-    recorded = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+def hub_id_of(base: str, *, base_model: str | None, what: str) -> str | None:
+    """The Hub id that names the model ``base`` on the Hub: ``base_model`` when given (checked;
+    ``what`` names it in messages), a built-in model's Hub id, ``base`` itself when it is a Hub id;
+    None for a folder on this disk (nobody else has it)."""
     if base_model:
-        return check_model_id(base_model, "--hub-base-model")
-    if recorded and not is_local_path(recorded):
-        return recorded
-    if recorded and builtin_hub_id(recorded):  # the PyPI copy of a Hub model: name the Hub's
-        return builtin_hub_id(recorded)
-    raise LmforgeError(
-        f"{folder}/adapter_config.json: the adapter's base model is {recorded!r}, a folder on this disk that "
-        "nobody who downloads the adapter has. Publish the base first (lmforge push BASE_DIR USER/BASE) "
-        "and name it with --hub-base-model USER/BASE"
-    )
+        return check_model_id(base_model, what)
+    return builtin_hub_id(base) or (base if base and not is_local_path(base) else None)
+
+
+def pushed_adapter_base(folder: Path, base_model: str | None) -> str:
+    """The Hub id a pushed adapter names as its base (``hub_id_of`` its recorded
+    ``base_model_name_or_path``); an adapter of a folder on this disk is refused."""
+    recorded = read_json(folder / "adapter_config.json").get("base_model_name_or_path") or ""
+    hub_id = hub_id_of(recorded, base_model=base_model, what="--hub-base-model")
+    if hub_id is None:
+        raise LmforgeError(
+            f"{folder}/adapter_config.json: the adapter's base model is {recorded!r}, a folder on this disk that "
+            "nobody who downloads the adapter has. Publish the base first (lmforge push BASE_DIR USER/BASE) "
+            "and name it with --hub-base-model USER/BASE")
+    return hub_id
 
 
 # ----------------------------------------------------------------------------------- staging
@@ -176,7 +188,7 @@ def stage(folder: Path, kind: str, target: Path, model_id: str, *, to_hf: bool =
             link_or_copy(path, target / path.name)
     card_path = target / "README.md"
     if kind == "adapter":
-        base_model = adapter_base(folder, base_model)
+        base_model = pushed_adapter_base(folder, base_model)
         adapter_config = json.loads((target / "adapter_config.json").read_text())
         adapter_config["base_model_name_or_path"] = base_model
         _rewrite(target / "adapter_config.json", json.dumps(adapter_config, indent=2) + "\n")
@@ -368,23 +380,17 @@ def check_token() -> None:
 
 
 def hub_base_model(model_path: str, *, method: str, base_model: str | None) -> str | None:
-    """The Hub id a fine-tuned model's card (and a LoRA adapter's config) names as its base:
-    ``base_model`` when given, the model's own Hub id, a built-in model's Hub id; None for a full
-    fine-tune of a local folder. A LoRA adapter on a local base without ``base_model`` is refused
-    (before training: nobody who downloads the adapter could load it)."""
-    if base_model:
-        return check_model_id(base_model, "hub_base_model")
-    if builtin_hub_id(model_path):
-        return builtin_hub_id(model_path)
-    if not is_local_path(model_path):
-        return model_path
-    if method != "lora":
-        return None  # a full fine-tune stands alone; its card just names no base on the Hub
-    raise LmforgeError(
-        f"push_to_hub with method lora: the base model.path {model_path!r} is a folder on this disk, "
-        f"which nobody who downloads the adapter has. Publish the base first (lmforge push {model_path} "
-        "USER/BASE) and set hub_base_model: USER/BASE (--hub-base-model)"
-    )
+    """The Hub id a fine-tuned model's card (and a LoRA adapter's config) names as its base
+    (``hub_id_of`` model.path); None for a full fine-tune of a local folder. A LoRA adapter on a
+    local base without ``base_model`` is refused (before training: nobody who downloads the adapter
+    could load it)."""
+    hub_id = hub_id_of(model_path, base_model=base_model, what="hub_base_model")
+    if hub_id is None and method == "lora":
+        raise LmforgeError(
+            f"push_to_hub with method lora: the base model.path {model_path!r} is a folder on this disk, "
+            f"which nobody who downloads the adapter has. Publish the base first (lmforge push {model_path} "
+            "USER/BASE) and set hub_base_model: USER/BASE (--hub-base-model)")
+    return hub_id  # a full fine-tune of a local folder stands alone: its card names no base on the Hub
 
 
 class RunPublisher(RunHooks):
