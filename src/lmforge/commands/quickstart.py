@@ -117,16 +117,11 @@ def build_pretrain_config(config_path: Path, tokenizer: Path, out_dir: Path, *, 
 def pretrain_step(config: PretrainConfig) -> Any:
     """Pretrain the small GPT of ``config`` for about its ``train.max_minutes`` (its model card
     written into final/)."""
-    model = read_model_config(config)
+    model = load_preset(config.model.preset, config.model.overrides)  # the model's settings, for the message
     verb = "continuing the pretraining of" if config.resume else "pretraining"
     print(f"\n{verb} a {describe_model(model)} on {config.data.source} for ~{config.train.max_minutes:g} min "
           f"({config.train.num_threads or 'default'} thread(s)) -> {config.output_dir}")
     return pretrain(config, hooks=run_publisher(config, is_main=True))
-
-
-def read_model_config(config: PretrainConfig) -> dict[str, Any]:
-    """The model settings of a pretraining config (its preset with the overrides), for messages."""
-    return load_preset(config.model.preset, config.model.overrides)
 
 
 def heldout_step(model_dir: Path, corpus: str, split: str, *, cache_dir: Path | None = None,

@@ -21,6 +21,7 @@ from lmforge.runs import (
     adapter_base,
     check_output_dir,
     find_model,
+    has_tokenizer,
     load_model,
     read_adapter_config,
     write_model_folder,
@@ -59,19 +60,17 @@ def merge_adapter(adapter: str | Path, base: str | None = None, *, trust_remote_
     """Load the adapter on its base (``base``, else the one its config records) and merge."""
     adapter_dir = find_adapter(adapter)
     loaded = load_model(adapter_dir, base=base, trust_remote_code=trust_remote_code)
-    peft_config = read_adapter_config(adapter_dir)
+    peft_config = loaded.model.peft_config[loaded.model.active_adapter]  # as loaded from adapter_config.json
     new = [name for name, _ in loaded.model.named_modules() if name.endswith("modules_to_save")]
     merged = loaded.model.merge_and_unload()
     record = {
         "adapter": str(adapter_dir), "base": loaded.base, "peft_type": str(peft_config.peft_type.value),
         "task_type": peft_config.task_type, "class": type(merged).__name__,
         "model_type": merged.config.model_type,
-        "tokenizer": str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else loaded.base,
+        "tokenizer": None if loaded.tokenizer is None else str(adapter_dir) if has_tokenizer(adapter_dir) else loaded.base,
         "num_labels": merged.config.num_labels if peft_config.task_type == "SEQ_CLS" else None,
         "trained_modules": sorted({n.rsplit(".modules_to_save", 1)[0].removeprefix("base_model.model.") for n in new}),
     }
-    if loaded.tokenizer is None:
-        record["tokenizer"] = None
     return Merge(merged, loaded.tokenizer, record)
 
 
