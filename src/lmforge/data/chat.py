@@ -350,14 +350,20 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return stop
 
 
+def generation_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str) -> str:
+    """``messages`` rendered with the chat template and the assistant's generation prompt, after
+    checking the tokenizer has a template and every message a known role and text content
+    (``where`` names the input in the error)."""
+    check_chat_tokenizer(tokenizer, where)
+    return _render_or_explain(tokenizer, _clean_messages(messages, where), where, generation_prompt=True)
+
+
 def chat_generate(model: Any, tokenizer: PreTrainedTokenizerBase, messages: list[dict],
                   **generate_kwargs: Any) -> str:
     """The assistant's answer to ``messages``: the chat template with the generation prompt,
     ``model.generate`` (greedy and at most 128 new tokens unless ``generate_kwargs`` say
     otherwise), the new text up to the end-of-turn marker or eos (not included)."""
-    check_chat_tokenizer(tokenizer, "chat_generate")
-    messages = _clean_messages(messages, "chat_generate")
-    prompt = _render_or_explain(tokenizer, messages, "chat_generate", generation_prompt=True)
+    prompt = generation_prompt(tokenizer, messages, "chat_generate")
     enc = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
     stop = end_of_turn_ids(tokenizer)
     extra = generate_kwargs.pop("eos_token_id", None)

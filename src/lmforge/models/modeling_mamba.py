@@ -111,7 +111,7 @@ class LmforgeMambaMixer(nn.Module):
         x = F.silu(self._conv(x.transpose(1, 2), cache, seq_idx, stepping)).transpose(1, 2)  # (B, L, Di)
         if mask is not None:
             x = x * mask
-        f = _at_least_fp32(dtype)  # the SSM runs in float32 (float64 for float64 models)
+        f = at_least_fp32(dtype)  # the SSM runs in float32 (float64 for float64 models)
         dt, b, c = self._ssm_inputs(x, f)
         a = -torch.exp(self.A_log.to(f))  # (Di, N)
 
@@ -160,7 +160,7 @@ class LmforgeMambaMixer(nn.Module):
         return selective_scan(x, dt, a, b, c, h0=h0, reset=reset, chunk_size=self.config.scan_chunk_size)
 
 
-def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -178,7 +178,7 @@ class LmforgeMambaBlock(GradientCheckpointingLayer):
         self.mixer = LmforgeMambaMixer(config, layer_idx)
 
     def forward(self, hidden_states, cache=None, attention_mask=None, seq_idx=None):
-        residual = hidden_states.to(_at_least_fp32(hidden_states.dtype)) if self.residual_in_fp32 else hidden_states
+        residual = hidden_states.to(at_least_fp32(hidden_states.dtype)) if self.residual_in_fp32 else hidden_states
         hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype))
         return residual + self.mixer(hidden_states, cache, attention_mask, seq_idx)
 
@@ -371,7 +371,7 @@ class LmforgeMambaForCausalLM(LmforgeMambaPreTrainedModel, GenerationMixin):
         )
         hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
-        logits = logits.to(_at_least_fp32(logits.dtype))
+        logits = logits.to(at_least_fp32(logits.dtype))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
