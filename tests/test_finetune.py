@@ -4,6 +4,7 @@ anything is written."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmforge.cli import main
 from lmforge.errors import LmforgeError
 from tests.finetune_fixtures import (
     finetune_config,
@@ -231,7 +233,8 @@ def chat_bases(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("family, method, pack", [("gpt", "full", False), ("gpt", "lora", True),
                                                   ("mamba", "full", True)])
-def test_sft_trains_and_answers_in_the_assistant_role(tmp_path, chat_bases, family, method, pack):
+def test_sft_trains_and_answers_in_the_assistant_role(tmp_path, chat_bases, family, method, pack, monkeypatch,
+                                                      capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lmforge.data.chat import chat_generate
@@ -255,6 +258,11 @@ def test_sft_trains_and_answers_in_the_assistant_role(tmp_path, chat_bases, fami
     answer = chat_generate(model, tokenizer, [{"role": "user", "content": "say crown"}], max_new_tokens=12)
     assert "<|user|>" not in answer and "<|assistant|>" not in answer
     assert isinstance(answer, str)
+    # `lmforge chat` on the run folder (an adapter: on its base) answers the same, greedy
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO("say crown\n"))
+    assert main(["chat", str(result.run_dir), "--greedy", "--max-new-tokens", "12", "--compile", "no"]) == 0
+    assert capsys.readouterr().out == answer + "\n"
 
 
 # --------------------------------------------------------------------------- bad input
@@ -352,8 +360,6 @@ def test_lora_run_evaluates_and_merges_with_its_label_names(tmp_path, bases, lab
     that keeps the string labels and scores exactly the same."""
     from transformers import AutoModelForSequenceClassification
 
-    from lmforge.cli import main
-
     config = finetune_config(tmp_path / "run", bases[family], labelled, method="lora", optim={"lr": 1e-2})
     result = run_finetune(config)
     reported = _results(result.run_dir)["test"]
@@ -380,8 +386,6 @@ def test_optional_splits_are_used_when_present_and_a_named_missing_one_is_refuse
     """Train + validation: trains, selects, and says nothing was tested; train + test: no model
     selection, but the test split is scored. A split named explicitly and missing stays an error."""
     import shutil
-
-    from lmforge.cli import main
 
     data = tmp_path / "data"
     data.mkdir()

@@ -159,7 +159,9 @@ def where_step(model_dir: Path) -> None:
     print(f"the model is in {model_dir.resolve()} (model card: {model_dir / 'README.md'}). Load it with:\n\n"
           "    from transformers import AutoModelForCausalLM, AutoTokenizer\n"
           f"    tokenizer = AutoTokenizer.from_pretrained(\"{model_dir}\", trust_remote_code=True)\n"
-          f"    model = AutoModelForCausalLM.from_pretrained(\"{model_dir}\", trust_remote_code=True)\n")
+          f"    model = AutoModelForCausalLM.from_pretrained(\"{model_dir}\", trust_remote_code=True)\n\n"
+          f"or use it from the command line: lmforge generate {model_dir} --prompt \"ROMEO:\"  "
+          f"(lmforge serve {model_dir}: an OpenAI-compatible server)\n")
 
 
 def choose_run_dir(run_dir: Path | None, overwrite: bool) -> Path:
