@@ -9,8 +9,15 @@ to a fake Hub through the real client. The README's Python snippet runs too.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 from lmforge.cli import main
@@ -45,8 +52,8 @@ def test_the_readme_is_a_front_page():
     for link in re.findall(r"\]\((docs/[\w.-]+\.md)", README.read_text(encoding="utf-8")):
         assert (ROOT / link).is_file(), link
     verbs = {shlex.split(c)[1] for c in readme_commands()}
-    assert verbs >= {"data", "tokenizer", "pretrain", "finetune", "eval", "merge", "convert", "push", "ablate",
-                     "quickstart", "presets"}, verbs
+    assert verbs >= {"data", "tokenizer", "pretrain", "finetune", "eval", "generate", "serve", "merge", "convert",
+                     "push", "ablate", "quickstart", "presets"}, verbs
 
 
 def test_every_readme_command_runs_as_printed(tmp_path, monkeypatch, fake_hub, capsys):
@@ -55,6 +62,9 @@ def test_every_readme_command_runs_as_printed(tmp_path, monkeypatch, fake_hub, c
     assert commands[0] == "lmforge quickstart"  # what `make quickstart` runs: the others build on it
     for command in commands:
         words = shlex.split(command)[1:]
+        if words[0] == "serve":
+            serve_and_ask(words, tmp_path)
+            continue
         monkeypatch.setenv("LMFORGE_ARGS", SHORTER.get(words[0], ""))
         code = main(words)
         out, err = capsys.readouterr()
@@ -68,3 +78,36 @@ def test_every_readme_command_runs_as_printed(tmp_path, monkeypatch, fake_hub, c
     assert (tmp_path / "runs" / "rt-merged" / "model.safetensors").is_file()
     assert "config.json" in fake_hub.files("me/shakespeare-gpt")
     assert (tmp_path / "runs" / "ablate" / "textbook" / "results.md").is_file()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_and_ask(words: list[str], folder: Path) -> None:
+    """`lmforge serve` as a user runs it (its own process, on a free port given through
+    LMFORGE_ARGS), asked by the README's client snippet (its port replaced by that one), then
+    stopped with Ctrl-C (SIGINT), which must end it cleanly."""
+    port = free_port()
+    env = {**os.environ, "LMFORGE_ARGS": f"--port {port} --compile no"}
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", *words], cwd=folder, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # the model loads, then the server listens
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.1)
+        snippet = readme_blocks("python")[1]
+        assert "127.0.0.1:8000" in snippet
+        namespace: dict = {}
+        exec(snippet.replace("127.0.0.1:8000", f"127.0.0.1:{port}"), namespace)  # noqa: S102 - the README's code
+        assert namespace["answer"].choices[0].text and namespace["answer"].usage.completion_tokens > 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
