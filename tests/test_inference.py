@@ -209,27 +209,47 @@ def test_stop_tokens_end_each_row_separately(engine, tokenizer):
     assert got[1].finish_reason == ("stop" if second < 20 else "length")
 
 
+class Scripted:
+    """A decoder that "generates" the given tokens in order (greedy picks them)."""
+
+    def __init__(self, tokens: list[int], vocab: int = VOCAB):
+        self.tokens, self.vocab = tokens, vocab
+
+    def start(self, ids, mask, steps):
+        self.n = 0
+        return self.logits()
+
+    def step(self, tokens):
+        self.n += 1
+        return self.logits()
+
+    def logits(self):
+        out = torch.zeros(1, self.vocab)
+        out[0, self.tokens[min(self.n, len(self.tokens) - 1)]] = 1.0
+        return out
+
+
+@pytest.mark.parametrize("algorithm", ["bpe", "wordpiece", "unigram"])
+def test_streamed_text_is_the_full_decoding_for_every_tokenizer_kind(algorithm):
+    """The text is decoded a few tokens at a time; it must add up to decoding all the tokens at
+    once, whatever the tokenizer's decoder does at word starts (Ġ, ##, ▁, byte fallback)."""
+    from lmforge.tokenizers.train import train_tokenizer
+
+    tok = train_tokenizer(make_corpus(200) + ["crème brûlée 🤗 данные"], algorithm, 400, show_progress=False)
+    text = "o sweet love, crème brûlée 🤗 the kingdoms данные fair ##x  two  spaces"
+    ids = [i for i in tok(text, add_special_tokens=False)["input_ids"]]
+    ids = ids + ids[::-1]  # unusual orders too
+    engine = Engine(gpt(vocab_size=len(tok)), tok, decoder=Scripted(ids, len(tok)))
+    pieces = [d.text for deltas in engine.stream(["a"], Sampling(max_new_tokens=len(ids), greedy=True),
+                                                 stop_ids=[]) for d in deltas]
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+    assert len([p for p in pieces if p]) > len(ids) // 3  # it streamed
+
+
 def test_a_character_split_across_tokens_is_never_streamed_broken(tokenizer):
-    class Scripted:  # a decoder that "generates" the bytes of a 4-byte character one token at a time
-        def __init__(self, tokens):
-            self.tokens = tokens
-
-        def start(self, ids, mask, steps):
-            self.n = 0
-            return self.logits()
-
-        def step(self, tokens):
-            self.n += 1
-            return self.logits()
-
-        def logits(self):
-            out = torch.zeros(1, VOCAB)
-            out[0, self.tokens[min(self.n, len(self.tokens) - 1)]] = 1.0
-            return out
-
     byte_tokens = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.tokenize("🤗")]
     assert len(byte_tokens) > 1
-    engine = Engine(gpt(), tokenizer, decoder=Scripted(byte_tokens))
+    engine = Engine(gpt(), tokenizer, decoder=Scripted(byte_tokens))  # a 4-byte character, a token a byte
     pieces = [d.text for deltas in engine.stream(["a"], Sampling(max_new_tokens=len(byte_tokens), greedy=True),
                                                  stop_ids=[]) for d in deltas]
     assert [p for p in pieces if p] == ["🤗"]

@@ -24,6 +24,7 @@ from lmforge.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+INFERENCE_DOC = ROOT / "docs" / "inference.md"
 
 # shorter runs per verb (the first word of a command), appended through LMFORGE_ARGS: smaller budgets,
 # and for the sweep two of its variants and no extra baseline seeds
@@ -74,6 +75,12 @@ def test_every_readme_command_runs_as_printed(tmp_path, monkeypatch, fake_hub, c
             namespace: dict = {}
             exec(readme_blocks("python")[0], namespace)  # noqa: S102 - the README's own code
             assert namespace["model"].config.model_type == "lmforge_gpt"
+            # so does docs/inference.md's Python example of the generation engine
+            engine_example = re.findall(r"^```python\n(from lmforge.inference.*?)^```", INFERENCE_DOC.read_text(),
+                                        flags=re.S | re.M)
+            assert len(engine_example) == 1
+            exec(engine_example[0], {})  # noqa: S102 - the docs' own code
+            assert re.search(r" (stop|length) \d+$", capsys.readouterr().out, flags=re.M)  # reason, token count
     assert (tmp_path / "runs" / "quickstart-llama" / "config.json").is_file()
     assert (tmp_path / "runs" / "rt-merged" / "model.safetensors").is_file()
     assert "config.json" in fake_hub.files("me/shakespeare-gpt")

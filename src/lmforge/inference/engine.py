@@ -71,11 +71,17 @@ class Completion:
 
 @dataclass
 class _Row:
-    """The decoding state of one prompt."""
+    """The decoding state of one prompt: its tokens, and its text decoded incrementally (as vLLM
+    does): ``text`` holds the decoding of ``tokens[:read]``; each step decodes only the tokens from
+    ``prefix`` on, and the new text is what ``tokens[prefix:]`` decodes to beyond ``tokens[prefix:read]``
+    (both decoded from the same token, so a tokenizer's first-token rules apply to both alike)."""
 
     prompt_tokens: int
     tokens: list[int] = field(default_factory=list)
-    sent: int = 0  # characters of the text already yielded
+    text: str = ""
+    prefix: int = 0  # first token of the decoding window
+    read: int = 0  # tokens whose text is in ``text``
+    sent: int = 0  # characters of ``text`` already yielded
     finish_reason: str | None = None
 
 
@@ -260,7 +266,8 @@ class Engine:
         tokens = input_ids
         for n in range(steps):
             nxt = sampler(tokens, logits)  # (B,)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            if sampler.processors:  # the repetition penalty reads every token so far
+                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             deltas = []
             for i, (row, token) in enumerate(zip(rows, nxt.tolist(), strict=True)):
                 if row.finish_reason is not None:
@@ -284,9 +291,13 @@ class Engine:
 
     def _new_text(self, row: _Row, stops: tuple[str, ...]) -> str:
         """The row's text not yet yielded; sets the finish reason at a stop string."""
-        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        if row.finish_reason is None and text.endswith("\ufffd"):
-            return ""  # a character split across tokens: wait for the rest
+        decode = self.tokenizer.decode
+        window = decode(row.tokens[row.prefix:], skip_special_tokens=True)
+        known = decode(row.tokens[row.prefix:row.read], skip_special_tokens=True)
+        if len(window) > len(known) and (row.finish_reason is not None or not window.endswith("\ufffd")):
+            row.text += window[len(known):]  # a character split across tokens waits for the rest
+            row.prefix, row.read = row.read, len(row.tokens)
+        text = row.text
         cut = len(text)
         for s in stops:
             at = text.find(s, max(0, row.sent - len(s) + 1))
@@ -294,7 +305,6 @@ class Engine:
                 cut = at
         if cut < len(text):
             row.finish_reason = "stop"
-            text = text[:cut]
         elif row.finish_reason is None:  # hold back a tail that may begin a stop string
             for s in stops:
                 for k in range(min(len(s) - 1, len(text)), 0, -1):
