@@ -12,8 +12,8 @@ and odd prompt lengths included).
   and output plumbing, optionally compiled with ``torch.compile`` (static shapes: the cache length
   is rounded up to a power of two, so a few lengths share one compiled step). Compiled, linear
   layers of a small batch run as fused multiply-reduce loops: at batch 1 decoding reads every
-  weight once per token, and the fused loop reads them near the machine's memory bandwidth where
-  the BLAS GEMV does not (benchmarks/bench_generate.py).
+  weight once per token, and the fused loop reads them 2-3x faster than the BLAS matrix-vector
+  product (benchmarks/results/bench_generate.md).
 - ``MambaDecoder`` (lmforge Mamba): the O(1) state step.
 - ``CacheDecoder``: any other causal LM (stock checkpoints): the model's forward with a
   ``DynamicCache``.
