@@ -376,7 +376,8 @@ def test_chat_verb_keeps_history_and_obeys_commands(saved, monkeypatch, capsys):
 def test_chat_verb_needs_a_chat_template(saved, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
     assert main(["chat", str(saved["gpt"]), "--compile", "no"]) == 2
-    assert "no chat template" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no chat template" in err and "lmforge finetune --config chat-sft" in err  # a preset that exists
 
 
 def test_int8_perplexity_change_is_small():

@@ -29,7 +29,7 @@ def chat(
     trust_remote_code: bool = False,
 ) -> int:
     """Chat with a model in the terminal, on its tokenizer's chat template (the chat SFT models
-    ``lmforge finetune --task chat`` makes), keeping the conversation's history.
+    ``lmforge finetune --config chat-sft`` makes), keeping the conversation's history.
 
     Type a message and press Enter; the answer streams as it is generated and ends at the
     template's end-of-turn token. /reset forgets the conversation, /system TEXT sets the system
@@ -57,7 +57,7 @@ def chat(
     if engine.tokenizer.chat_template is None:
         raise LmforgeError(f"{model}: its tokenizer has no chat template, so it cannot chat; use "
                            f"'lmforge generate {model} --prompt TEXT' to continue text, or fine-tune it for chat "
-                           "with 'lmforge finetune --task chat' on a tokenizer with a chat template")
+                           "with 'lmforge finetune --config chat-sft' (task sft) on a tokenizer with a chat template")
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
     print(f"chatting with {engine.name}; {HELP}", file=sys.stderr)
