@@ -311,7 +311,7 @@ def gpt_group(size: str, batch: int, args, info: dict) -> dict:
     weight_bytes.update({name: linear_weight_bytes(d.model) for name, d in decoders.items()})
     compiled = {name for name in cases if "compiled" in name}
     rows = summarize(stats, tokens, REFERENCE, batch, n, weight_bytes, compiled)
-    fell_back = [name for name, d in decoders.items() if d.compile and d._compiled is None]
+    fell_back = [name for name, d in decoders.items() if d.compile and d._run.compiled is None]
     if fell_back:
         print(f"  WARNING: {fell_back} fell back to eager (torch.compile failed)", flush=True)
     for name in fell_back:

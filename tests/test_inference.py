@@ -89,6 +89,23 @@ def test_compiled_step_equals_generate_and_leaves_the_model_alone():
     assert all(type(m).__name__ != "DecodeLinear" for m in model.modules())
 
 
+def test_a_step_that_fails_to_compile_runs_eagerly_from_then_on(caplog):
+    from lmforge.inference.decoding import CompiledStep
+
+    calls, undone = [], []
+    run = CompiledStep(lambda x: calls.append(x) or x + 1, compile=False)
+
+    def broken(x):
+        raise RuntimeError("inductor: no C++ compiler\nmore detail")
+
+    run.compiled = broken
+    with caplog.at_level("WARNING", logger="lmforge.inference.decoding"):
+        assert run(1, undo=lambda: undone.append(True)) == 2
+    assert "torch.compile failed (inductor: no C++ compiler)" in caplog.text
+    assert undone == [True] and run.compiled is None
+    assert run(5) == 6 and calls == [1, 5]
+
+
 def test_static_decoder_logits_equal_the_full_forward():
     model = gpt(seed=2)
     ids, mask = padded_batch([9, 6], seed=3)

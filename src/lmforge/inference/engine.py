@@ -4,9 +4,9 @@ tokenizer, a decoder (``lmforge.inference.decoding``), text streamed as it is pr
 ``Engine.stream(prompts, sampling)`` yields, after every step, the new text of each prompt that
 produced some (``Delta``), ending each with its finish reason: ``"stop"`` (end-of-text or
 end-of-turn token, or a stop string) or ``"length"`` (``max_new_tokens`` or the model's context).
-Text is decoded from all the tokens of a row so far, so a character split across tokens appears
-once it is whole, and text that may be the start of a stop string is held back until it is known
-not to be one. ``Engine.complete`` collects the same into ``Completion``s.
+Text is decoded a few tokens at a time (``_Row``), a character split across tokens appears once
+it is whole, and text that may be the start of a stop string is held back until it is known not
+to be one. ``Engine.complete`` collects the same into ``Completion``s.
 
 One engine serves one batch at a time (the server queues requests); a batch of prompts is
 left-padded and decoded together.
@@ -26,6 +26,7 @@ from torch import nn
 from lmforge.data.chat import end_of_turn_ids, generation_prompt
 from lmforge.errors import LmforgeError
 from lmforge.inference.decoding import (
+    WEIGHTS,
     CacheDecoder,
     Decoder,
     MambaDecoder,
@@ -39,7 +40,6 @@ from lmforge.runs import load_model
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-WEIGHTS = ("float", "int8")
 COMPILE = ("auto", "yes", "no")
 
 
@@ -156,9 +156,10 @@ class Engine:
     def load(cls, source: str | Path, *, dtype: str = "float32", weights: str = "float", compile: str = "auto",
              base: str | None = None, trust_remote_code: bool = False) -> Engine:
         """Load any folder lmforge wrote (a run, a saved model, an adapter on its base: merged into
-        it for speed) or a saved stock causal LM, on the GPU when there is one. ``dtype``: float32 or bfloat16; ``weights``:
-        float or int8 (weight-only, lmforge GPT and Mamba); ``compile``: auto (when a C++ compiler
-        is there), yes or no. ``trust_remote_code``: allow a stock model that needs its own code."""
+        it for speed) or a saved stock causal LM, on the GPU when there is one. ``dtype``: float32
+        or bfloat16; ``weights``: float or int8 (weight-only, lmforge GPT and Mamba); ``compile``:
+        auto (when a C++ compiler is there), yes or no. ``trust_remote_code``: allow a stock model
+        that needs its own code."""
         for option, value, valid in (("dtype", dtype, tuple(DTYPES)), ("weights", weights, WEIGHTS),
                                      ("compile", compile, COMPILE)):
             if value not in valid:
