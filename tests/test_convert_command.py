@@ -413,7 +413,7 @@ def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch, converted):
                 raise OSError("disk full")
         return Tok()
 
-    monkeypatch.setattr(export, "_source_tokenizer", broken)
+    monkeypatch.setattr(export, "source_tokenizer", broken)
     with pytest.raises(OSError, match="disk full"):
         convert_folder(converted["to", "mamba"]["source"], tmp_path / "out", to_hf=True)
     assert list(tmp_path.iterdir()) == []

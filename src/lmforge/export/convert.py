@@ -124,7 +124,7 @@ def _load(cls: Any, folder: Path) -> Any:
         raise LmforgeError(f"{folder}: {cls.__name__} cannot load it: {first_line(e)}") from None
 
 
-def _source_model(folder: Path, model_type: str, architecture: str, *, to_hf: bool) -> Any:
+def source_model(folder: Path, model_type: str, architecture: str, *, to_hf: bool) -> Any:
     """The model in ``folder``, loaded with lmforge's own class (to_hf) or transformers' (from_hf)."""
     if to_hf:
         architecture = families.LEGACY_ARCHITECTURES.get(architecture, architecture)  # saved before the renames
@@ -136,7 +136,7 @@ def _source_model(folder: Path, model_type: str, architecture: str, *, to_hf: bo
     return _load(cls, folder)
 
 
-def _convert_model(model: Any, folder: Path, *, to_hf: bool) -> Any:
+def converted_model(model: Any, folder: Path, *, to_hf: bool) -> Any:
     """The converted model, with the source's generation settings; a config the target cannot
     represent is an ``LmforgeError`` naming the switch and its value."""
     try:
@@ -149,7 +149,7 @@ def _convert_model(model: Any, folder: Path, *, to_hf: bool) -> Any:
     return target.eval()
 
 
-def _source_tokenizer(folder: Path) -> Any:
+def source_tokenizer(folder: Path) -> Any:
     """The tokenizer saved with the model, or None when the folder has none."""
     if not has_tokenizer(folder):
         return None
@@ -165,9 +165,9 @@ def convert(source: str | Path, output: str | Path, *, to_hf: bool, overwrite: b
     model_type, architecture = read_config(folder)
     check_direction(folder, model_type, architecture, to_hf=to_hf)
     check_output_dir(output, overwrite=overwrite, inputs=(source, folder), what="converted model", flag=flag)
-    tokenizer = _source_tokenizer(folder)
-    model = _source_model(folder, model_type, architecture, to_hf=to_hf)
-    target = _convert_model(model, folder, to_hf=to_hf)
+    tokenizer = source_tokenizer(folder)
+    model = source_model(folder, model_type, architecture, to_hf=to_hf)
+    target = converted_model(model, folder, to_hf=to_hf)
     write_model_folder(output, target, tokenizer, overwrite=overwrite, doing="converting")
     return Conversion(folder, output, to_hf, model_type, type(model).__name__, type(target).__name__,
                       tokenizer is not None)
