@@ -82,6 +82,7 @@ def test_every_readme_command_runs_as_printed(tmp_path, monkeypatch, fake_hub, c
             exec(engine_example[0], {})  # noqa: S102 - the docs' own code
             assert re.search(r" (stop|length) \d+$", capsys.readouterr().out, flags=re.M)  # reason, token count
     assert (tmp_path / "runs" / "quickstart-llama" / "config.json").is_file()
+    assert (tmp_path / "runs" / "quickstart.gguf").is_file() and (tmp_path / "runs" / "quickstart.Modelfile").is_file()
     assert (tmp_path / "runs" / "rt-merged" / "model.safetensors").is_file()
     assert "config.json" in fake_hub.files("me/shakespeare-gpt")
     assert (tmp_path / "runs" / "ablate" / "textbook" / "results.md").is_file()
