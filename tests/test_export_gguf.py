@@ -360,6 +360,7 @@ def test_command_writes_the_file_and_the_modelfile(tmp_path, tok, capsys):
     printed = capsys.readouterr().out
     assert "GGUF llama, q8_0" in printed and f"ollama create NAME -f {out.with_suffix('.Modelfile')}" in printed
     assert _fields(out)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert _fields(out)["general.name"] == "model"  # the folder given
     assert out.with_suffix(".Modelfile").read_text().startswith("FROM ./m.gguf\n")
     before = out.read_bytes()
     assert main(["convert", str(folder), "--to-gguf", str(out), "--dtype", "f32", "--overwrite"]) == 0

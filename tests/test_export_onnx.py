@@ -110,7 +110,7 @@ def _gpt(tok, **changes) -> LmforgeGPTConfig:
 
 
 LABELLED = {"id2label": LABELS, "label2id": {v: k for k, v in LABELS.items()}}
-# name -> (tokenizer, model); classic BERT has learned positions (the exporter's draft path), the
+# name -> (tokenizer, model); classic BERT has learned positions (checked eagerly, skipped in the graph), the
 # encoder has no token types (no token_type_ids input)
 MODELS = {
     "bert-classifier": ("bert", lambda tok: LmforgeBertForSequenceClassification(_bert(tok, "classic", **LABELLED))),

@@ -102,12 +102,13 @@ def export_gguf(source: str | Path, output: str | Path, *, dtype: str = "f16", o
     counts: dict[str, int] = {}
     try:
         writer = gguf.GGUFWriter(tmp, layout.arch)
-        writer.add_name(folder.parent.name if folder.name in ("final", "best") else folder.name)
+        given = source.resolve()
+        writer.add_name(given.parent.name if given.name in ("final", "best") else given.name)  # the run's name
         writer.add_file_type(_FILE_TYPES[dtype](gguf))
         if dtype in ("q8_0", "q4_0"):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         layout.metadata(writer, stock.config)
-        vocab.write(writer, tokenizer, stock.config)
+        vocab.write(writer, tokenizer)
         for name, tensor in tensors:
             qtype = _tensor_type(name, tensor, dtype, layout, head, gguf)
             data, raw = _encode(tensor, qtype, gguf)
@@ -361,7 +362,7 @@ class Vocabulary:
     pre: str | None = None
     notes: tuple[str, ...] = ()
 
-    def write(self, writer: Any, tokenizer: Any, config: Any) -> None:
+    def write(self, writer: Any, tokenizer: Any) -> None:
         writer.add_tokenizer_model(self.model)
         if self.pre:
             writer.add_tokenizer_pre(self.pre)

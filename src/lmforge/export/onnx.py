@@ -188,7 +188,7 @@ def _example_batch(graph: _Graph, rows: int, length: int, *, seed: int = 0,
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """torch.export and the ONNX exporter warn and log (with whole graphs) about every traced
-    shortcut, a draft export and torchvision's ops when it is not installed; what counts is the
+    shortcut and about torchvision's ops when it is not installed; what counts is the
     comparison with PyTorch that follows, so they are silenced while tracing."""
     loggers = [logging.getLogger(name) for name in ("torch.export", "torch.fx", "torch._export", "torch.onnx")]
     levels = [logger.level for logger in loggers]
@@ -204,24 +204,13 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def _trace(graph: _Graph, batch: dict[str, torch.Tensor]) -> torch.export.ExportedProgram:
-    """``torch.export`` of the graph with dynamic batch and sequence axes.
-
-    Falls back to ``torch.export.draft_export`` when a data-dependent check stops it: lmforge's
-    learned and sinusoidal positions check ``int(position_ids.max())`` against the table size in
-    Python, which torch.export cannot trace; the draft keeps the branch the example batch takes
-    (in range) and the onnxruntime check below compares the result with PyTorch on other sizes.
-    """
+    """``torch.export`` of the graph with dynamic batch and sequence axes."""
     dims = {name: {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")} for name in batch}
-    args = tuple(batch.values())
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # a failure prints the partial graph there
-            return torch.export.export(graph, args, dynamic_shapes=dims, strict=False)
-    except Exception as first:  # noqa: BLE001 - torch.export raises many kinds; the draft may still work
-        try:
-            return torch.export.draft_export(graph, args, dynamic_shapes=dims)
-        except Exception:  # noqa: BLE001
-            raise LmforgeError(f"torch.export cannot trace {type(graph.model).__name__}: "
-                               f"{first_line(first)}") from None
+            return torch.export.export(graph, tuple(batch.values()), dynamic_shapes=dims, strict=False)
+    except Exception as e:  # noqa: BLE001 - torch.export raises many kinds
+        raise LmforgeError(f"torch.export cannot trace {type(graph.model).__name__}: {first_line(e)}") from None
 
 
 def _write_onnx(graph: _Graph, batch: dict[str, torch.Tensor], path: Path, *, opset: int | None,
