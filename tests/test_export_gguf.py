@@ -23,6 +23,7 @@ from lmforge.export.ollama import go_template, modelfile
 from lmforge.models import (
     LmforgeBertConfig,
     LmforgeBertForSequenceClassification,
+    LmforgeBertModel,
     LmforgeGPTConfig,
     LmforgeGPTForCausalLM,
     LmforgeGPTForSequenceClassification,
@@ -199,29 +200,55 @@ def test_mamba_and_gpt2_metadata_and_layouts(tmp_path, tok):
 # ------------------------------------------------------------------------------------- dtypes
 
 
-@pytest.mark.parametrize("dtype, bound", [("f16", 1e-3), ("bf16", 8e-3), ("q8_0", 1 / 127), ("q4_0", 1 / 7)])
-def test_every_dtype_stays_within_its_rounding_error(tmp_path, tok, dtype, bound):
-    """Each weight read back differs from the original by at most ``bound`` x the largest |weight| of its
-    tensor (q8_0: half a step of 127 levels per block, q4_0: of 8); norms and vectors stay exact (f32)."""
-    model = _perturb(_gpt(tok))
+BOUNDS = {"f16": 1e-3, "bf16": 8e-3, "q8_0": 1 / 127, "q4_0": 1 / 7}
+MATRIX_TYPES = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+
+
+@pytest.mark.parametrize("dtype", list(BOUNDS))
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2-style", "mamba"])
+def test_every_dtype_stays_within_its_rounding_error(tmp_path, tok, name, dtype):
+    """Each weight read back differs from the original by at most a bound x the largest |weight| of its
+    tensor (q8_0: half a step of 127 levels per block, q4_0: of 8); vectors and norms stay exact (f32)."""
+    model = _perturb(CAUSAL[name][0](tok))
     out = tmp_path / "m.gguf"
     done = export_gguf(_save(tmp_path / "model", model, tok), out, dtype=dtype)
-    matrix_type = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}[dtype]
     types = {t.name: t.tensor_type.name for t in _tensors(out).values()}
     assert {types[n] for n in types if n.endswith("_norm.weight")} == {"F32"}
-    assert types["blk.0.ffn_down.weight"] == matrix_type
-    assert types["output.weight"] == ("Q8_0" if dtype == "q4_0" else matrix_type)  # the head kept finer
+    matrix = "blk.0.ssm_in.weight" if name == "mamba" else "blk.0.ffn_down.weight"
+    assert types[matrix] == MATRIX_TYPES[dtype]
+    head = "output.weight" if "output.weight" in types else "token_embd.weight"  # tied: the embedding
+    assert types[head] == ("Q8_0" if dtype == "q4_0" else MATRIX_TYPES[dtype])  # the head kept finer
     assert sum(done.tensor_types.values()) == len(types)
 
-    stock = transformers.LlamaForCausalLM
-    back = stock.from_pretrained(out.parent, gguf_file=out.name).state_dict()
+    back = _read_back(out).state_dict()
     ours = _stock_state(model)
     assert ours.keys() == back.keys()
     errors = {k: ((back[k] - v).abs().max() / v.abs().max()).item() for k, v in ours.items()}
-    assert max(errors.values()) <= bound, max(errors.items(), key=lambda kv: kv[1])
-    assert errors["model.norm.weight"] == 0.0
-    if dtype != "f16":
-        assert max(errors.values()) > 0  # something was rounded: the dtype was applied
+    assert max(errors.values()) <= BOUNDS[dtype], max(errors.items(), key=lambda kv: kv[1])
+    assert all(errors[k] == 0.0 for k, v in ours.items() if v.ndim == 1), "vectors must stay float32"
+    assert max(errors.values()) > 0  # something was rounded: the dtype was applied
+
+
+@pytest.mark.parametrize("dtype", list(BOUNDS))
+def test_bert_at_every_dtype(tmp_path, dtype):
+    """BERT (which transformers cannot read from GGUF) dequantised with gguf's own code."""
+    btok = bert_tokenizer(make_corpus(120))
+    model = _perturb(LmforgeBertModel(LmforgeBertConfig.from_preset(
+        "classic", vocab_size=len(btok), hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=64, pad_token_id=btok.pad_token_id)))
+    out = tmp_path / "bert.gguf"
+    export_gguf(_save(tmp_path / "model", model, btok), out, dtype=dtype)
+    tensors = _tensors(out)
+    layer = model.layers[0]
+    for name, weight, kind in [("blk.0.ffn_up.weight", layer.mlp.up_proj.weight, MATRIX_TYPES[dtype]),
+                               ("token_embd.weight", model.embeddings.word_embeddings.weight, MATRIX_TYPES[dtype]),
+                               ("position_embd.weight", model.embeddings.position_embeddings.weight, "F32"),
+                               ("blk.0.attn_q.bias", layer.self_attn.q_proj.bias, "F32")]:
+        tensor = tensors[name]
+        assert tensor.tensor_type.name == kind, name
+        values = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32))
+        error = ((values.reshape(weight.shape) - weight.detach()).abs().max() / weight.abs().max()).item()
+        assert error <= (BOUNDS[dtype] if kind != "F32" else 0.0), (name, error)
 
 
 def _stock_state(model) -> dict[str, torch.Tensor]:
