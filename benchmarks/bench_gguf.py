@@ -45,6 +45,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from bench_generate import first_tokens  # beside this file
 from machine import finish, machine_info, sample_load  # benchmarks/machine.py, beside this file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,22 +76,6 @@ def git_state() -> dict:
     return {"commit": git("rev-parse", "HEAD"), "describe": git("log", "-1", "--format=%h %s"),
             "uncommitted_source": status.splitlines() if status else [],
             "gguf_file_py_sha256": hashlib.sha256(exporter.read_bytes()).hexdigest() if exporter.is_file() else None}
-
-
-def first_tokens(tokenizer, texts: list[str], limit: int) -> list[str]:
-    """The texts cut after their first ``limit`` tokens in all (at a token boundary)."""
-    out, left = [], limit
-    for text in texts:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        if len(enc["input_ids"]) <= left:
-            out.append(text)
-            left -= len(enc["input_ids"])
-        else:
-            out.append(text[:enc["offset_mapping"][left - 1][1]])
-            left = 0
-        if left <= 0:
-            break
-    return out
 
 
 def heldout_texts(tokenizer, limit: int | None) -> list[str]:

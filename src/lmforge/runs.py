@@ -20,13 +20,14 @@ Importing this module registers lmforge's model families with the transformers A
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,18 +243,25 @@ def check_output_dir(output: Path, *, overwrite: bool, flag: str = "--output-dir
 def write_model_folder(output: Path, model: Any, tokenizer: Any, *, overwrite: bool, doing: str,
                        files: dict[str, str] | None = None) -> None:
     """Save ``model`` (safetensors, + generation config when it generates), ``tokenizer`` (may be
-    None) and ``files`` (name -> text) into a temporary sibling of ``output``, then rename it into
-    place (replacing ``output`` when ``overwrite``): a failure part-way leaves nothing behind."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.{doing}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()  # the umask's permissions, as a folder the user made (mkdtemp's are 0700)
-    try:
+    None) and ``files`` (name -> text) into ``output`` through ``staged_folder``: a failure part-way
+    leaves nothing behind."""
+    with staged_folder(Path(output), overwrite=overwrite, doing=doing) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def staged_folder(output: Path, *, overwrite: bool, doing: str) -> Iterator[Path]:
+    """A temporary sibling of ``output`` to fill, renamed into place (replacing ``output`` when
+    ``overwrite``) when the block completes, removed when it fails: nothing is left half-written."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.{doing}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # the umask's permissions, as a folder the user made (mkdtemp's are 0700)
+    try:
+        yield tmp
         if output.exists():
             if not overwrite and any(output.iterdir()):  # filled meanwhile
                 raise LmforgeError(f"{output} was filled while {doing}; nothing replaced")

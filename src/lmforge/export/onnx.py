@@ -29,9 +29,7 @@ import contextlib
 import importlib
 import io
 import logging
-import os
 import shutil
-import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,7 +42,7 @@ from torch import nn
 from lmforge import models as families
 from lmforge.errors import LmforgeError
 from lmforge.export.convert import find_model_dir, read_config, source_tokenizer
-from lmforge.runs import check_output_dir, first_line
+from lmforge.runs import check_output_dir, first_line, staged_folder
 
 ONNX_FILE = "model.onnx"
 INSTALL_HINT = "pip install 'lmforge[onnx]'"
@@ -266,26 +264,6 @@ def _verify(graph: _Graph, path: Path, batch: dict[str, torch.Tensor]) -> float 
 # ----------------------------------------------------------------------------------- writing
 
 
-@contextlib.contextmanager
-def _staging(output: Path, *, overwrite: bool) -> Iterator[Path]:
-    """A temporary sibling of ``output`` to fill, renamed into place (replacing ``output`` when
-    ``overwrite``) when the block completes, removed when it fails: nothing is left half-written
-    (the pattern of ``lmforge.runs.write_model_folder``)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.exporting-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if output.exists():
-            if not overwrite and any(output.iterdir()):  # filled meanwhile
-                raise LmforgeError(f"{output} was filled while exporting; nothing replaced")
-            shutil.rmtree(output)
-        tmp.rename(output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def _weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
@@ -313,7 +291,7 @@ def export_onnx(source: str | Path, output: str | Path, *, overwrite: bool = Fal
     model = _load(name, folder)
     graph = _Graph(model, _graph_outputs(model, name),
                    token_types=model_type == "lmforge_bert" and model.config.type_vocab_size > 0)
-    with _staging(output, overwrite=overwrite) as tmp:
+    with staged_folder(output, overwrite=overwrite, doing="exporting") as tmp:
         _write_onnx(graph, _example_batch(graph, *TRACE_SHAPE), tmp / ONNX_FILE, opset=opset,
                     external=_weight_bytes(model) > SINGLE_FILE_BYTES)
         # left padding for a causal model: its real tokens never see right padding, so only left
