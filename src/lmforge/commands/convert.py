@@ -63,7 +63,7 @@ def convert(model: str, *, to_hf: Annotated[str | None, Option(const=_SHORT)] = 
         raise LmforgeError("where should the converted model go? give --output-dir DIR")
     flag = flag if named else "--output-dir"
     if to_onnx is not None:
-        return _to_onnx(model, output, overwrite)
+        return _to_onnx(model, output, overwrite, flag)
     from lmforge.export.convert import convert as convert_model
 
     done = convert_model(model, output, to_hf=to_hf is not None, overwrite=overwrite, flag=flag)
@@ -89,10 +89,10 @@ def _to_gguf(model: str, output: Path, dtype: str, overwrite: bool) -> int:
     return 0
 
 
-def _to_onnx(model: str, output: Path, overwrite: bool) -> int:
+def _to_onnx(model: str, output: Path, overwrite: bool, flag: str) -> int:
     from lmforge.export.onnx import export_onnx
 
-    done = export_onnx(model, output, overwrite=overwrite)
+    done = export_onnx(model, output, overwrite=overwrite, flag=flag)
     print(f"{done.source} {done.model_class} -> {done.output / 'model.onnx'} (inputs {', '.join(done.inputs)}; "
           f"outputs {', '.join(done.outputs)})")
     if not done.tokenizer:

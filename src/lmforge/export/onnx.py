@@ -269,7 +269,7 @@ def _weight_bytes(model: nn.Module) -> int:
 
 
 def export_onnx(source: str | Path, output: str | Path, *, overwrite: bool = False,
-                opset: int | None = None) -> OnnxExport:
+                opset: int | None = None, flag: str = "--to-onnx") -> OnnxExport:
     """Export the model lmforge saved in ``source`` (a model, run or quickstart folder) to ONNX in ``output``.
 
     Writes ``model.onnx``, ``config.json`` and the tokenizer (when the model has one). Exports the
@@ -278,13 +278,13 @@ def export_onnx(source: str | Path, output: str | Path, *, overwrite: bool = Fal
     without ``overwrite`` or an output inside the source raise ``LmforgeError`` before anything
     is written. The graph is compared with PyTorch by onnxruntime (when installed) on a padded
     batch; a difference over ``TOLERANCE`` raises and writes nothing. ``opset``: the ONNX opset
-    (default: the exporter's).
+    (default: the exporter's); ``flag`` names the output in messages.
     """
     source, output = Path(source), Path(output)
     folder = find_model_dir(source)
     model_type, architecture = read_config(folder)
     name = _model_class_name(folder, model_type, architecture)
-    check_output_dir(output, overwrite=overwrite, inputs=(source, folder), what="ONNX model", flag="--to-onnx",
+    check_output_dir(output, overwrite=overwrite, inputs=(source, folder), what="ONNX model", flag=flag,
                      replaceable=(ONNX_FILE,))
     _check_dependencies()
     tokenizer = source_tokenizer(folder)
