@@ -39,14 +39,6 @@ TEXT = "To be, or not to be: héllo 世界 🤗\tTHE KING  double  spaces \n\nth
 CHAT = "<|user|>\nhi there<|end|>\n"
 
 
-def _perturb(model, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
-
-
 def tiny_models(tmp: Path) -> dict[str, Path]:
     """name -> saved model folder, for every GGUF architecture and tokenizer algorithm."""
     import yaml
@@ -61,6 +53,7 @@ def tiny_models(tmp: Path) -> dict[str, Path]:
     from lmforge.train.model_presets import build_model
     from tests.finetune_fixtures import chat_tokenizer
     from tests.pipeline_fixtures import make_corpus
+    from tests.train_fixtures import perturb
 
     corpus = make_corpus(300) + ["héllo 世界 🤗 café naïve THE KING"]
     chat = chat_tokenizer()
@@ -80,14 +73,14 @@ def tiny_models(tmp: Path) -> dict[str, Path]:
     for name, (preset, tok) in cases.items():
         path = tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(preset))
-        model = _perturb(build_model("causal", str(path), tok, seed=0))
+        model = perturb(build_model("causal", str(path), tok, seed=0)).eval()
         folders[name] = _save(tmp / name, model, tok)
-    mamba = _perturb(LmforgeMambaForCausalLM(LmforgeMambaConfig(
-        vocab_size=len(chat), hidden_size=64, num_hidden_layers=2, state_size=8, eos_token_id=chat.eos_token_id)))
+    mamba = perturb(LmforgeMambaForCausalLM(LmforgeMambaConfig(
+        vocab_size=len(chat), hidden_size=64, num_hidden_layers=2, state_size=8, eos_token_id=chat.eos_token_id))).eval()
     folders["mamba-bpe"] = _save(tmp / "mamba-bpe", mamba, chat)
-    bert = _perturb(LmforgeBertModel(LmforgeBertConfig.from_preset(
+    bert = perturb(LmforgeBertModel(LmforgeBertConfig.from_preset(
         "classic", vocab_size=len(wordpiece), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=96, max_position_embeddings=128, pad_token_id=wordpiece.pad_token_id)), seed=1)
+        intermediate_size=96, max_position_embeddings=128, pad_token_id=wordpiece.pad_token_id)), seed=1).eval()
     folders["bert-wordpiece"] = _save(tmp / "bert-wordpiece", bert, wordpiece)
     return folders
 

@@ -30,7 +30,7 @@ from lmforge.models import convert as convert_module
 from tests.export_utils import run_isolated
 from tests.pipeline_fixtures import bert_tokenizer, gpt_tokenizer, make_corpus
 from tests.torch_threads import single_thread  # noqa: F401
-from tests.train_fixtures import snapshot
+from tests.train_fixtures import perturb, snapshot
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -48,15 +48,6 @@ LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 def toks():
     corpus = make_corpus(120)
     return {"gpt": gpt_tokenizer(corpus), "bert": bert_tokenizer(corpus)}
-
-
-def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Non-trivial norms and biases (initialised to 1 / 0): a swapped mapping must show in the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.1)
-    return model.eval()
 
 
 def _gpt_ids(tok) -> dict:
@@ -154,7 +145,7 @@ def converted(tmp_path_factory, toks):
     sources = {"to": _lmforge_sources(toks["gpt"], toks["bert"]), "from": _stock_sources(toks["gpt"], toks["bert"])}
     for direction, table in sources.items():
         for i, (name, (model, tok, side, target)) in enumerate(table.items()):
-            model = _perturb(model, seed=i)
+            model = perturb(model, seed=i).eval()
             # a run folder for the first to_hf case (convert reads its final/), model folders for the rest
             run = root / f"{direction}-{name}"
             src = _save((run / "final" if i == 0 else run), model, tok)
@@ -261,8 +252,8 @@ def test_to_hf_then_from_hf_gives_identical_weights(converted, name, tmp_path):
 
 def test_to_hf_keeps_the_dtype(tmp_path, toks):
     tok = toks["gpt"]
-    model = _perturb(LmforgeGPTForCausalLM(LmforgeGPTConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
-                                              num_attention_heads=4, **SMALL)), seed=5).to(torch.bfloat16)
+    model = perturb(LmforgeGPTForCausalLM(LmforgeGPTConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+                                              num_attention_heads=4, **SMALL)), seed=5).eval().to(torch.bfloat16)
     src = _save(tmp_path / "bf16", model, tok)
     out = convert_folder(src, tmp_path / "out", to_hf=True)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"

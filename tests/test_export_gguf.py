@@ -33,6 +33,7 @@ from lmforge.models import (
 from tests.finetune_fixtures import chat_tokenizer
 from tests.pipeline_fixtures import bert_tokenizer, make_corpus
 from tests.torch_threads import single_thread  # noqa: F401
+from tests.train_fixtures import perturb
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -46,15 +47,6 @@ def tok():
 
 def _ids(tok) -> dict:
     return dict(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-
-
-def _perturb(model, seed: int = 0):
-    """Non-trivial norms and biases (initialised to 1 / 0): a wrong mapping must show in the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 def _gpt(tok, **changes):
@@ -115,7 +107,7 @@ def _read_back(path: Path):
 @pytest.mark.parametrize("name", list(CAUSAL))
 def test_f32_gguf_gives_the_logits_greedy_tokens_and_tokenizer_of_the_model(tmp_path, tok, name):
     build, arch, stock = CAUSAL[name]
-    model = _perturb(build(tok))
+    model = perturb(build(tok)).eval()
     folder = _save(tmp_path / "model", model, tok)
     out = tmp_path / "out" / "model.gguf"
 
@@ -167,7 +159,7 @@ def test_llama_metadata_is_what_llama_cpp_reads(tmp_path, tok):
 
 
 def test_mamba_and_gpt2_metadata_and_layouts(tmp_path, tok):
-    mamba = _perturb(CAUSAL["mamba"][0](tok))
+    mamba = perturb(CAUSAL["mamba"][0](tok)).eval()
     out = tmp_path / "mamba.gguf"
     export_gguf(_save(tmp_path / "mamba", mamba, tok), out, dtype="f32")
     fields = _fields(out)
@@ -185,7 +177,7 @@ def test_mamba_and_gpt2_metadata_and_layouts(tmp_path, tok):
     assert torch.equal(torch.from_numpy(conv), layer.conv1d.weight.detach().squeeze(1))
     assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
 
-    gpt2 = _perturb(_gpt(tok, **GPT2_STYLE))
+    gpt2 = perturb(_gpt(tok, **GPT2_STYLE)).eval()
     out = tmp_path / "gpt2.gguf"
     export_gguf(_save(tmp_path / "gpt2", gpt2, tok), out, dtype="f32")
     fields = _fields(out)
@@ -209,7 +201,7 @@ MATRIX_TYPES = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 def test_every_dtype_stays_within_its_rounding_error(tmp_path, tok, name, dtype):
     """Each weight read back differs from the original by at most a bound x the largest |weight| of its
     tensor (q8_0: half a step of 127 levels per block, q4_0: of 8); vectors and norms stay exact (f32)."""
-    model = _perturb(CAUSAL[name][0](tok))
+    model = perturb(CAUSAL[name][0](tok)).eval()
     out = tmp_path / "m.gguf"
     done = export_gguf(_save(tmp_path / "model", model, tok), out, dtype=dtype)
     types = {t.name: t.tensor_type.name for t in _tensors(out).values()}
@@ -233,9 +225,9 @@ def test_every_dtype_stays_within_its_rounding_error(tmp_path, tok, name, dtype)
 def test_bert_at_every_dtype(tmp_path, dtype):
     """BERT (which transformers cannot read from GGUF) dequantised with gguf's own code."""
     btok = bert_tokenizer(make_corpus(120))
-    model = _perturb(LmforgeBertModel(LmforgeBertConfig.from_preset(
+    model = perturb(LmforgeBertModel(LmforgeBertConfig.from_preset(
         "classic", vocab_size=len(btok), hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=64, pad_token_id=btok.pad_token_id)))
+        intermediate_size=128, max_position_embeddings=64, pad_token_id=btok.pad_token_id))).eval()
     out = tmp_path / "bert.gguf"
     export_gguf(_save(tmp_path / "model", model, btok), out, dtype=dtype)
     tensors = _tensors(out)
@@ -282,10 +274,10 @@ def test_mamba_keeps_its_small_ssm_tensors_in_f32(tmp_path, tok):
 def test_bert_encoder_tensors_metadata_and_wordpiece_vocabulary(tmp_path):
     btok = bert_tokenizer(make_corpus(120))
     labels = {0: "neg", 1: "pos"}
-    model = _perturb(LmforgeBertForSequenceClassification(LmforgeBertConfig.from_preset(
+    model = perturb(LmforgeBertForSequenceClassification(LmforgeBertConfig.from_preset(
         "classic", vocab_size=len(btok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, max_position_embeddings=64, pad_token_id=btok.pad_token_id, id2label=labels,
-        label2id={v: k for k, v in labels.items()})))
+        label2id={v: k for k, v in labels.items()}))).eval()
     out = tmp_path / "bert.gguf"
     done = export_gguf(_save(tmp_path / "model", model, btok), out, dtype="f32")
     assert done.architecture == "bert" and done.modelfile is None and not out.with_suffix(".Modelfile").exists()

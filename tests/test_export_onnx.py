@@ -39,7 +39,7 @@ from tests.export_utils import run_isolated
 from tests.finetune_fixtures import save_base
 from tests.pipeline_fixtures import bert_tokenizer, gpt_tokenizer, make_corpus
 from tests.torch_threads import single_thread  # noqa: F401
-from tests.train_fixtures import snapshot
+from tests.train_fixtures import perturb, snapshot
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -88,15 +88,6 @@ def toks() -> dict[str, PreTrainedTokenizerFast]:
     return {"gpt": gpt_tokenizer(corpus), "bert": bert}
 
 
-def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial norms and biases (initialised to 1 / 0), so a dropped input shows in the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
-
-
 def _bert(tok, preset: str, **changes) -> LmforgeBertConfig:
     return LmforgeBertConfig.from_preset(preset, vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
                                          num_attention_heads=4, intermediate_size=48, max_position_embeddings=64,
@@ -138,7 +129,7 @@ def exported(tmp_path_factory, toks) -> dict[str, Case]:
     root = tmp_path_factory.mktemp("onnx")
     cases = {}
     for i, (name, (family, build)) in enumerate(MODELS.items()):
-        model = _perturb(build(toks[family]), seed=i)
+        model = perturb(build(toks[family]), seed=i).eval()
         source = root / name
         folder = source / "final" if name == "bert-classifier" else source
         model.save_pretrained(folder)

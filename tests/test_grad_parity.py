@@ -38,6 +38,7 @@ from lmforge.models import (
 )
 from lmforge.models.convert import from_hf, to_hf
 from tests.torch_threads import single_thread  # noqa: F401
+from tests.train_fixtures import perturb
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -135,14 +136,6 @@ def _concat(batches: list[dict]) -> dict:
 # ------------------------------------------------------------------------------------- models
 
 
-def _perturb(model: torch.nn.Module, seed: int) -> None:
-    """Move every parameter off its init (unit norms, zero biases, S4D A_log...) so each one matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-
-
 def _train(model: torch.nn.Module) -> torch.nn.Module:
     return model.float().train()
 
@@ -153,7 +146,7 @@ def _llama_pair(stock_pad_row_frozen: bool = False):
         vocab_size=VOCAB, hidden_size=60, intermediate_size=93, num_hidden_layers=2, num_attention_heads=6,
         num_key_value_heads=2, attention_bias=True, max_position_embeddings=32, pad_token_id=PAD,
         bos_token_id=1, eos_token_id=2))  # GQA: 3 query heads per KV head of width 10
-    _perturb(hf, 1)
+    perturb(hf, 1)
     ours = from_hf(hf)
     if not stock_pad_row_frozen:  # see test_stock_llama_alone_freezes_the_pad_embedding_row
         hf.model.embed_tokens.padding_idx = None
@@ -165,7 +158,7 @@ def _gpt2_pair():
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=VOCAB, n_positions=32, n_embd=48, n_layer=2, n_head=3, n_inner=83, resid_pdrop=0.0,
         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=PAD))  # tied
-    _perturb(hf, 2)
+    perturb(hf, 2)
     return _train(from_hf(hf)), _train(hf)
 
 
@@ -179,14 +172,14 @@ def _bert_config(**overrides) -> transformers.BertConfig:
 def _bert_mlm_pair():
     torch.manual_seed(0)
     hf = transformers.BertForMaskedLM(_bert_config())  # decoder tied to the word embedding
-    _perturb(hf, 3)
+    perturb(hf, 3)
     return _train(from_hf(hf)), _train(hf)
 
 
 def _bert_classifier_pair():
     torch.manual_seed(0)
     hf = transformers.BertForSequenceClassification(_bert_config(num_labels=3, classifier_dropout=0.0))
-    _perturb(hf, 4)
+    perturb(hf, 4)
     return _train(from_hf(hf)), _train(hf)
 
 
@@ -195,7 +188,7 @@ def _gpt_classifier_pair():
     ours = LmforgeGPTForSequenceClassification(LmforgeGPTConfig(
         vocab_size=VOCAB, hidden_size=60, intermediate_size=93, num_hidden_layers=2, num_attention_heads=6,
         num_key_value_heads=3, max_position_embeddings=32, pad_token_id=PAD, num_labels=3))
-    _perturb(ours, 5)
+    perturb(ours, 5)
     return _train(ours), _train(to_hf(ours))
 
 
@@ -208,7 +201,7 @@ def _mamba_pair():
     hf = transformers.MambaForCausalLM(transformers.MambaConfig(
         vocab_size=VOCAB, hidden_size=36, num_hidden_layers=2, state_size=5, conv_kernel=3, expand=2,
         use_bias=False, pad_token_id=PAD, bos_token_id=1, eos_token_id=2, use_mambapy=False))
-    _perturb(hf, 6)
+    perturb(hf, 6)
     ours = from_hf(hf)
     ours.config.scan_chunk_size = 4  # 13 positions: three full chunks and a partial one
     return _train(ours), _train(hf)

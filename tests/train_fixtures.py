@@ -1,4 +1,4 @@
-"""Tiny presets, corpora and tokenizers shared by the tests/test_train*.py files."""
+"""Tiny presets, corpora and tokenizers shared by the tests/test_train*.py files, and ``perturb``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,19 @@ PRESETS = {
              "intermediate_size": 64, "max_position_embeddings": 64, "hidden_dropout": 0.1},
     "mamba": {"model_type": "lmforge_mamba", "hidden_size": 32, "num_hidden_layers": 2, "state_size": 8},
 }
+
+
+def perturb(model, seed: int = 0):
+    """Move every parameter off its initialisation (unit norms, zero biases, S4D A_log...) by 0.1 x a
+    seeded normal draw, so each one matters: a dropped input or a wrong mapping shows in the outputs.
+    Returns ``model`` (its train/eval mode unchanged)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
 
 
 def write_preset(folder: Path, family: str, name: str | None = None, **changes) -> Path:
@@ -63,7 +76,7 @@ def save_tokenizers(folder: Path) -> dict[str, Path]:
     return out
 
 
-__all__ = ["PRESETS", "bert_tokenizer", "gpt_tokenizer", "launch_env", "make_corpus", "save_tokenizers", "snapshot",
+__all__ = ["PRESETS", "bert_tokenizer", "gpt_tokenizer", "launch_env", "make_corpus", "perturb", "save_tokenizers", "snapshot",
            "write_corpus", "write_preset"]
 
 

@@ -27,7 +27,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,7 @@ def export_gguf(source: str | Path, output: str | Path, *, dtype: str = "f16", o
         writer = gguf.GGUFWriter(tmp, layout.arch)
         given = source.resolve()
         writer.add_name(given.parent.name if given.name in ("final", "best") else given.name)  # the run's name
-        writer.add_file_type(_FILE_TYPES[dtype](gguf))
+        writer.add_file_type(gguf.LlamaFileType[_FILE_TYPES[dtype]])
         if dtype in ("q8_0", "q4_0"):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         layout.metadata(writer, stock.config)
@@ -157,7 +157,7 @@ class Layout:
 
     arch: str
     metadata: Callable[[Any, Any], None]  # (writer, stock config)
-    transform: Callable[[str, torch.Tensor, Any], torch.Tensor | None]  # (gguf name, tensor, config); None: skip
+    transform: Callable[[str, torch.Tensor, Any], torch.Tensor]  # (gguf name, tensor, config) -> llama.cpp's layout
     keep_f32: tuple[str, ...] = ()  # gguf name parts kept float32 at every dtype
     prefix: str = ""  # the base model's attribute in a model with a head (BERT's "bert."), dropped
     dropped: tuple[str, ...] = ()  # parameters llama.cpp does not run (BERT's pooler and heads)
@@ -182,9 +182,7 @@ class Layout:
             name = names.get_name(key.removeprefix(self.prefix), try_suffixes=(".weight", ".bias"))
             if name is None:
                 raise LmforgeError(f"{type(stock).__name__}: no GGUF {self.arch} tensor name for {key}")
-            tensor = self.transform(name, value.detach().to(torch.float32), stock.config)
-            if tensor is not None:
-                yield name, tensor
+            yield name, self.transform(name, value.detach().to(torch.float32), stock.config)
 
 
 def _layout(stock: Any, folder: Path) -> Layout:
@@ -200,7 +198,7 @@ def _layout(stock: Any, folder: Path) -> Layout:
         notes = () if name == "BertModel" else (
             f"{name}'s head is not written: llama.cpp runs BERT as an encoder (mean-pooled embeddings); "
             "--to-onnx exports the whole model",)
-        return Layout(**{**LAYOUTS["bert"].__dict__, "notes": notes})
+        return replace(LAYOUTS["bert"], notes=notes)
     raise LmforgeError(f"{folder}: {name} has no GGUF form; GGUF holds causal LMs (GPT, Mamba) and BERT "
                        "encoders; use --to-onnx for classifiers")
 
@@ -314,13 +312,8 @@ LAYOUTS = {
 
 # ---------------------------------------------------------------------------------- weights
 
-_FILE_TYPES = {
-    "f32": lambda g: g.LlamaFileType.ALL_F32,
-    "f16": lambda g: g.LlamaFileType.MOSTLY_F16,
-    "bf16": lambda g: g.LlamaFileType.MOSTLY_BF16,
-    "q8_0": lambda g: g.LlamaFileType.MOSTLY_Q8_0,
-    "q4_0": lambda g: g.LlamaFileType.MOSTLY_Q4_0,
-}
+# --dtype -> the general.file_type it writes (a gguf.LlamaFileType name)
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
 
 
 def _tensor_type(name: str, tensor: torch.Tensor, dtype: str, layout: Layout, head: str | None, gguf: Any):
