@@ -125,12 +125,7 @@ def _load(name: str, folder: Path) -> Any:
 
 
 class _Graph(nn.Module):
-    """The model as the ONNX graph sees it: named tensors in, a tuple of tensors out.
-
-    BERT gets explicit (B, T) positions: left to itself it makes (1, T) positions, from which
-    transformers' mask builder, while tracing, indexes one row per batch row (out of range for
-    B > 1). They are the positions the model uses by default (0..T-1), so results are unchanged.
-    """
+    """The model as the ONNX graph sees it: named tensors in, a tuple of tensors out."""
 
     def __init__(self, model: nn.Module, outputs: tuple[str, ...], token_types: bool):
         super().__init__()
@@ -143,8 +138,6 @@ class _Graph(nn.Module):
                 token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.is_bert:
-            b, t = input_ids.shape
-            kwargs["position_ids"] = torch.arange(t, device=input_ids.device).expand(b, t)  # (B, T)
             if token_type_ids is not None:
                 kwargs["token_type_ids"] = token_type_ids
         else:

@@ -186,12 +186,13 @@ class LmforgeBertModel(LmforgeBertPreTrainedModel):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         b, t = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
         device = input_ids.device if input_ids is not None else inputs_embeds.device
+        packing = position_ids  # only given positions can mark packed documents (restarts at 0)
         if position_ids is None:
             position_ids = torch.arange(t, device=device).unsqueeze(0)  # (1, T)
         check_positions(position_ids, self.config)
 
         hidden_states = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
-        mask = build_attention_mask(self.config, hidden_states, attention_mask, None, position_ids)
+        mask = build_attention_mask(self.config, hidden_states, attention_mask, None, packing)
         position_embeddings = None
         if self.rotary_emb is not None:
             position_embeddings = self.rotary_emb(hidden_states, position_ids.expand(b, -1))  # (B, 1, T, hd) x2
