@@ -104,6 +104,27 @@ def write_chats(folder: Path, n_train: int = 48, n_eval: int = 12, n_test: int =
     return folder
 
 
+def write_pairs(folder: Path, n_train: int = 48, n_eval: int = 12, n_test: int = 12, seed: int = 0, *,
+                chat: bool = False) -> Path:
+    """Preference jsonl: the prompt names a word, the chosen completion repeats it twice, the rejected
+    one puts another word first (learnable); ``chat``: the same as conversations."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, offset in (("train", n_train, 1), ("validation", n_eval, 2), ("test", n_test, 3)):
+        rng = random.Random(seed * 10 + offset)
+        rows = []
+        for _ in range(n):
+            word, other = rng.sample(WORDS, 2)
+            prompt, chosen, rejected = f"say {word}", f" {word} {word}", f" {other} {word}"
+            if chat:
+                prompt = [{"role": "user", "content": prompt}]
+                chosen = [{"role": "assistant", "content": chosen.strip()}]
+                rejected = [{"role": "assistant", "content": rejected.strip()}]
+            rows.append(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}))
+        (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
 def finetune_config(out: Path, model: Path, data_dir: Path, /, *, task: str = "classification", method: str = "full",
                     **sections: dict[str, Any]) -> dict[str, Any]:
     """A fine-tuning config for the tiny models (no progress bar, logs every step)."""

@@ -10,6 +10,8 @@ with ignored labels). Dropout is off everywhere: 2 processes draw other dropout 
 
 - LoRA classification of a tiny lmforge GPT (adapter + new head compared).
 - Full chat SFT of a tiny GPT with packed conversations (model.safetensors compared).
+- LoRA DPO of a tiny GPT whose reference is the model with its adapter switched off (under DDP:
+  the unwrapped model's adapter is switched off), the preference figures compared too.
 
 One 2-process launch per case (module-scoped), run while the 1-process run trains in this process.
 """
@@ -38,6 +40,7 @@ from tests.finetune_fixtures import (
     save_base,
     write_chats,
     write_labelled,
+    write_pairs,
 )
 from tests.train_fixtures import launch_env
 
@@ -123,6 +126,20 @@ def sft_runs(tmp_path_factory) -> tuple[Path, Path, str]:
     return _one_and_two(tmp, config)
 
 
+@pytest.fixture(scope="module")
+def preference_runs(tmp_path_factory) -> tuple[Path, Path, str]:
+    """LoRA DPO (dropout 0), reference: the adapter switched off. 37 pairs = 4 global batches + 5
+    pairs dropped per epoch, 10 steps, evaluation every 3 steps on 11 pairs (last global batch: 3
+    pairs on process 0, a filler row on process 1), test on 13."""
+    tmp = tmp_path_factory.mktemp("ft-dist-pref")
+    base = save_base(tmp / "base", "gpt", initializer_range=0.3)
+    data = write_pairs(tmp / "data", n_train=37, n_eval=11, n_test=13)
+    config = finetune_config(tmp / "one", base, data, task="preference", method="lora", lora={"dropout": 0.0},
+                             preference={"loss": "dpo", "reference": "adapter"}, optim={"lr": 1e-2, "eps": 1e-6},
+                             train={"max_steps": 10, "eval_every": 3, "save_every": 5})
+    return _one_and_two(tmp, config)
+
+
 # --------------------------------------------------------------------------- comparisons
 
 
@@ -136,7 +153,9 @@ def _evals(run_dir: Path) -> list[dict]:
             if any(k.startswith("eval_") for k in r) and "selected_step" not in r]
 
 
-EXACT = {"accuracy", "macro_f1", "matthews_correlation", "rows", "tokens", "bytes", "step"}
+EXACT = {"accuracy", "macro_f1", "matthews_correlation", "rows", "tokens", "bytes", "step", "pairs"}
+# beta x differences of two log-probabilities of about -50: float noise of about 1e-6 on each
+DIFFERENCES = {"rewards_chosen", "rewards_rejected", "margin"}
 
 
 def _assert_same_metrics(got: dict, want: dict, where: str) -> None:
@@ -145,6 +164,8 @@ def _assert_same_metrics(got: dict, want: dict, where: str) -> None:
         name = key.removeprefix("eval_")
         if name in EXACT or not isinstance(value, float):
             assert got[key] == value, f"{where}: {key}"
+        elif name in DIFFERENCES:
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-5), f"{where}: {key}"
         else:
             assert got[key] == pytest.approx(value, rel=1e-5), f"{where}: {key}"
 
@@ -192,3 +213,17 @@ def test_packed_sft_in_two_processes_matches_one(sft_runs):
     assert results["eval"]["tokens"] > 0 and math.isfinite(results["eval"]["loss"])
     seen = losses(one)
     assert seen[-1] < seen[0]  # it trained
+
+
+def test_lora_dpo_in_two_processes_matches_one(preference_runs):
+    one, two, stdout = preference_runs
+    results = _assert_same_runs(one, two, stdout, 10, "adapter_model.safetensors")
+    assert results["eval"]["pairs"] == 11 and results["test"]["pairs"] == 13
+    train_one = [r for r in _rows(one) if "loss" in r]
+    train_two = [r for r in _rows(two) if "loss" in r]
+    for a, b in zip(train_two, train_one, strict=True):  # the step's figures: means over both processes' pairs
+        for key in ("accuracy", "logps_chosen", "logps_rejected"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (b["step"], key)
+        for key in DIFFERENCES:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), (b["step"], key)
+    assert train_one[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -66,7 +66,7 @@ def check_chat_tokenizer(tokenizer: PreTrainedTokenizerBase, where: str) -> None
                            "chat SFT needs token offsets to find the assistant's tokens")
 
 
-def _clean_messages(messages: Any, where: str) -> list[dict[str, Any]]:
+def clean_messages(messages: Any, where: str) -> list[dict[str, Any]]:
     """The messages as plain dicts without None values (datasets fills absent keys with None),
     each with a non-empty string role and a string content."""
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
@@ -108,8 +108,8 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _render_or_explain(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str,
-                       generation_prompt: bool = False) -> str:
+def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str,
+                        generation_prompt: bool = False) -> str:
     """Render, turning a template error into one that names the message the template rejects."""
     try:
         return _render(tokenizer, messages, generation_prompt)
@@ -128,7 +128,7 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
                     where: str) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span of each assistant turn (its text after
     the role header, up to and including the end-of-turn marker); see the module docstring."""
-    text = _render_or_explain(tokenizer, messages, where)
+    text = render_conversation(tokenizer, messages, where)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -149,11 +149,11 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
                 "of the conversation up to it, or its generation prompt, is not the start of the whole "
                 "conversation's text), so the assistant's tokens cannot be located; use a template that "
                 "renders earlier turns the same whatever follows")
-        spans.append((len(before), _turn_end(upto, len(before), message["content"])))
+        spans.append((len(before), turn_end(upto, len(before), message["content"])))
     return text, spans
 
 
-def _turn_end(upto: str, start: int, content: str) -> int:
+def turn_end(upto: str, start: int, content: str) -> int:
     """The end of an assistant turn: after its end-of-turn marker, without whitespace that
     follows a visible marker ("<|end|>\\n" -> "<|end|>"). A turn whose only end marker is
     whitespace keeps it (the model must still learn where the turn ends)."""
@@ -191,7 +191,7 @@ def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict]
             template rejects, or a template that does not render prefixes as prefixes.
     """
     check_chat_tokenizer(tokenizer, where)
-    messages = _clean_messages(messages, where)
+    messages = clean_messages(messages, where)
     if not any(m["role"] == "assistant" for m in messages):
         roles = ", ".join(m["role"] for m in messages)
         raise LmforgeError(f"{where}: no assistant message (roles: {roles}); the loss covers assistant "
@@ -355,7 +355,7 @@ def generation_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], 
     checking the tokenizer has a template and every message a known role and text content
     (``where`` names the input in the error)."""
     check_chat_tokenizer(tokenizer, where)
-    return _render_or_explain(tokenizer, _clean_messages(messages, where), where, generation_prompt=True)
+    return render_conversation(tokenizer, clean_messages(messages, where), where, generation_prompt=True)
 
 
 def chat_generate(model: Any, tokenizer: PreTrainedTokenizerBase, messages: list[dict],

@@ -277,8 +277,37 @@ class LoraSection:
 
 
 @dataclass
+class PreferenceSection:
+    """Preference tuning (task: preference): the loss and the reference model.
+
+    Attributes:
+        loss: dpo (sigmoid DPO), ipo, simpo (reference-free, length-normalised, target margin
+            simpo_gamma) or orpo (reference-free: the chosen completion's NLL plus beta times
+            the odds-ratio term).
+        beta: the loss's beta (ipo: tau; orpo: the odds-ratio weight lambda); null: 0.1 for dpo,
+            ipo and orpo, 2.0 for simpo.
+        simpo_gamma: SimPO's target reward margin gamma.
+        reference: where the reference log-probabilities come from (dpo, ipo): adapter (the
+            LoRA model with its adapter switched off: no second copy of the weights; method lora
+            only), copy (a frozen copy of the starting model), precomputed (computed once with the
+            starting model before training and stored with the run: no second model during
+            training) or auto (adapter with LoRA, copy with full fine-tuning). Reference-free
+            losses take none.
+    """
+
+    loss: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"
+    beta: float | None = None
+    simpo_gamma: float = 0.5
+    reference: Literal["auto", "adapter", "copy", "precomputed"] = "auto"
+
+    def __post_init__(self):
+        if self.beta is not None and self.beta <= 0:
+            raise ValueError(f"preference.beta must be > 0, got {self.beta}")
+
+
+@dataclass
 class FinetuneDataSection:
-    """The labelled (classification) or chat (sft) data.
+    """The labelled (classification), chat (sft) or preference (preference) data.
 
     Attributes:
         source: built-in corpus (rotten-tomatoes), jsonl/csv/parquet file, split-aware folder
@@ -291,12 +320,20 @@ class FinetuneDataSection:
         problem_type: single_label_classification, multi_label_classification or regression
             (null: inferred from the training labels).
         messages_column: (sft) the conversation: a list of {role, content}.
+        prompt_column: (preference) the prompt: text, or a list of {role, content} messages.
+        chosen_column: (preference) the preferred completion: text, or the assistant's messages.
+        rejected_column: (preference) the other completion.
+        truncation: (preference) how a pair longer than max_length is cut: prompt_first (drop
+            the start of the prompt, then the end of the completions) or completion_first (the
+            end of the completions first, then the start of the prompt). Truncated pairs are
+            counted and printed.
         train_split: split to train on.
         eval_split: split for periodic evaluation, model selection and early stopping (auto: the
             validation split when the data has one; null: none). A split named and missing is an error.
         test_split: split evaluated once at the end with the selected model (auto: the test split
             when the data has one; null: none). A split named and missing is an error.
-        max_length: tokens per example (longer ones are truncated).
+        max_length: tokens per example (longer ones are truncated); preference: prompt plus the
+            longer completion.
         train_rows: train on N rows drawn at random (seeded by train.seed) from the training
             split (null: all).
         pack: (sft) pack short conversations into rows of max_length tokens; attention (and
@@ -310,6 +347,10 @@ class FinetuneDataSection:
     label_column: str = "label"
     problem_type: Literal["single_label_classification", "multi_label_classification", "regression"] | None = None
     messages_column: str = "messages"
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    truncation: Literal["prompt_first", "completion_first"] = "prompt_first"
     train_split: str = "train"
     eval_split: str | None = "auto"
     test_split: str | None = "auto"
@@ -341,7 +382,7 @@ class FinetuneLoopConfig(LoopConfig):
     Attributes:
         epochs: passes over the training split (null: train.max_steps steps instead).
         metric_for_best: eval metric that selects the model kept in final/ (auto: accuracy for
-            classification, pearson for regression, loss for sft).
+            classification, pearson for regression, loss for sft and preference).
         greater_is_better: whether a larger metric_for_best is better (null: false for loss/mse,
             true otherwise).
         early_stopping_patience: stop after this many evaluations without improvement (0: never).
@@ -367,8 +408,9 @@ class FinetuneConfig(PublishConfig):
     """Everything ``lmforge finetune`` needs.
 
     Attributes:
-        task: classification (sequence classification: single-label, multi-label or regression)
-            or sft (chat supervised fine-tuning of a causal LM; the loss covers assistant turns).
+        task: classification (sequence classification: single-label, multi-label or regression),
+            sft (chat supervised fine-tuning of a causal LM; the loss covers assistant turns) or
+            preference (DPO, IPO, SimPO or ORPO on prompt/chosen/rejected pairs; see preference).
         method: full (every weight trains) or lora (peft LoRA adapters; the new head trains fully,
             everything else is frozen).
         output_dir: the run folder (config, metrics, checkpoints, best/, final/).
@@ -380,7 +422,7 @@ class FinetuneConfig(PublishConfig):
             load the adapter from a path on this disk).
     """
 
-    task: Literal["classification", "sft"] = "classification"
+    task: Literal["classification", "sft", "preference"] = "classification"
     method: Literal["full", "lora"] = "lora"
     output_dir: str = "runs/finetune"
     resume: Annotated[str | None, Option(const="auto")] = None
@@ -388,6 +430,19 @@ class FinetuneConfig(PublishConfig):
     hub_base_model: str | None = None
     model: FinetuneModelSection = field(default_factory=FinetuneModelSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    preference: PreferenceSection = field(default_factory=PreferenceSection)
     data: FinetuneDataSection = field(default_factory=FinetuneDataSection)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     train: FinetuneLoopConfig = field(default_factory=FinetuneLoopConfig)
+
+    def __post_init__(self):
+        if self.task != "preference":
+            return
+        loss, reference = self.preference.loss, self.preference.reference
+        if loss in ("simpo", "orpo") and reference != "auto":
+            raise ValueError(f"preference.reference: {reference} was given, but preference.loss {loss} is "
+                             "reference-free (it compares the policy's own log-probabilities); drop "
+                             "preference.reference, or use loss dpo or ipo")
+        if reference == "adapter" and self.method != "lora":
+            raise ValueError("preference.reference: adapter switches the LoRA adapter off to get the reference, "
+                             f"but method is {self.method}; use reference copy or precomputed, or method lora")

@@ -11,8 +11,11 @@ Run directory layout::
     run_dir/eval_results.json  the selected model's eval and test metrics
 
 Tasks: ``classification`` (``AutoModelForSequenceClassification``; a head is added when the
-checkpoint has none, with the labels of the training split) and ``sft`` (``AutoModelForCausalLM``;
-conversations rendered with the tokenizer's chat template, loss on assistant turns only).
+checkpoint has none, with the labels of the training split), ``sft`` (``AutoModelForCausalLM``;
+conversations rendered with the tokenizer's chat template, loss on assistant turns only) and
+``preference`` (``AutoModelForCausalLM``; DPO, IPO, SimPO or ORPO on prompt/chosen/rejected pairs,
+see ``lmforge.train.preference``; with ``preference.reference: precomputed`` the reference
+log-probabilities are stored in ``run_dir/reference_logps.safetensors``).
 Methods: ``full`` or ``lora`` (peft; the new head and any other newly initialised module train
 fully through ``modules_to_save``, everything else is frozen).
 """
@@ -42,6 +45,7 @@ from lmforge.data.classification import (
     load_labelled,
 )
 from lmforge.data.collators import CausalLMCollator
+from lmforge.data.preference import PreferenceCollator, load_preference_pairs
 from lmforge.data.sources import resolve_split
 from lmforge.errors import LmforgeError
 from lmforge.eval.classification import evaluate_classifier
@@ -52,11 +56,24 @@ from lmforge.train.config import FinetuneConfig
 from lmforge.train.hooks import RunHooks, RunSummary
 from lmforge.train.loop import ModelSelection, Trainer, TrainResult, make_accelerator, rows_of
 from lmforge.train.model_presets import count_parameters
+from lmforge.train.preference import (
+    DEFAULT_BETA,
+    REFERENCE_FILE,
+    PreferenceObjective,
+    adapter_off_reference,
+    compute_reference_logps,
+    evaluate_preference,
+    frozen_copy_reference,
+    load_reference_logps,
+    pairs_of,
+    save_reference_logps,
+    with_reference_columns,
+)
 from lmforge.train.saving import inner_model, load_saved_weights, save_model_folder
 from lmforge.train.tracking import plot_loss_curve
 
 RESULTS_FILE = "eval_results.json"
-RUN_FILES = (*runs.RUN_FILES, "best", RESULTS_FILE)
+RUN_FILES = (*runs.RUN_FILES, "best", RESULTS_FILE, REFERENCE_FILE)
 
 # LoRA target modules per model_type when lora.target_modules is not set (peft's own table covers
 # the stock families it knows; ours and Mamba are added here)
@@ -230,6 +247,8 @@ def load_data(config: FinetuneConfig, tokenizer: Any, splits: dict[str, str | No
                                               where=_where(config, splits[key]))
                    for key, ds in raw.items()}
         return _Data(encoded["train"], encoded.get("eval"), encoded.get("test"), spec)
+    if config.task == "preference":
+        return _preference_data(config, tokenizer, splits)
 
     check_chat_tokenizer(tokenizer, where="data.tokenizer" if data.tokenizer else f"model.path {config.model.path}")
     built = {}
@@ -244,9 +263,32 @@ def load_data(config: FinetuneConfig, tokenizer: Any, splits: dict[str, str | No
     return _Data(built["train"], built.get("eval"), built.get("test"), None)
 
 
+def _preference_data(config: FinetuneConfig, tokenizer: Any, splits: dict[str, str | None]) -> _Data:
+    data = config.data
+    built = {}
+    for key, split in splits.items():
+        if split is None:
+            continue
+        loaded = load_preference_pairs(data.source, split, tokenizer, max_length=data.max_length,
+                                       truncation=data.truncation, prompt_column=data.prompt_column,
+                                       chosen_column=data.chosen_column, rejected_column=data.rejected_column)
+        if loaded.truncated:
+            dropped = (f"; {loaded.dropped} of them dropped: their completions became identical" if loaded.dropped
+                       else "")
+            print(f"data: {loaded.truncated:,} of {loaded.rows:,} {split} pairs are longer than data.max_length "
+                  f"{data.max_length} and were truncated ({data.truncation.replace('_', ' ')}){dropped}")
+        pairs = loaded.pairs
+        if key == "train":
+            pairs = _sample(pairs, data.train_rows, config.train.seed)
+        built[key] = pairs
+    return _Data(built["train"], built.get("eval"), built.get("test"), None)
+
+
 def _collator(config: FinetuneConfig, tokenizer: Any, spec: Any | None) -> Any:
     if config.task == "classification":
         return ClassificationCollator(tokenizer.pad_token_id, spec.problem_type)
+    if config.task == "preference":
+        return PreferenceCollator(tokenizer.pad_token_id)
     return CausalLMCollator(tokenizer.pad_token_id)
 
 
@@ -256,15 +298,19 @@ EVAL_METRICS = {
     "multi_label_classification": ("accuracy", "micro_f1", "macro_f1", "loss"),
     "regression": ("pearson", "spearman", "mse", "loss"),
     "sft": ("loss", "perplexity", "bits_per_byte"),
+    "preference": ("loss", "accuracy", "margin", "rewards_chosen", "rewards_rejected", "logps_chosen",
+                   "logps_rejected", "nll"),
 }
 
 
 def _selection_metric(config: FinetuneConfig, spec: Any | None) -> tuple[str, bool]:
     """(metric, greater is better) of model selection, checked before training starts."""
-    kind = "sft" if config.task == "sft" else spec.problem_type
+    kind = spec.problem_type if config.task == "classification" else config.task
     metric = config.train.metric_for_best
     if metric == "auto":
-        metric = {"sft": "loss", "regression": "pearson"}.get(kind, "accuracy")
+        metric = {"sft": "loss", "preference": "loss", "regression": "pearson"}.get(kind, "accuracy")
+    elif metric == "nll" and config.preference.loss != "orpo":
+        raise LmforgeError("train.metric_for_best: nll is reported only for preference.loss orpo")
     elif metric not in EVAL_METRICS[kind]:
         raise LmforgeError(f"train.metric_for_best: {metric!r} is not reported for {kind.replace('_', ' ')}; "
                            f"choose one of {', '.join(EVAL_METRICS[kind])} (or auto)")
@@ -297,12 +343,19 @@ def finetune(config: FinetuneConfig, *, hooks: RunHooks | None = None) -> Finetu
     splits = resolve_splits(config.data)
     data = load_data(config, tokenizer, splits)
     model, new_modules = load_base_model(config, model_path, tokenizer, data.spec)
+    frozen_reference = _frozen_reference(config, model, accelerator)  # the starting model, before LoRA
     if config.method == "lora":
         model = apply_lora(model, config, new_modules)
     trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
 
     ranks = dict(process_index=accelerator.process_index, num_processes=accelerator.num_processes)
-    collate = model_inputs_filter(model, _collator(config, tokenizer, data.spec))
+    collate = _collator(config, tokenizer, data.spec)
+    objective, stored_reference = None, None
+    if config.task == "preference":
+        objective = _preference_objective(config, accelerator, frozen_reference)
+        stored_reference = _stored_reference(config, data, model, collate, accelerator, checkpoint)
+    else:
+        collate = model_inputs_filter(model, collate)
     train = config.train
     train_data = BatchStream(data.train, train.micro_batch_size, collate, seed=train.seed,
                              grad_accum_steps=train.grad_accum_steps, **ranks)
@@ -314,7 +367,7 @@ def finetune(config: FinetuneConfig, *, hooks: RunHooks | None = None) -> Finetu
     if train.epochs is not None:
         train.max_steps = max(1, math.ceil(train.epochs * len(train_data)))
 
-    evaluate = _evaluator(config, data, collate, accelerator, tokenizer, model)  # eval and/or test split
+    evaluate = _evaluator(config, data, collate, accelerator, tokenizer, model, objective)  # eval and/or test split
     periodic = evaluate is not None and data.eval is not None
     select = _model_selection(config, data, run_dir, accelerator, tokenizer) if periodic else None
     summarize = _summarizer(config, model_path, trainable, total)
@@ -323,14 +376,15 @@ def finetune(config: FinetuneConfig, *, hooks: RunHooks | None = None) -> Finetu
         if folder is None:  # not the main process (fine-tuning does not shard)
             return None
         inner = save_model_folder(trainer.accelerator.unwrap_model(trainer.model), tokenizer, folder,
-                                  generation=config.task == "sft")
+                                  generation=config.task != "classification")
         state = trainer.state
         return summarize(inner, step=state.step, tokens_seen=state.tokens_seen, elapsed=state.elapsed_seconds,
                          metrics={}, status=f"checkpoint of a {state.total_steps}-step run")
 
     trainer = Trainer(model, train_data, train, config.optim, run_dir, accelerator=accelerator,
                       evaluate=(lambda m, final: evaluate(m, "eval", final)) if periodic else None,
-                      count_targets=rows_of if config.task == "classification" else None, select=select,
+                      count_targets={"classification": rows_of, "preference": pairs_of}.get(config.task),
+                      select=select, objective=objective,
                       on_checkpoint=lambda trainer, path: hooks.on_checkpoint(trainer, path, export))
     if checkpoint is not None:
         trainer.resume(checkpoint)
@@ -339,6 +393,8 @@ def finetune(config: FinetuneConfig, *, hooks: RunHooks | None = None) -> Finetu
     if is_main:
         runs.start_run_dir(run_dir, config, clear=config.overwrite and config.resume is None,
                       restart=config.resume is not None and checkpoint is None, files=RUN_FILES)
+        if stored_reference is not None and not (run_dir / REFERENCE_FILE).exists():
+            save_reference_logps(run_dir / REFERENCE_FILE, stored_reference)
         untested = "" if data.test is not None else "; no test split: nothing will be tested"
         unevaluated = "" if data.eval is not None else "; no validation split: no evaluation during training"
         print(f"lmforge finetune: {config.task} ({config.method}) of {model_path}: "
@@ -355,6 +411,64 @@ def finetune(config: FinetuneConfig, *, hooks: RunHooks | None = None) -> Finetu
     finally:  # the checkpoints already queued are published even when training failed
         hooks.on_end(final_dir, summary)
     return FinetuneResult(run_dir=run_dir, final_dir=final_dir, train=result, metrics=metrics)
+
+
+def _frozen_reference(config: FinetuneConfig, model: nn.Module, accelerator: Any) -> Any:
+    """preference.reference copy (or auto with full fine-tuning): the frozen starting model."""
+    pref = config.preference
+    if config.task != "preference" or pref.loss in ("simpo", "orpo"):
+        return None
+    if pref.reference == "copy" or (pref.reference == "auto" and config.method == "full"):
+        return frozen_copy_reference(model, accelerator.device, autocast=accelerator.autocast)
+    return None
+
+
+def _preference_objective(config: FinetuneConfig, accelerator: Any, frozen: Any) -> PreferenceObjective:
+    pref = config.preference
+    beta = pref.beta if pref.beta is not None else DEFAULT_BETA[pref.loss]
+    reference, source = frozen, "a frozen copy of the starting model"
+    if pref.loss in ("simpo", "orpo"):
+        source = "none (reference-free)"
+    elif pref.reference == "precomputed":
+        source = "log-probabilities of the starting model, computed before training"
+    elif frozen is None:  # adapter, or auto with LoRA
+        reference, source = adapter_off_reference(accelerator.autocast), "the model with its LoRA adapter off"
+    if accelerator.is_main_process:
+        gamma = f", gamma {pref.simpo_gamma}" if pref.loss == "simpo" else ""
+        print(f"preference: loss {pref.loss}, beta {beta}{gamma}; reference: {source}")
+    return PreferenceObjective(pref.loss, beta, reference, simpo_gamma=pref.simpo_gamma)
+
+
+def _stored_reference(config: FinetuneConfig, data: _Data, model: nn.Module, collate: Any, accelerator: Any,
+                      checkpoint: Path | None) -> dict[str, dict[str, torch.Tensor]] | None:
+    """preference.reference precomputed: the reference log-probabilities of every split as
+    columns of ``data`` (computed now with the starting model, or read back when resuming).
+    Returns the values to store with the run (None when not used)."""
+    if config.preference.reference != "precomputed" or config.preference.loss in ("simpo", "orpo"):
+        return None
+    splits = {key: pairs for key, pairs in (("train", data.train), ("eval", data.eval), ("test", data.test))
+              if pairs is not None}
+    sizes = {key: len(pairs) for key, pairs in splits.items()}
+    if checkpoint is not None:
+        run_dir = Path(config.output_dir)
+        stored = next((p for p in (run_dir / REFERENCE_FILE, checkpoint.parent.parent / REFERENCE_FILE)
+                       if p.is_file()), None)
+        if stored is None:
+            raise LmforgeError(f"resume: {checkpoint} belongs to a run with preference.reference precomputed, but "
+                               f"its {REFERENCE_FILE} is missing (looked in {run_dir} and {checkpoint.parent.parent}); "
+                               "the reference must come from the starting model, so start a new run")
+        values = load_reference_logps(stored, sizes)
+    else:
+        values = {
+            key: compute_reference_logps(model, pairs, collate, batch_size=config.train.micro_batch_size,
+                                         device=next(model.parameters()).device, autocast=accelerator.autocast,
+                                         desc=f"reference log-probabilities ({key})",
+                                         progress=config.train.progress and accelerator.is_main_process)
+            for key, pairs in splits.items()}
+    data.train, data.eval, data.test = (with_reference_columns(pairs, values[key]) if pairs is not None else None
+                                        for key, pairs in (("train", data.train), ("eval", data.eval),
+                                                           ("test", data.test)))
+    return values
 
 
 def _model_selection(config: FinetuneConfig, data: _Data, run_dir: Path, accelerator: Any,
@@ -402,7 +516,7 @@ def _finish(trainer: Trainer, result: TrainResult, config: FinetuneConfig, data:
 
 
 def _evaluator(config: FinetuneConfig, data: _Data, collate: Any, accelerator: Any, tokenizer: Any,
-               model: nn.Module) -> Any:
+               model: nn.Module, objective: PreferenceObjective | None = None) -> Any:
     """``evaluate(model, "eval" | "test", final) -> metrics``, or None without eval and test splits."""
     if data.eval is None and data.test is None:
         return None
@@ -421,6 +535,11 @@ def _evaluator(config: FinetuneConfig, data: _Data, collate: Any, accelerator: A
             return evaluate_classifier(prepared, batches, problem_type=data.spec.problem_type,
                                        accelerator=accelerator)
         return evaluate
+    if config.task == "preference":
+        def evaluate_pairs(prepared: nn.Module, split: str, final: bool) -> dict[str, float]:
+            batches = eval_batches(rows_of_split(split, final), batch_size, collate, None, **ranks)
+            return evaluate_preference(prepared, batches, objective, accelerator=accelerator)
+        return evaluate_pairs
 
     byte_lengths = token_byte_lengths(tokenizer, inner_model(model).config.vocab_size)
 
@@ -451,7 +570,7 @@ def _save_final(model: nn.Module, tokenizer: Any, config: FinetuneConfig, result
     final = run_dir / runs.FINAL
     if final.exists():
         shutil.rmtree(final)
-    inner = save_model_folder(model, tokenizer, final, generation=config.task == "sft")
+    inner = save_model_folder(model, tokenizer, final, generation=config.task != "classification")
     results = {"step": result.step, "status": result.status, "best_step": result.best_step, **metrics}
     for folder in (run_dir, final):
         (folder / RESULTS_FILE).write_text(json.dumps(results, indent=2))

@@ -181,6 +181,10 @@ class Trainer:
         select: keep the best model by an eval metric and stop early (see ``ModelSelection``).
         on_checkpoint: ``(trainer, checkpoint_dir)`` called on every process after each saved
             checkpoint (to publish that point of training; collectives are allowed).
+        objective: ``(model, batch) -> output`` computing the loss instead of ``model(**batch).loss``
+            (preference tuning): ``output.loss`` is a mean over the micro-batch's ``count_targets``
+            units and ``output.sums`` per-unit figures summed over them, logged as means per unit
+            of the step (rewards, margins).
     """
 
     def __init__(self, model: nn.Module, train_data: BatchStream, config: LoopConfig, optim: OptimConfig,
@@ -189,7 +193,8 @@ class Trainer:
                  flops_per_token: float | None = None, clock: Callable[[], float] = time.perf_counter,
                  count_targets: Callable[[dict[str, torch.Tensor]], int] | None = None,
                  select: ModelSelection | None = None,
-                 on_checkpoint: Callable[[Trainer, Path], None] | None = None):
+                 on_checkpoint: Callable[[Trainer, Path], None] | None = None,
+                 objective: Callable[[nn.Module, dict[str, torch.Tensor]], Any] | None = None):
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config
@@ -203,6 +208,10 @@ class Trainer:
         self.on_checkpoint = on_checkpoint
         self._early_stop = False
         self._count_fn = count_targets
+        if objective is not None and count_targets is None:
+            raise LmforgeError("Trainer: an objective needs count_targets (the units its loss is a mean over)")
+        self.objective = objective
+        self._step_figures: dict[str, float] = {}
         self.shift = target_shift(model)
         if config.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
@@ -286,7 +295,8 @@ class Trainer:
         return t.tolist()
 
     def _train_step(self) -> tuple[float, float, int]:
-        """Forward/backward over one accumulation window; returns (loss, grad norm, tokens)."""
+        """Forward/backward over one accumulation window; returns (loss, grad norm, tokens). The
+        objective's figures of the window (means over all processes) go to ``_step_figures``."""
         acc, cfg = self.accelerator, self.config
         torch.manual_seed(step_seed(cfg.seed, self.state.step, acc.process_index))
         micro = [self.train_data.next_batch() for _ in range(cfg.grad_accum_steps)]
@@ -297,6 +307,7 @@ class Trainer:
             raise LmforgeError(f"step {self.state.step}: the batch holds no target tokens (all labels are -100)")
         world = acc.num_processes
         loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+        figure_sums: dict[str, torch.Tensor] = {}
         for i, (batch, count) in enumerate(zip(micro, counts, strict=True)):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             kwargs = {}
@@ -306,12 +317,20 @@ class Trainer:
                 kwargs["num_items_in_batch"] = torch.tensor(total_targets, device=acc.device)
             sync = acc.no_sync(self.model) if i < len(micro) - 1 else nullcontext()
             with sync:
-                loss = self.forward(**batch, **kwargs).loss
+                if self.objective is not None:
+                    out = self.objective(self.forward, batch)
+                    loss = out.loss
+                    for name, value in out.sums.items():
+                        figure_sums[name] = figure_sums.get(name, 0.0) + value.detach().double()
+                else:
+                    loss = self.forward(**batch, **kwargs).loss
                 if not self._pass_num_items:  # a mean over this micro-batch -> its share of the window
                     loss = loss * (count / total_targets)
                 acc.backward(loss * world)
             loss_sum += loss.detach().double()
-        (window_loss,) = self._global_sum([loss_sum.item()])
+        names = list(figure_sums)
+        window_loss, *figures = self._global_sum([loss_sum.item(), *(float(figure_sums[n]) for n in names)])
+        self._step_figures = {name: value / total_targets for name, value in zip(names, figures, strict=True)}
         grad_norm = float("nan")
         if self.max_grad_norm > 0:
             clip = torch.nn.utils.clip_grad_norm_ if self._plain_clip else acc.clip_grad_norm_
@@ -367,7 +386,8 @@ class Trainer:
                         dt = max(time.perf_counter() - window_start, 1e-9)
                         record = {"step": state.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
                                   "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
-                                  "tokens_per_s": window_tokens / dt, "elapsed_s": state.elapsed_seconds}
+                                  "tokens_per_s": window_tokens / dt, "elapsed_s": state.elapsed_seconds,
+                                  **self._step_figures}
                         if peak and self.flops_per_token:
                             record["mfu"] = self.flops_per_token * record["tokens_per_s"] / acc.num_processes / peak
                         logger.log(record)
