@@ -6,6 +6,11 @@ base model, pipeline tag and the evaluation results in the Hub's ``model-index``
 size, training and results. The "## Load" section names the model by where it lives: a local
 placeholder path when written after training, the repo id once pushed (``load_section`` rewrites
 it, see ``lmforge.hub``).
+
+Benchmarks run by ``lmforge eval MODEL --tasks ...`` are saved beside the model
+(``harness_results.json``, see ``lmforge.eval.harness``); ``with_harness_results`` puts them into a
+card's model-index (source: lm-evaluation-harness) and its "## Benchmarks" section, replacing the
+ones an earlier card held. ``build_card`` and ``lmforge push`` call it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from lmforge.eval.harness import read_harness_results
 from lmforge.runs import auto_class_name, has_tokenizer
 from lmforge.train.hooks import RunSummary
 
@@ -41,6 +47,12 @@ _METRIC_NAMES = {"bits_per_byte": "Bits per byte", "perplexity": "Perplexity", "
                  "matthews_correlation": "Matthews correlation", "pearson": "Pearson r",
                  "spearman": "Spearman rho", "mse": "Mean squared error", "masked_accuracy": "Masked-token accuracy",
                  "next_token_accuracy": "Next-token accuracy"}
+HARNESS_SOURCE = "lm-evaluation-harness"
+HARNESS_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
+_HARNESS_METRICS = {"acc": "Accuracy", "acc_norm": "Accuracy (length-normalised)", "exact_match": "Exact match",
+                    "word_perplexity": "Word perplexity", "byte_perplexity": "Byte perplexity",
+                    "bits_per_byte": "Bits per byte", "perplexity": "Perplexity", "f1": "F1", "mcc": "Matthews correlation"}
+_BENCHMARKS = re.compile(r"^## Benchmarks\n.*?(?=^## |\Z)", flags=re.S | re.M)
 
 
 def _without_secrets(value: Any) -> Any:
@@ -185,8 +197,74 @@ def _eval_results(facts: CardFacts) -> list[Any]:
     return rows
 
 
+def harness_eval_results(folder: str | Path, task_type: str | None) -> list[Any]:
+    """The model-index rows of the benchmarks saved beside the model in ``folder``
+    (``harness_results.json``): one per task and metric, standard errors left out. The dataset is
+    named after the task as the Hub's leaderboards name theirs ("hellaswag (10-shot)"), with the
+    number of examples when ``--limit`` cut it short."""
+    rows = []
+    for task, entry in read_harness_results(folder).items():
+        shots = entry.get("num_fewshot") or 0
+        name = f"{task} ({shots}-shot"
+        if entry.get("limit") is not None and entry.get("samples") is not None:
+            name += f", first {entry['samples']} of {entry.get('samples_total')} examples"
+        for metric, value in (entry.get("metrics") or {}).items():
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or "_stderr" in metric):
+                continue
+            rows.append(EvalResult(task_type=task_type or "text-generation", dataset_type=task,
+                                   dataset_name=name + ")", dataset_split=entry.get("split"),
+                                   dataset_args={"num_few_shot": shots}, metric_type=metric,
+                                   metric_name=_HARNESS_METRICS.get(metric.split(",")[0], metric),
+                                   metric_value=round(float(value), 6), source_name=HARNESS_SOURCE,
+                                   source_url=HARNESS_URL))
+    return rows
+
+
+def benchmarks_section(folder: str | Path) -> str:
+    """The card's "## Benchmarks" section for the harness figures saved in ``folder`` ("" without any)."""
+    saved = read_harness_results(folder)
+    if not saved:
+        return ""
+    lines = ["## Benchmarks", "", f"[lm-evaluation-harness]({HARNESS_URL}) (`lmforge eval MODEL --tasks ...`):", "",
+             "| task | n-shot | examples | metric | value | stderr |", "|---|---:|---:|---|---:|---:|"]
+    for task, entry in saved.items():
+        metrics = entry.get("metrics") or {}
+        samples = entry.get("samples")
+        shown = f"{samples:,}" if samples is not None else "-"
+        if entry.get("limit") is not None and entry.get("samples_total"):
+            shown += f" of {entry['samples_total']:,}"
+        for metric, value in metrics.items():
+            if "_stderr" in metric:
+                continue
+            stderr = metrics.get(metric.replace(",", "_stderr,", 1) if "," in metric else f"{metric}_stderr")
+            lines.append(f"| {task} | {entry.get('num_fewshot') or 0} | {shown} | {metric} | {value:.4f} | "
+                         + (f"{stderr:.4f}" if isinstance(stderr, (int, float)) else "") + " |")
+    return "\n".join(lines + [""])
+
+
+def with_harness_results(card: Any, folder: str | Path) -> Any:
+    """``card`` with the benchmarks saved in ``folder`` (see ``harness_eval_results``) in its
+    model-index and its "## Benchmarks" section, in place of any it held before; unchanged when
+    the folder holds none."""
+    rows = harness_eval_results(folder, card.data.pipeline_tag)
+    if not rows:
+        return card
+    kept = [r for r in (card.data.eval_results or []) if r.source_name != HARNESS_SOURCE]
+    card.data.eval_results = kept + rows
+    if not card.data.model_name:
+        folder = Path(folder)
+        card.data.model_name = folder.parent.name if folder.name == "final" else folder.name
+    text = _BENCHMARKS.sub("", card.text).rstrip("\n") + "\n"
+    at = re.search(r"^## (Loss curve|Configuration)\n", text, flags=re.M)  # after the evaluation
+    section = benchmarks_section(folder) + "\n"
+    card.text = text[:at.start()] + section + text[at.start():] if at else text + "\n" + section
+    return card
+
+
 def build_card(folder: str | Path, facts: CardFacts) -> Any:
-    """The ``huggingface_hub.ModelCard`` for the model in ``folder`` described by ``facts``."""
+    """The ``huggingface_hub.ModelCard`` for the model in ``folder`` described by ``facts``, with
+    the benchmarks saved beside the model (``with_harness_results``)."""
     folder = Path(folder)
     eval_results = _eval_results(facts)
     data = ModelCardData(
@@ -214,7 +292,7 @@ def build_card(folder: str | Path, facts: CardFacts) -> Any:
     if facts.config:
         lines += ["## Configuration", "", "```yaml",
                   yaml.safe_dump(_without_secrets(facts.config), sort_keys=False).strip(), "```", ""]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    return with_harness_results(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)), folder)
 
 
 def write_card(folder: str | Path, facts: CardFacts) -> Path:

@@ -37,8 +37,16 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tqdm.auto import tqdm
 
 from lmforge.errors import LmforgeError
+from lmforge.eval.harness import HARNESS_RESULTS
 from lmforge.export.convert import convert_folder
-from lmforge.publish.cards import build_card, folder_facts, retarget, run_facts, write_card
+from lmforge.publish.cards import (
+    build_card,
+    folder_facts,
+    retarget,
+    run_facts,
+    with_harness_results,
+    write_card,
+)
 from lmforge.runs import (
     builtin_hub_id,
     find_model,
@@ -179,7 +187,7 @@ def stage(folder: Path, kind: str, target: Path, model_id: str, *, to_hf: bool =
             raise LmforgeError(f"--to-hf converts a model to stock transformers classes; {folder} is a {kind} "
                                "folder" + (" (merge it first: lmforge merge)" if kind == "adapter" else ""))
         convert_folder(folder, target, to_hf=True)
-        for name in ("README.md", "loss.png", "eval_results.json"):
+        for name in ("README.md", "loss.png", "eval_results.json", HARNESS_RESULTS):
             if (folder / name).is_file() and not (target / name).exists():
                 shutil.copy2(folder / name, target / name)
     else:
@@ -201,6 +209,7 @@ def stage(folder: Path, kind: str, target: Path, model_id: str, *, to_hf: bool =
                 card.text = card.text.replace(f"`{local_base}`", f"`{base_model}`")
         if to_hf:
             card.data.library_name = "transformers"
+        card = with_harness_results(card, target)  # benchmarks run since the card was written
         if card.data.eval_results:
             card.data.model_name = repo_name(model_id)
     else:
