@@ -28,6 +28,7 @@ $(STAMP): pyproject.toml
 data: $(STAMP)
 	$(BIN)/lmforge data fetch shakespeare
 	$(BIN)/lmforge data fetch rotten-tomatoes
+	$(BIN)/lmforge data fetch rotten-tomatoes-pairs
 
 quickstart: setup
 	$(BIN)/lmforge quickstart

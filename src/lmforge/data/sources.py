@@ -7,7 +7,7 @@ column, renamed to ``text``, and refusing a loaded (not streamed) split without 
 A source is, in this order of precedence:
 
 1. an existing ``datasets.Dataset`` / ``IterableDataset`` (passed through);
-2. a built-in corpus name (``shakespeare``, ``rotten-tomatoes``) fetched into the cache by
+2. a built-in corpus name (``shakespeare``, ``rotten-tomatoes``, ``rotten-tomatoes-pairs``) fetched into the cache by
    ``lmforge data fetch NAME``;
 3. a local file, glob or folder of ``.txt`` / ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet``
    files (a folder with ``train.*`` / ``validation.*`` / ``test.*`` files is read split-aware;
