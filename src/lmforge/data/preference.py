@@ -29,13 +29,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from datasets import Dataset, Features, List, Value
 from transformers import PreTrainedTokenizerBase
 
-from lmforge.data.chat import check_chat_tokenizer, clean_messages, render_conversation, turn_end
-from lmforge.data.collators import IGNORE_INDEX, _pad_rows
+from lmforge.data.chat import (
+    _show,
+    check_chat_tokenizer,
+    clean_messages,
+    render_conversation,
+    turn_end,
+)
+from lmforge.data.collators import IGNORE_INDEX, CausalLMCollator
 from lmforge.data.sources import load_table
 from lmforge.errors import LmforgeError
 
@@ -53,11 +58,6 @@ class PreferenceData:
     truncated: int  # pairs cut to max_length
     dropped: int  # pairs whose completions became identical when truncated
     conversational: bool
-
-
-def _show(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _is_conversation(value: Any) -> bool:
@@ -213,28 +213,21 @@ def load_preference_pairs(source: Any, split: str, tokenizer: PreTrainedTokenize
 class PreferenceCollator:
     """Rows of pairs -> one batch of 2B sequences: the B chosen ones, then the B rejected ones.
 
-    ``input_ids``/``attention_mask`` are right-padded; ``labels`` hold the completion tokens and
-    -100 on the prompt and the padding. Stored reference log-probabilities (the columns
-    ``ref_chosen_logps``/``ref_rejected_logps``) come along as float64 (B,) tensors.
+    The sequences are collated by ``CausalLMCollator`` (right padding, ``attention_mask``);
+    ``labels`` hold the completion tokens and -100 on the prompt and the padding. Stored reference
+    log-probabilities (the columns ``ref_chosen_logps``/``ref_rejected_logps``) come along as
+    float64 (B,) tensors.
     """
 
     def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+        self.sequences = CausalLMCollator(pad_token_id)
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not rows:
             raise LmforgeError("cannot collate an empty list of pairs")
-        ids, labels = [], []
-        for side in ("chosen_ids", "rejected_ids"):
-            for row in rows:
-                prompt, completion = list(row["prompt_ids"]), list(row[side])
-                ids.append(prompt + completion)
-                labels.append([IGNORE_INDEX] * len(prompt) + completion)
-        lengths = np.array([len(x) for x in ids])
-        width = int(lengths.max())
-        batch = {"input_ids": torch.from_numpy(_pad_rows(ids, self.pad_token_id, width)),
-                 "attention_mask": torch.from_numpy((np.arange(width)[None] < lengths[:, None]).astype(np.int64)),
-                 "labels": torch.from_numpy(_pad_rows(labels, IGNORE_INDEX, width))}
+        batch = self.sequences([{"input_ids": [*row["prompt_ids"], *row[side]],
+                                 "labels": [IGNORE_INDEX] * len(row["prompt_ids"]) + list(row[side])}
+                                for side in ("chosen_ids", "rejected_ids") for row in rows])
         for column in REFERENCE_COLUMNS:
             if column in rows[0]:
                 batch[column] = torch.tensor([float(row[column]) for row in rows], dtype=torch.float64)

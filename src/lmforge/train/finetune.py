@@ -59,6 +59,7 @@ from lmforge.train.model_presets import count_parameters
 from lmforge.train.preference import (
     DEFAULT_BETA,
     REFERENCE_FILE,
+    REFERENCE_FREE,
     PreferenceObjective,
     adapter_off_reference,
     compute_reference_logps,
@@ -413,26 +414,35 @@ def finetune(config: FinetuneConfig, *, hooks: RunHooks | None = None) -> Finetu
     return FinetuneResult(run_dir=run_dir, final_dir=final_dir, train=result, metrics=metrics)
 
 
+REFERENCE_SOURCES = {None: "none (reference-free)", "copy": "a frozen copy of the starting model",
+                     "adapter": "the model with its LoRA adapter off",
+                     "precomputed": "log-probabilities of the starting model, computed before training"}
+
+
+def _reference_kind(config: FinetuneConfig) -> str | None:
+    """The reference of a preference run: adapter, copy or precomputed (auto: adapter with LoRA,
+    copy with full fine-tuning); None for reference-free losses and other tasks."""
+    pref = config.preference
+    if config.task != "preference" or pref.loss in REFERENCE_FREE:
+        return None
+    if pref.reference == "auto":
+        return "adapter" if config.method == "lora" else "copy"
+    return pref.reference
+
+
 def _frozen_reference(config: FinetuneConfig, model: nn.Module, accelerator: Any) -> Any:
     """preference.reference copy (or auto with full fine-tuning): the frozen starting model."""
-    pref = config.preference
-    if config.task != "preference" or pref.loss in ("simpo", "orpo"):
+    if _reference_kind(config) != "copy":
         return None
-    if pref.reference == "copy" or (pref.reference == "auto" and config.method == "full"):
-        return frozen_copy_reference(model, accelerator.device, autocast=accelerator.autocast)
-    return None
+    return frozen_copy_reference(model, accelerator.device, autocast=accelerator.autocast)
 
 
 def _preference_objective(config: FinetuneConfig, accelerator: Any, frozen: Any) -> PreferenceObjective:
     pref = config.preference
     beta = pref.beta if pref.beta is not None else DEFAULT_BETA[pref.loss]
-    reference, source = frozen, "a frozen copy of the starting model"
-    if pref.loss in ("simpo", "orpo"):
-        source = "none (reference-free)"
-    elif pref.reference == "precomputed":
-        source = "log-probabilities of the starting model, computed before training"
-    elif frozen is None:  # adapter, or auto with LoRA
-        reference, source = adapter_off_reference(accelerator.autocast), "the model with its LoRA adapter off"
+    kind = _reference_kind(config)
+    reference = adapter_off_reference(accelerator.autocast) if kind == "adapter" else frozen
+    source = REFERENCE_SOURCES[kind]
     if accelerator.is_main_process:
         gamma = f", gamma {pref.simpo_gamma}" if pref.loss == "simpo" else ""
         print(f"preference: loss {pref.loss}, beta {beta}{gamma}; reference: {source}")
@@ -444,7 +454,7 @@ def _stored_reference(config: FinetuneConfig, data: _Data, model: nn.Module, col
     """preference.reference precomputed: the reference log-probabilities of every split as
     columns of ``data`` (computed now with the starting model, or read back when resuming).
     Returns the values to store with the run (None when not used)."""
-    if config.preference.reference != "precomputed" or config.preference.loss in ("simpo", "orpo"):
+    if _reference_kind(config) != "precomputed":
         return None
     splits = {key: pairs for key, pairs in (("train", data.train), ("eval", data.eval), ("test", data.test))
               if pairs is not None}

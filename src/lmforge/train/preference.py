@@ -228,7 +228,6 @@ def evaluate_preference(model: nn.Module, batches: Iterable[dict[str, torch.Tens
     ``batches`` (this process's share; summed over processes), in eval mode."""
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     totals: dict[str, float] = {}
-    names: list[str] = []
     with torch.no_grad(), _evaluating(model):
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
