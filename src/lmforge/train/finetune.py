@@ -58,6 +58,7 @@ from lmforge.train.loop import ModelSelection, Trainer, TrainResult, make_accele
 from lmforge.train.model_presets import count_parameters
 from lmforge.train.preference import (
     DEFAULT_BETA,
+    PREFERENCE_METRICS,
     REFERENCE_FILE,
     REFERENCE_FREE,
     PreferenceObjective,
@@ -299,8 +300,7 @@ EVAL_METRICS = {
     "multi_label_classification": ("accuracy", "micro_f1", "macro_f1", "loss"),
     "regression": ("pearson", "spearman", "mse", "loss"),
     "sft": ("loss", "perplexity", "bits_per_byte"),
-    "preference": ("loss", "accuracy", "margin", "rewards_chosen", "rewards_rejected", "logps_chosen",
-                   "logps_rejected", "nll"),
+    "preference": PREFERENCE_METRICS,
 }
 
 

@@ -49,7 +49,7 @@ REFERENCE_FREE = ("simpo", "orpo")
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
 REFERENCE_FILE = "reference_logps.safetensors"
 # what a preference evaluation reports (train.metric_for_best picks one)
-EVAL_METRICS = ("loss", "accuracy", "margin", "rewards_chosen", "rewards_rejected", "logps_chosen",
+PREFERENCE_METRICS = ("loss", "accuracy", "margin", "rewards_chosen", "rewards_rejected", "logps_chosen",
                 "logps_rejected", "nll")
 
 
@@ -156,7 +156,6 @@ def frozen_copy_reference(model: nn.Module, device: torch.device,
     def reference(_: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad(), autocast():
             return forward_logps(frozen, batch)[0]
-    reference.model = frozen  # type: ignore[attr-defined]
     return reference
 
 
