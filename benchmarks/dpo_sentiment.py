@@ -29,7 +29,7 @@ Stages (each skipped when its output exists; ``--force`` redoes the stages named
    the rest of the positive sentence, rejected = the rest of the negative one. DPO trains on the
    pairs of the TRAIN sentences and selects on those of the
    validation sentences (its eval split); the test pairs are not read. Measurement prompts: the first 2-4 words (drawn per
-   sentence, seeded) of each held-out sentence with at least ``MIN_REST_WORDS`` more words,
+   sentence, seeded) of each held-out sentence with at least ``PAIR_MIN_REST_WORDS`` more words,
    duplicates dropped: ``prompts/validation.jsonl`` (for choosing settings); ``final`` writes
    ``prompts/test.jsonl`` and reads it once.
 5. ``baseline``: the SFT model measured on the validation prompts and the validation split.
@@ -63,7 +63,6 @@ import argparse
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 import time
@@ -73,7 +72,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import finish, machine_info, sample_load  # noqa: E402
 
-from lmforge.data.fetch import PAIR_MIN_REST_WORDS, PAIR_PREFIX_WORDS  # noqa: E402
+from lmforge.data.fetch import PAIR_MIN_REST_WORDS, PAIR_PREFIX_WORDS, split_after_words  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = Path("runs/dpo-sentiment")  # relative to ROOT, the working directory of the script and its commands
@@ -93,7 +92,6 @@ PROBES = [
 PRETRAIN = {"shape": "4x128", "document_masks": False, "steps": 650}
 
 PROMPT_WORDS = (2, 3, 4)
-MIN_REST_WORDS = 3
 SAMPLES = 4
 MAX_NEW_TOKENS = 30
 TOP_K = 50
@@ -163,16 +161,6 @@ def read_split(split: str) -> list[dict]:
     from lmforge.data.sources import load_table
 
     return list(load_table("rotten-tomatoes", split))
-
-
-def split_after_words(text: str, k: int) -> tuple[str, str] | None:
-    """``(first k words, the rest with its leading space)``, or None when fewer than
-    ``MIN_REST_WORDS`` words follow; ``prompt + rest == text``."""
-    words = list(re.finditer(r"\S+", text))
-    if len(words) < k + MIN_REST_WORDS:
-        return None
-    cut = words[k - 1].end()
-    return text[:cut], text[cut:].rstrip()
 
 
 def pair_counts(split: str) -> dict:
@@ -460,7 +448,7 @@ def stage_final(rec: Recorder, args: argparse.Namespace) -> None:
             "classifier": "all-minilm-l6-v2, lmforge finetune --config rotten-tomatoes-full",
             "pairs": {"source": "rotten-tomatoes-pairs (built-in)", "prefix_words": list(PAIR_PREFIX_WORDS),
                       "min_rest_words": PAIR_MIN_REST_WORDS},
-            "prompts": {"words": list(PROMPT_WORDS), "min_rest_words": MIN_REST_WORDS, "deduplicated": True},
+            "prompts": {"words": list(PROMPT_WORDS), "min_rest_words": PAIR_MIN_REST_WORDS, "deduplicated": True},
             "generation": {"samples_per_prompt": SAMPLES, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0,
                            "top_k": TOP_K, "seed": SEED},
             "perplexity": f"lmforge eval --max-length {BLOCK} (disjoint windows of the pretraining row length)",

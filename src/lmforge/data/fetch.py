@@ -128,7 +128,7 @@ PAIR_PREFIX_WORDS = (1, 2, 3, 4)  # prompts of rotten-tomatoes-pairs: the first 
 PAIR_MIN_REST_WORDS = 3  # words each completion has at least
 
 
-def _after_words(text: str, k: int) -> tuple[str, str] | None:
+def split_after_words(text: str, k: int) -> tuple[str, str] | None:
     """(the first ``k`` words, the rest with its leading space), or None when fewer than
     ``PAIR_MIN_REST_WORDS`` words follow."""
     words = list(re.finditer(r"\S+", text))
@@ -151,7 +151,7 @@ def preference_pairs(rows: list[dict[str, Any]], seed: int = 0) -> list[dict[str
     for k in PAIR_PREFIX_WORDS:
         groups: dict[str, tuple[list[str], list[str]]] = {}
         for row in rows:
-            cut = _after_words(row["text"], k)
+            cut = split_after_words(row["text"], k)
             if cut is not None:
                 groups.setdefault(cut[0], ([], []))[int(row["label"])].append(cut[1])
         for prompt in sorted(groups):
