@@ -39,16 +39,21 @@ from lmforge.runs import (
 # What converts, for the messages: model_type -> the classes on the other side.
 TO_HF = {
     "lmforge_gpt": "LmforgeGPTForCausalLM -> LlamaForCausalLM (RoPE) or GPT2LMHeadModel (learned positions), "
-                   "LmforgeGPTModel -> LlamaModel, LmforgeGPTForSequenceClassification -> LlamaForSequenceClassification",
+                   "LmforgeGPTModel -> LlamaModel, LmforgeGPTForSequenceClassification -> LlamaForSequenceClassification; "
+                   "with experts (num_experts > 0, no shared expert): the Mixtral classes",
     "lmforge_bert": "the classic preset: LmforgeBertModel / ForMaskedLM / ForSequenceClassification / "
                     "ForTokenClassification -> BertModel / BertFor*",
     "lmforge_mamba": "LmforgeMambaForCausalLM / LmforgeMambaModel -> MambaForCausalLM / MambaModel",
+    "lmforge_mamba2": "LmforgeMamba2ForCausalLM / LmforgeMamba2Model -> Mamba2ForCausalLM / Mamba2Model "
+                      "(Mamba-2 layers only: a hybrid has no stock class)",
 }
 FROM_HF = {
     "llama": ("LlamaForCausalLM", "LlamaModel", "LlamaForSequenceClassification"),
     "gpt2": ("GPT2LMHeadModel",),
     "bert": ("BertModel", "BertForMaskedLM", "BertForSequenceClassification", "BertForTokenClassification"),
     "mamba": ("MambaForCausalLM", "MambaModel"),
+    "mamba2": ("Mamba2ForCausalLM", "Mamba2Model"),
+    "mixtral": ("MixtralForCausalLM", "MixtralModel", "MixtralForSequenceClassification"),
 }
 
 

@@ -86,9 +86,9 @@ class _Row:
 
 
 def model_family(model: nn.Module) -> str:
-    """``"gpt"``, ``"mamba"``, ``"bert"`` or ``"other"`` by ``config.model_type``."""
+    """``"gpt"``, ``"mamba"``, ``"mamba2"`` (also the hybrids), ``"bert"`` or ``"other"`` by ``config.model_type``."""
     model_type = getattr(model.config, "model_type", "")
-    for kind in ("gpt", "mamba", "bert"):
+    for kind in ("gpt", "mamba", "mamba2", "bert"):
         if model_type == f"lmforge_{kind}":
             return kind
     return "other"
@@ -96,7 +96,8 @@ def model_family(model: nn.Module) -> str:
 
 def make_decoder(model: nn.Module, *, weights: str = "float", compile: bool = False) -> Decoder:
     """The fastest decoder for ``model``: the static-cache GPT decoder, Mamba's state step, or the
-    model's own forward with a dynamic cache (stock models, ALiBi; float weights only)."""
+    model's own forward with its cache (stock models, ALiBi, Mamba-2 and its hybrids; float weights
+    only)."""
     kind = model_family(model)
     if kind == "gpt" and model.config.position_embedding_type != "alibi":
         return StaticGPTDecoder(model, weights=weights, compile=compile)
@@ -123,8 +124,9 @@ def as_lmforge(model: nn.Module) -> nn.Module:
 
 
 def _context(model: nn.Module) -> int | None:
-    """The longest sequence the model takes (None: no limit, as for Mamba)."""
-    if model_family(model) == "mamba":
+    """The longest sequence the model takes (None: no limit, as for Mamba, Mamba-2 and its hybrids,
+    whose attention layers have no positions or RoPE)."""
+    if model_family(model) in ("mamba", "mamba2"):
         return None
     return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
 

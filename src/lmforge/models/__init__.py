@@ -18,11 +18,13 @@ The folder is flat, one file per concept: ``switches`` (allowed values), ``norms
 Each family module below calls its own ``register()``; add one import line per family.
 """
 
-# Family registrations (one line each): GPT, BERT, Mamba.
+# Family registrations (one line each): GPT, BERT, Mamba, Mamba-2.
 from .modeling_gpt import LmforgeGPTConfig, LmforgeGPTForCausalLM, LmforgeGPTForSequenceClassification, LmforgeGPTModel, register as _register_gpt  # noqa: F401,E402,I001
 _register_gpt()
 from .modeling_bert import LmforgeBertConfig, LmforgeBertForMaskedLM, LmforgeBertForSequenceClassification, LmforgeBertForTokenClassification, LmforgeBertModel, register as _register_bert  # noqa: F401,E402,I001
 _register_bert()
 from .modeling_mamba import LmforgeMambaConfig, LmforgeMambaForCausalLM, LmforgeMambaForSequenceClassification, LmforgeMambaModel, register as _register_mamba  # noqa: F401,E402,I001
 _register_mamba()
+from .modeling_mamba2 import LmforgeMamba2Config, LmforgeMamba2ForCausalLM, LmforgeMamba2ForSequenceClassification, LmforgeMamba2Model, register as _register_mamba2  # noqa: F401,E402,I001
+_register_mamba2()
 from .compat import LEGACY_ARCHITECTURES  # noqa: F401,E402,I001  (old class name -> today's, for old checkpoints)

@@ -2,8 +2,9 @@
 
 Notation: B batch, T length, D hidden size.
 
-Config attributes read here: norm_position, hidden_dropout, num_hidden_layers (DeepNorm), and
-those of its norms, attention and MLP. This file is copied next to saved weights: it imports only
+Config attributes read here: norm_position, hidden_dropout, num_hidden_layers (DeepNorm),
+num_experts (a mixture of experts instead of the MLP when > 0; absent means 0), and those of its
+norms, attention and feed-forward. This file is copied next to saved weights: it imports only
 torch, transformers and siblings.
 """
 
@@ -15,13 +16,13 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention import Attention
 from .dropout import Dropout, apply_dropout
-from .feed_forward import MLP
+from .feed_forward import MLP, MoE
 from .norms import build_norm, deepnorm_alpha, deepnorm_beta
 from .switches import NORM_POSITIONS
 
 
 class TransformerBlock(GradientCheckpointingLayer):
-    """Attention + MLP with residuals; ``config.norm_position`` picks the norm placement.
+    """Attention + MLP (or MoE) with residuals; ``config.norm_position`` picks the norm placement.
 
     - ``pre``:      h = x + drop(attn(norm1(x)));      out = h + drop(mlp(norm2(h)))
     - ``post``:     h = norm1(x + drop(attn(x)));      out = norm2(h + drop(mlp(h)))   (BertLayer)
@@ -39,13 +40,17 @@ class TransformerBlock(GradientCheckpointingLayer):
         self.attn_norm = build_norm(config)
         self.self_attn = Attention(config, layer_idx)
         self.mlp_norm = build_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if getattr(config, "num_experts", 0) else MLP(config)
         self.dropout = Dropout(config.hidden_dropout)
         self.alpha = 1.0
         if self.norm_position == "deepnorm":
             self.alpha = deepnorm_alpha(config.num_hidden_layers)
             beta = deepnorm_beta(config.num_hidden_layers)
-            mlp_linears = (self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj)
+            dense = self.mlp
+            if isinstance(self.mlp, MoE):  # the experts (3D weights) and the shared experts' linears
+                self.mlp.experts.init_gain = beta
+                dense = self.mlp.shared_experts
+            mlp_linears = (dense.gate_proj, dense.up_proj, dense.down_proj) if dense is not None else ()
             for linear in (self.self_attn.v_proj, self.self_attn.o_proj, *mlp_linears):
                 if linear is not None:
                     linear.init_gain = beta  # read by init_weights (xavier_normal_ with this gain)

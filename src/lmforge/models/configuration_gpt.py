@@ -5,6 +5,14 @@ Every architectural choice is a switch (allowed values in ``switches.py``); GPT-
 ``position_embedding_type="learned", norm_type="layernorm", hidden_act="gelu_tanh"`` with all
 biases, MHA and tied embeddings.
 
+Mixture of experts: ``num_experts > 0`` replaces every block's MLP by a routed MoE
+(``feed_forward.MoE``): a softmax router picks ``num_experts_per_tok`` experts per token (Mixtral's
+routing when ``norm_topk_prob``), plus ``num_shared_experts`` ungated shared experts every token
+passes through (DeepSeek style). Training adds ``router_aux_loss_coef`` x the load-balancing loss
+(Switch / Mixtral) and ``router_z_loss_coef`` x the router z-loss (ST-MoE) to the LM loss;
+``router_bias_update_rate > 0`` turns on DeepSeek-V3's aux-loss-free balancing (a per-expert
+selection bias). ``num_experts = 0`` (the default) is the dense MLP, unchanged.
+
 RoPE and ALiBi run past ``max_position_embeddings`` (RoPE quality degrades there unless scaled with
 ``rope_parameters={"rope_type": "linear" | "dynamic", "factor": f}``); learned and sinusoidal
 positions refuse longer inputs.
@@ -39,6 +47,20 @@ class LmforgeGPTConfig(PreTrainedConfig):
             embeddings.
         tie_word_embeddings: share the input embedding with the LM head.
         is_causal: causal (True) or bidirectional attention.
+        num_experts: routed experts per MoE layer; 0 (default) = the dense MLP in every block.
+        num_experts_per_tok: experts each token is routed to (top-k), 1..num_experts.
+        moe_intermediate_size: width of one expert (and of one shared expert); None = intermediate_size.
+        num_shared_experts: ungated experts every token passes through, fused into one MLP of width
+            ``moe_intermediate_size * num_shared_experts`` (DeepSeek's shared experts); 0 = none.
+        norm_topk_prob: renormalise the top-k routing probabilities to sum to 1 (Mixtral: True).
+        router_aux_loss_coef: weight of the load-balancing loss (Switch Transformer's 0.01;
+            Mixtral-8x7B's config has 0.02). Added to the LM loss whenever labels are given.
+        router_z_loss_coef: weight of the router z-loss mean(logsumexp(router logits)^2) (ST-MoE
+            suggests 1e-3). Default 0.0: Mixtral has no z-loss, so the default converts to it.
+        router_bias_update_rate: DeepSeek-V3's aux-loss-free balancing: a per-expert bias, added to
+            the routing scores for the top-k selection only, moves by this rate x sign(mean load -
+            load) after every optimizer step (saved with the model); 0.0 = off (no bias).
+        output_router_logits: return every MoE layer's router logits (as Mixtral).
     """
 
     model_type = "lmforge_gpt"
@@ -72,6 +94,15 @@ class LmforgeGPTConfig(PreTrainedConfig):
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None
+    num_shared_experts: int = 0
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    router_bias_update_rate: float = 0.0
+    output_router_logits: bool = False
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -82,6 +113,7 @@ class LmforgeGPTConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self._validate_switches()
         self._validate_rope()
+        self._validate_experts()
 
     def _validate_sizes(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -128,6 +160,34 @@ class LmforgeGPTConfig(PreTrainedConfig):
                 )
         if not rope.get("rope_theta", 1.0) > 0:
             raise ValueError(f"LmforgeGPTConfig: rope_theta must be > 0, got {rope.get('rope_theta')!r}")
+
+    def _validate_experts(self) -> None:
+        def bad(name: str, valid: str) -> ValueError:
+            return ValueError(f"LmforgeGPTConfig.{name} must be {valid}, got {getattr(self, name)!r}")
+
+        def integer(name: str) -> bool:
+            value = getattr(self, name)
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        for name in ("num_experts", "num_shared_experts"):
+            if not integer(name) or getattr(self, name) < 0:
+                raise bad(name, "an integer >= 0")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise bad(name, "a number >= 0")
+        if not isinstance(self.norm_topk_prob, bool):
+            raise bad("norm_topk_prob", "True or False")
+        if not self.num_experts:
+            return  # dense MLP: the other expert settings are unused
+        if not integer("num_experts_per_tok") or not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise bad("num_experts_per_tok", f"an integer in [1, num_experts={self.num_experts}]")
+        if self.moe_intermediate_size is not None and (not integer("moe_intermediate_size")
+                                                       or self.moe_intermediate_size < 1):
+            raise bad("moe_intermediate_size", "a positive integer or None (= intermediate_size)")
+        if self.mlp_bias:
+            raise ValueError("LmforgeGPTConfig: mlp_bias=True is not available with num_experts > 0 "
+                             f"(num_experts={self.num_experts}): experts and shared experts have no biases")
 
 
 __all__ = ["LmforgeGPTConfig"]

@@ -2,11 +2,11 @@
 
 This is the correctness oracle: parity tests load the same weights into both and compare logits.
 
-    to_hf(model)      -> the equivalent transformers model (Llama / GPT-2 / BERT / Mamba)
+    to_hf(model)      -> the equivalent transformers model (Llama / GPT-2 / Mixtral / BERT / Mamba / Mamba2)
     from_hf(hf_model) -> the equivalent lmforge model
 
-Each pairing of an lmforge family with a stock one (GPT <-> Llama, GPT <-> GPT-2, BERT <-> BERT,
-Mamba <-> Mamba) is stated once, as data: the classes that correspond, a key map (lmforge
+Each pairing of an lmforge family with a stock one (GPT <-> Llama, GPT <-> GPT-2, MoE GPT <-> Mixtral,
+BERT <-> BERT, Mamba <-> Mamba, Mamba-2 <-> Mamba2) is stated once, as data: the classes that correspond, a key map (lmforge
 parameter names <-> stock names, with the few transforms such as GPT-2's fused, transposed
 ``c_attn``), and the config fields that hold the same value under another name. One generic
 function reads them in both directions; the config functions of a pairing hold only what is
@@ -29,7 +29,7 @@ import torch
 import transformers
 from torch import nn
 
-from . import modeling_bert, modeling_gpt, modeling_mamba
+from . import modeling_bert, modeling_gpt, modeling_mamba, modeling_mamba2
 from .compat import current_class_name
 from .switches import ROPE_TYPES
 
@@ -45,7 +45,7 @@ def to_hf(model: nn.Module) -> nn.Module:
 
 
 def from_hf(hf_model: nn.Module) -> nn.Module:
-    """Convert a stock transformers model (Llama, GPT-2, BERT, Mamba) to the lmforge equivalent."""
+    """Convert a stock transformers model (Llama, GPT-2, BERT, Mamba, Mamba2) to the lmforge equivalent."""
     model_type = getattr(hf_model.config, "model_type", None)
     if model_type not in _FROM_HF:
         raise ValueError(f"from_hf: no converter for model_type {model_type!r}; known: {sorted(_FROM_HF)}")
@@ -306,6 +306,61 @@ GPT2 = Pairing(
 )
 
 
+# ------------------------------------------------------ GPT <-> Mixtral (the mixture-of-experts GPT)
+
+# Llama's fields (Mixtral has no attention or MLP biases), the experts' settings under Mixtral's names
+_MIXTRAL_FIELDS = {
+    **{ours: stock for ours, stock in _LLAMA_FIELDS.items() if ours not in ("intermediate_size", "attention_bias",
+                                                                            "mlp_bias")},
+    **_same("num_experts_per_tok", "router_aux_loss_coef", "output_router_logits"),
+    "num_experts": "num_local_experts",
+}
+# the settings Mixtral has one value of: Llama's, and renormalised top-k routing without a shared
+# expert, z-loss or selection bias (training-only settings are refused too, as hidden_dropout is)
+_MIXTRAL_SWITCHES = dict(_LLAMA_SWITCHES, attention_bias=False, norm_topk_prob=True, router_z_loss_coef=0.0,
+                         router_bias_update_rate=0.0)
+
+
+def _to_mixtral(cfg) -> transformers.MixtralConfig:
+    if cfg.num_shared_experts:
+        raise ValueError(
+            f"to_hf: no stock transformers class matches num_shared_experts={cfg.num_shared_experts} (an ungated "
+            "shared expert beside softmax top-k routing and Llama attention): Mixtral and Qwen3-MoE have no shared "
+            "expert (and Qwen3-MoE normalises q and k), Qwen2-MoE scales its shared expert by a sigmoid gate, "
+            "DeepSeek-V2/V3 use latent attention and Ernie-4.5-MoE interleaved RoPE; set num_shared_experts=0 "
+            "to convert to Mixtral")
+    _require(cfg, "to_hf", "Mixtral", **_MIXTRAL_SWITCHES)
+    return transformers.MixtralConfig(**_fields(cfg, _MIXTRAL_FIELDS, to_stock=True), hidden_act="silu",
+                                      intermediate_size=cfg.moe_intermediate_size or cfg.intermediate_size,
+                                      rope_parameters=_rope(cfg.rope_parameters, "to_hf"), sliding_window=None,
+                                      router_jitter_noise=0.0)
+
+
+def _from_mixtral(cfg) -> modeling_gpt.LmforgeGPTConfig:
+    _require(cfg, "from_hf", "lmforge_gpt", hidden_act="silu", sliding_window=None, router_jitter_noise=0.0)
+    rope = _rope(cfg.rope_parameters, "from_hf")
+    values = _fields(cfg, _MIXTRAL_FIELDS, to_stock=False)
+    values.update(_MIXTRAL_SWITCHES, rope_parameters=rope, rope_theta=rope.get("rope_theta", 10000.0),
+                  intermediate_size=cfg.intermediate_size, moe_intermediate_size=cfg.intermediate_size,
+                  attention_dropout=float(cfg.attention_dropout or 0.0), tie_word_embeddings=bool(cfg.tie_word_embeddings),
+                  router_aux_loss_coef=float(cfg.router_aux_loss_coef))
+    return modeling_gpt.LmforgeGPTConfig(**values)
+
+
+MIXTRAL = Pairing(
+    stock="Mixtral",
+    ours=modeling_gpt,
+    classes={
+        "LmforgeGPTModel": "MixtralModel",
+        "LmforgeGPTForCausalLM": "MixtralForCausalLM",
+        "LmforgeGPTForSequenceClassification": "MixtralForSequenceClassification",
+    },
+    keys=LLAMA.keys,  # the norms renamed; router (mlp.gate) and experts (mlp.experts) share Mixtral's names
+    to_stock_config=_to_mixtral,
+    from_stock_config=_from_mixtral,
+)
+
+
 # ------------------------------------------------------------------- BERT (the classic preset)
 
 _BERT_FIELDS = {
@@ -417,10 +472,55 @@ MAMBA = Pairing(
 )
 
 
+# ------------------------------------------------------------------------------------ Mamba-2
+
+# Field names follow transformers' Mamba2Config: only the norm epsilon is renamed. chunk_size None
+# (the scan's default) becomes the stock default, 256.
+_MAMBA2_FIELDS = {
+    **_same("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "expand", "num_heads", "head_dim",
+            "n_groups", "conv_kernel", "time_step_min", "time_step_max", "time_step_floor", "use_bias",
+            "use_conv_bias", "residual_in_fp32", "rescale_prenorm_residual", "initializer_range",
+            "tie_word_embeddings", *_TOKEN_IDS),
+    "norm_eps": "layer_norm_epsilon",
+}
+# Mamba2Config checks types strictly (an int is not a float)
+_MAMBA2_FLOATS = ("time_step_min", "time_step_max", "time_step_floor", "initializer_range", "layer_norm_epsilon")
+
+
+def _to_mamba2(cfg) -> transformers.Mamba2Config:
+    others = [f"{i}: {kind!r}" for i, kind in enumerate(cfg.layer_types) if kind != "linear_attention"]
+    if others:
+        raise ValueError(f"to_hf: transformers' Mamba2 has Mamba-2 layers only, and this hybrid's layer_types has "
+                         f"{', '.join(others)}; no stock class matches a hybrid")
+    values = _fields(cfg, _MAMBA2_FIELDS, to_stock=True)
+    values.update({name: float(values[name]) for name in _MAMBA2_FLOATS})
+    return transformers.Mamba2Config(**values, hidden_act="silu", chunk_size=cfg.chunk_size or 256,
+                                     time_step_limit=tuple(float(v) for v in cfg.time_step_limit))
+
+
+def _from_mamba2(cfg) -> modeling_mamba2.LmforgeMamba2Config:
+    _require(cfg, "from_hf", "lmforge_mamba2 (SiLU only)", hidden_act="silu")
+    return modeling_mamba2.LmforgeMamba2Config(**_fields(cfg, _MAMBA2_FIELDS, to_stock=False),
+                                               chunk_size=cfg.chunk_size, time_step_limit=tuple(cfg.time_step_limit))
+
+
+MAMBA2 = Pairing(
+    stock="Mamba2",
+    ours=modeling_mamba2,
+    classes={"LmforgeMamba2ForCausalLM": "Mamba2ForCausalLM", "LmforgeMamba2Model": "Mamba2Model"},
+    keys=(),  # the same parameter names on both sides: only the configs differ
+    to_stock_config=_to_mamba2,
+    from_stock_config=_from_mamba2,
+    note="; transformers has no Mamba2 sequence-classification class",
+)
+
+
 # lmforge model_type -> the pairing for a config; stock model_type -> its pairing
 _TO_HF: dict[str, Callable[[Any], Pairing]] = {
-    "lmforge_gpt": lambda cfg: GPT2 if cfg.position_embedding_type == "learned" else LLAMA,
+    "lmforge_gpt": lambda cfg: (MIXTRAL if getattr(cfg, "num_experts", 0) else
+                                GPT2 if cfg.position_embedding_type == "learned" else LLAMA),
     "lmforge_bert": lambda cfg: BERT,
     "lmforge_mamba": lambda cfg: MAMBA,
+    "lmforge_mamba2": lambda cfg: MAMBA2,
 }
-_FROM_HF: dict[str, Pairing] = {"llama": LLAMA, "gpt2": GPT2, "bert": BERT, "mamba": MAMBA}
+_FROM_HF: dict[str, Pairing] = {"llama": LLAMA, "mixtral": MIXTRAL, "gpt2": GPT2, "bert": BERT, "mamba": MAMBA, "mamba2": MAMBA2}

@@ -84,6 +84,9 @@ DEFAULT_LORA_TARGETS = {
     "lmforge_bert": ["q_proj", "v_proj"],
     "lmforge_mamba": ["in_proj", "out_proj"],
     "mamba": ["in_proj", "out_proj"],
+    # a hybrid's attention and MLP layers too (a name no layer has is ignored while one matches)
+    "lmforge_mamba2": ["in_proj", "out_proj", "q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+    "mamba2": ["in_proj", "out_proj"],
 }
 
 

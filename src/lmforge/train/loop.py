@@ -12,7 +12,8 @@ Per optimizer step ``s``:
      is a mean over rows (sequence classification) is weighted by its share of the window's rows.
   4. Non-finite loss/gradient: stop (saving the last good state) or skip the step.
   5. Clip, step, schedule, log, evaluate, checkpoint; Ctrl-C/SIGTERM ends at a step every
-     process agrees on, after a checkpoint.
+     process agrees on, after a checkpoint. Mixture-of-experts models also update their routers'
+     selection biases after each step and log their expert load (``moe_stats``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from lmforge.train.checkpoint import (
 )
 from lmforge.train.config import LoopConfig, OptimConfig
 from lmforge.train.distributed import distributed_kind
+from lmforge.train.moe_stats import ExpertLoad
 from lmforge.train.optim import build_optimizer, build_scheduler, refit_schedule
 from lmforge.train.tracking import MetricsLogger, measure_peak_flops
 
@@ -212,6 +214,7 @@ class Trainer:
             raise LmforgeError("Trainer: an objective needs count_targets (the units its loss is a mean over)")
         self.objective = objective
         self._step_figures: dict[str, float] = {}
+        self._experts = ExpertLoad(model)  # MoE layers' load and router losses (none: a dense model)
         self.shift = target_shift(model)
         if config.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
@@ -375,6 +378,7 @@ class Trainer:
                     else:
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
+                        self._experts.after_step(self._global_sum)
                     self.scheduler.step()
                     state.step += 1
                     state.tokens_seen += tokens
@@ -387,7 +391,7 @@ class Trainer:
                         record = {"step": state.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
                                   "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
                                   "tokens_per_s": window_tokens / dt, "elapsed_s": state.elapsed_seconds,
-                                  **self._step_figures}
+                                  **self._step_figures, **self._experts.figures(self._global_sum)}
                         if peak and self.flops_per_token:
                             record["mfu"] = self.flops_per_token * record["tokens_per_s"] / acc.num_processes / peak
                         logger.log(record)

@@ -38,7 +38,7 @@ def load_preset(preset: str, overrides: dict[str, Any] | None = None) -> dict[st
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict) or "model_type" not in values:
         raise LmforgeError(f"{path}: a model preset is a mapping of config keys including model_type "
-                           "(lmforge_gpt, lmforge_bert or lmforge_mamba)")
+                           "(lmforge_gpt, lmforge_bert, lmforge_mamba or lmforge_mamba2)")
     return {**values, **(overrides or {})}
 
 
@@ -107,7 +107,7 @@ def check_config_keys(values: dict[str, Any], overrides: dict[str, Any], preset:
     model_type = values["model_type"]
     if model_type not in CONFIG_MAPPING:
         raise LmforgeError(f"{preset}: unknown model_type {model_type!r}; lmforge presets use lmforge_gpt, "
-                           "lmforge_bert or lmforge_mamba")
+                           "lmforge_bert, lmforge_mamba or lmforge_mamba2")
     config_class = CONFIG_MAPPING[model_type]
     valid = config_keys(config_class)
     for key in values:
@@ -152,17 +152,41 @@ def count_parameters(model: Any, *, exclude_embeddings: bool = False, trainable_
 
 def describe_model(config: Any) -> str:
     """A model in a few words, for start-up lines: ``3-layer, 128-wide lmforge_gpt (rope, rmsnorm
-    pre-norm, swiglu, 4 heads / 4 key-value heads)``."""
+    pre-norm, swiglu, 4 heads / 4 key-value heads)``; a Mamba-2 hybrid counts its kinds of layer
+    (``5 mamba2 + 1 attention + 1 mlp layers``), an MoE its experts (``8 experts, top-2``)."""
     get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    switches = [get("position_embedding_type")]
-    if get("norm_type"):
-        switches.append(f"{get('norm_type')} {get('norm_position', 'pre')}-norm")
-    switches.append(get("hidden_act"))
-    heads, kv = get("num_attention_heads"), get("num_key_value_heads")
-    if heads:
-        switches.append(f"{heads} heads" + (f" / {kv} key-value heads" if kv and kv != heads else ""))
-    if get("state_size"):
-        switches.append(f"state size {get('state_size')}")
+    if get("model_type") == "lmforge_mamba2":
+        switches = _describe_mamba2(get)
+    else:
+        switches = [get("position_embedding_type")]
+        if get("norm_type"):
+            switches.append(f"{get('norm_type')} {get('norm_position', 'pre')}-norm")
+        switches.append(get("hidden_act"))
+        heads, kv = get("num_attention_heads"), get("num_key_value_heads")
+        if heads:
+            switches.append(f"{heads} heads" + (f" / {kv} key-value heads" if kv and kv != heads else ""))
+        if get("state_size"):
+            switches.append(f"state size {get('state_size')}")
+    if get("num_experts"):
+        shared = get("num_shared_experts") or 0
+        switches.append(f"{get('num_experts')} experts, top-{get('num_experts_per_tok')}"
+                        + (f" + {shared} shared" if shared else ""))
     shown = ", ".join(str(s) for s in switches if s)
     return (f"{get('num_hidden_layers')}-layer, {get('hidden_size')}-wide {get('model_type')}"
             + (f" ({shown})" if shown else ""))
+
+
+_MAMBA2_LAYER_NAMES = {"linear_attention": "mamba2", "full_attention": "attention", "mlp": "mlp"}
+
+
+def _describe_mamba2(get) -> list[str]:
+    """Mamba-2's SSM shape, and for a hybrid the count of each kind of layer."""
+    kinds = [_MAMBA2_LAYER_NAMES.get(t, t) for t in get("layer_types") or []]
+    switches = []
+    if any(kind != "mamba2" for kind in kinds):
+        counts = {kind: kinds.count(kind) for kind in dict.fromkeys(kinds)}
+        switches.append(" + ".join(f"{n} {kind}" for kind, n in counts.items()) + " layers")
+    groups = get("n_groups")
+    switches.append(f"{get('num_heads')} SSM heads of {get('head_dim')}, state size {get('state_size')}"
+                    + (f", {groups} B/C groups" if groups and groups > 1 else ""))
+    return switches

@@ -98,12 +98,21 @@ def _text_bytes_scale(data: Any, rows: Any, byte_lengths: Any) -> float:
 
 
 def _flops_per_token(model: Any, block_size: int) -> float:
-    matmul_params = count_parameters(model, exclude_embeddings=True)
+    matmul_params = count_parameters(model, exclude_embeddings=True) - _idle_expert_parameters(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and head.weight is model.get_input_embeddings().weight:
         matmul_params += head.weight.numel()  # a tied head is still a matmul per token
     return flops_per_token(matmul_params, getattr(model.config, "num_hidden_layers", 0),
                            getattr(model.config, "hidden_size", 0), block_size)
+
+
+def _idle_expert_parameters(model: Any) -> float:
+    """The routed experts' parameters a token does not use: each token runs k of the E experts."""
+    experts = getattr(model.config, "num_experts", 0) or 0
+    if not experts:
+        return 0.0
+    routed = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    return routed * (experts - model.config.num_experts_per_tok) / experts
 
 
 # ----------------------------------------------------------------------------------- the task
