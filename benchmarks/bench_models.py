@@ -1,7 +1,7 @@
 """Side-by-side model benchmarks: each lmforge family against its transformers reference.
 
     python benchmarks/bench_models.py                 # every family
-    python benchmarks/bench_models.py --family gpt    # one family (gpt, and bert / mamba when added)
+    python benchmarks/bench_models.py --family gpt    # one family (gpt, bert, mamba, mamba2)
     python benchmarks/bench_models.py --quick         # fewer repetitions (smoke run)
 
 Timings interleave the two implementations in one process, alternating which goes first, and
@@ -452,7 +452,8 @@ def _with_cpu_time(fn: Callable[[], object], sink: list[float]) -> Callable[[], 
     return run
 
 
-def _mamba_row(title: str, steps: dict, ours: str, ref: str, reps: int, warm: tuple[str, ...]) -> dict:
+def _mamba_row(title: str, steps: dict, ours: str, ref: str, reps: int, warm: tuple[str, ...],
+              unit_work: int = 8 * 256) -> dict:
     """Interleave ``steps`` ``reps`` times each after one untimed run of those in ``warm``.
 
     Wall times are the measure (``report``); the process CPU times of the same runs are recorded
@@ -463,7 +464,7 @@ def _mamba_row(title: str, steps: dict, ours: str, ref: str, reps: int, warm: tu
         steps[name]()
     cpu: dict[str, list[float]] = {name: [] for name in steps}
     wall = interleaved({name: _with_cpu_time(fn, cpu[name]) for name, fn in steps.items()}, reps=reps, warmup=0)
-    row = report(title, wall, ours, ref, unit_work=8 * 256, unit="tok")
+    row = report(title, wall, ours, ref, unit_work=unit_work, unit="tok")
     row["reps_per_side"] = {name: len(ts) for name, ts in wall.items()}
     row["warm_up_runs"] = {name: int(name in warm) for name in steps}
     row["paired_speedup"] = _paired_ratios(wall, ref)[ours]
@@ -652,6 +653,141 @@ def bench_mamba(args) -> dict:
     return results
 
 
+# ----------------------------------------------------------------------------------- Mamba-2
+
+# Mamba-2 at the Mamba-1 benchmark's width, with Mamba-2's usual SSM shape (the 130M model's and
+# Mamba2Config's defaults): 8 heads of 64 channels, one B/C group, state 128
+MAMBA2_BENCH = dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, state_size=128, expand=2, head_dim=64,
+                    n_groups=1, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+
+
+def _mamba2_models(seed: int = 0) -> dict[str, torch.nn.Module]:
+    """LmforgeMamba2ForCausalLM and transformers' Mamba2ForCausalLM (its torch path: no CUDA kernels
+    on a CPU) with the same weights, fp32."""
+    from transformers.models.mamba2 import modeling_mamba2
+
+    from lmforge.models import LmforgeMamba2Config, LmforgeMamba2ForCausalLM
+    from lmforge.models.convert import to_hf
+
+    if getattr(modeling_mamba2, "is_fast_path_available", False):
+        raise SystemExit("bench_models --family mamba2: the reference must run its torch path (no CUDA kernels)")
+    torch.manual_seed(seed)
+    ours = LmforgeMamba2ForCausalLM(LmforgeMamba2Config(**MAMBA2_BENCH))
+    models = {"lmforge": ours, "transformers": to_hf(ours)}
+    for model in models.values():
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = 0
+    return models
+
+
+def _mamba2_train(args, info: dict) -> dict:
+    """Training step (forward + backward, fp32, B8 T256 and B4 T1024) against Mamba2ForCausalLM's torch path."""
+    models = {name: model.train() for name, model in _mamba2_models().items()}
+    rows = {}
+    for batch, length in ((8, 256), (4, 1024)):
+        ids = torch.randint(0, 8192, (batch, length), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():  # the same function before timing it
+            want = models["transformers"](ids, labels=ids).loss
+            torch.testing.assert_close(models["lmforge"](ids, labels=ids).loss, want, atol=1e-4, rtol=0)
+        steps = {name: _mamba_train_step(model, ids) for name, model in models.items()}
+        for threads in (torch.get_num_threads(), 1):
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                title = f"Mamba-2 train step B{batch} T{length}, vs transformers torch path, {threads} thread(s)"
+                row = _mamba_row(title, steps, "lmforge", "transformers", reps=2 if args.quick else 6,
+                                 warm=tuple(steps), unit_work=batch * length)
+            finally:
+                torch.set_num_threads(before)
+            rows[f"B{batch}_T{length}_{threads}_threads"] = row
+            sample_load(info)
+    return rows
+
+
+def _mamba2_scan(args, batch: int, length: int) -> dict:
+    """The scan alone at the model's shape, forward + backward (one thread): lmforge's ``ssd_scan`` vs
+    transformers' ``mamba2_chunk_scan`` at the chunk size its model uses (Mamba2Config's 256)."""
+    from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+
+    from lmforge.models.ssd_scan import ssd_scan
+
+    h, p, n = 2 * MAMBA2_BENCH["hidden_size"] // MAMBA2_BENCH["head_dim"], MAMBA2_BENCH["head_dim"], MAMBA2_BENCH["state_size"]
+    g = torch.Generator().manual_seed(0)
+    x, gy = torch.randn(batch, length, h, p, generator=g), torch.randn(batch, length, h, p, generator=g)
+    dt = torch.nn.functional.softplus(torch.randn(batch, length, h, generator=g) - 4.0)
+    A = -torch.rand(h, generator=g) * 15 - 1
+    B, C = torch.randn(batch, length, 1, n, generator=g), torch.randn(batch, length, 1, n, generator=g)
+
+    def run(scan):
+        def step():
+            leaves = [v.clone().requires_grad_() for v in (x, dt, A, B, C)]
+            scan(*leaves).backward(gy)
+        return step
+
+    times = interleaved({"lmforge": run(lambda *v: ssd_scan(*v)[0]),
+                         "transformers": run(lambda *v: mamba2_chunk_scan(*v, chunk_size=256))},
+                        reps=3 if args.quick else 9, warmup=1)
+    result = report(f"Mamba-2 scan alone B{batch} T{length}, forward + backward", times, "lmforge", "transformers")
+    result["reps_per_side"] = {name: len(ts) for name, ts in times.items()}
+    result["shape_b_l_h_p_g_n"] = [batch, length, h, p, 1, n]
+    return result
+
+
+def _mamba2_decode(args) -> dict:
+    """Per-token decode latency after a 64- vs 4096-token prompt (one thread): flat if O(1) per token."""
+    ours = _mamba2_models()["lmforge"].eval()
+    runs, sizes = {}, {}
+    for ctx in (64, 4096):
+        prompt = torch.randint(1, 8192, (1, ctx), generator=torch.Generator().manual_seed(ctx))
+        with torch.no_grad():
+            cache = ours(prompt, use_cache=True).cache
+        sizes[ctx] = _mamba_cache_bytes(cache)
+        step = _mamba_decode_step(ours, cache, prompt[:, -1:])
+        runs[f"ctx{ctx}"] = lambda step=step: [step() for _ in range(64)]
+    times = interleaved(runs, reps=5 if args.quick else 21, warmup=1)
+    times = {name: [t / 64 for t in ts] for name, ts in times.items()}
+    result = report("Mamba-2 decode latency per token, ctx 64 vs 4096", times, "ctx64", "ctx4096")
+    result["ratio_ctx4096_over_ctx64"] = result["speedup"]
+    result["cache_bytes"] = sizes
+    print(f"  state bytes after ctx 64 / 4096: {sizes[64]} / {sizes[4096]}", flush=True)
+    return result
+
+
+def _mamba2_prefill_generate(args) -> dict:
+    """Prefill 256 + greedy-generate 128 tokens: lmforge against transformers (the same tokens first)."""
+    models = {name: model.eval() for name, model in _mamba2_models().items()}
+    prompt = torch.randint(1, 8192, (1, 256), generator=torch.Generator().manual_seed(3))
+    want = _mamba_generate(models["transformers"], prompt, 16)()
+    assert torch.equal(_mamba_generate(models["lmforge"], prompt, 16)(), want)
+    gens = {name: _mamba_generate(m, prompt, 128) for name, m in models.items()}
+    times = interleaved(gens, reps=3 if args.quick else 7, warmup=1)
+    result = report("Mamba-2 prefill 256 + generate 128", times, "lmforge", "transformers",
+                    unit_work=128, unit="new tok")
+    result["reps_per_side"] = {name: len(ts) for name, ts in times.items()}
+    return result
+
+
+def bench_mamba2(args) -> dict:
+    """lmforge Mamba-2 vs transformers Mamba2ForCausalLM's CPU torch path: the training step (default
+    threads, then one), prefill + generate and the decode latency against context length (one thread)."""
+    info = machine_info()
+    results = {"config": MAMBA2_BENCH, "train_step": _mamba2_train(args, info)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results["decode_threads"] = 1
+        results["scan_1_thread"] = {f"B{b}_T{t}": _mamba2_scan(args, b, t) for b, t in ((8, 256), (4, 1024))}
+        sample_load(info)
+        results["prefill_generate"] = _mamba2_prefill_generate(args)
+        sample_load(info)
+        results["decode"] = _mamba2_decode(args)
+        sample_load(info)
+    finally:
+        torch.set_num_threads(threads)
+    results["machine"] = finish(info)
+    return results
+
+
 # --------------------------------------------------------------------------------- driver
 
 # family name -> benchmark function returning a JSON-able dict. BERT and Mamba add theirs here.
@@ -659,6 +795,7 @@ FAMILIES: dict[str, Callable[[argparse.Namespace], dict]] = {
     "gpt": bench_gpt,
     "bert": bench_bert,
     "mamba": bench_mamba,
+    "mamba2": bench_mamba2,
 }
 
 

@@ -18,8 +18,8 @@ The scan (``ssd_scan``: chunked SSD, ``ssd_step``: one token) runs in float32 (f
 float64 models); ``mamba_ssm``'s ``mamba_chunk_scan_combined`` and ``causal_conv1d`` replace it
 and the convolution when installed, on CUDA tensors. One transformers ``DynamicCache`` (built from
 ``layer_types``) holds a conv state (B, Dc, K) and an SSM state (B, nh, P, N) per Mamba-2 layer
-and the keys/values of attention layers side by side; it is passed as ``cache`` (``cache_params``
-is accepted with a FutureWarning, as by transformers' Mamba2).
+and the keys/values of attention layers side by side; it is passed as ``cache`` (``cache_params``,
+as by transformers' Mamba2, and ``past_key_values``, as by its hybrids, are accepted with a FutureWarning).
 
 Padding: ``attention_mask`` (B, L) zeroes padded positions inside the Mamba-2 mixers (after
 in_proj, so a bias cannot leak into the conv or state: left padding for generation, right
@@ -356,6 +356,7 @@ class LmforgeMamba2Model(LmforgeMamba2PreTrainedModel):
         self.embeddings = value
 
     @deprecate_kwarg("cache_params", LEGACY_CACHE_NAMES_UNTIL, new_name="cache")
+    @deprecate_kwarg("past_key_values", LEGACY_CACHE_NAMES_UNTIL, new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -472,6 +473,7 @@ class LmforgeMamba2ForCausalLM(LmforgeMamba2PreTrainedModel, GenerationMixin):
         return attention_mask
 
     @deprecate_kwarg("cache_params", LEGACY_CACHE_NAMES_UNTIL, new_name="cache")
+    @deprecate_kwarg("past_key_values", LEGACY_CACHE_NAMES_UNTIL, new_name="cache")
     @can_return_tuple
     def forward(
         self,
