@@ -6,9 +6,9 @@ PY     := $(BIN)/python
 STAMP  := $(VENV)/.lmforge-installed
 BENCH_STAMP := $(VENV)/.lmforge-bench-installed
 
-.PHONY: setup data quickstart test bench lint clean
+.PHONY: setup data transformers-tests quickstart test bench lint clean
 
-setup: $(STAMP) data
+setup: $(STAMP) data transformers-tests
 
 # torch first, pinned (pyproject keeps a range): whatever build the index serves for 2.13.0 (the
 # CPU wheel on the development machine's disk; CUDA from PyPI on Linux x86_64). For the CPU build
@@ -30,11 +30,23 @@ data: $(STAMP)
 	$(BIN)/lmforge data fetch rotten-tomatoes
 	$(BIN)/lmforge data fetch rotten-tomatoes-pairs
 
+# transformers' common model tests (ModelTesterMixin, run on lmforge's models by
+# tests/test_transformers_common.py) are not in its wheel, only in the sdist of the installed
+# version: pip downloads it once into the lmforge cache (downloads/; PyPI is reachable where the Hub
+# is not) and the test files are unpacked next to it, with stand-ins for the few they import that
+# the sdist lacks (no-op when already there).
+transformers-tests: $(STAMP)
+	$(PY) -m tests.transformers_common
+
 quickstart: setup
 	$(BIN)/lmforge quickstart
 
+# pytest-xdist: one worker per core of the 2-core CI machine, whole files per worker (module
+# fixtures built once); tests/conftest.py gives each worker one torch thread and starts the longest
+# files first. `make test TEST_WORKERS=0` runs the suite in one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # the benchmarks' references need the [bench] extra (mambapy for transformers' fast Mamba path)
 $(BENCH_STAMP): $(STAMP)

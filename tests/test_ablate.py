@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from lmforge.cli import main
 from lmforge.config import load_config
+from lmforge.presets import list_presets
 from lmforge.runs import read_metrics
 from lmforge.train import PretrainConfig
 from lmforge.train.model_presets import count_parameters
@@ -473,3 +474,16 @@ def test_paths_in_a_sweep_and_its_base_file_are_relative_to_their_folder(ws, tmp
     (run,) = plan(load_config(AblateConfig, folder / "sweep.yaml")).runs
     assert Path(run.config.data.tokenizer) == folder / "mytok"
     assert Path(run.config.model.preset) == folder / "tiny.yaml"
+
+
+@pytest.mark.parametrize("name", sorted(list_presets("ablate")))
+def test_every_packaged_sweep_plans_with_every_variant_accepted(name, tmp_path):
+    """Each packaged sweep resolves, and every variant's model settings are accepted by its config
+    class (a preset naming a field its family lacks would fail only when that run starts)."""
+    from lmforge.experiments.ablate import AblateConfig, plan
+
+    config = load_config(AblateConfig, str(list_presets("ablate")[name]), overrides={"output_dir": str(tmp_path)})
+    the_plan = plan(config, source=name)
+    variants = yaml.safe_load(list_presets("ablate")[name].read_text()).get("variants") or {}
+    assert {run.name for run in the_plan.runs} >= set(variants)
+    assert the_plan.baseline in {run.name for run in the_plan.runs}

@@ -67,7 +67,7 @@ def _one_and_two(tmp: Path, config: dict[str, Any]) -> tuple[Path, Path, str]:
     two = tmp / "two"
     config_file = tmp / "two.yaml"
     config_file.write_text(yaml.safe_dump({**config, "output_dir": str(two)}))
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file",
+    cmd = [str(BIN / "accelerate"), "launch", "--main_process_port", "0", "--config_file",
            str(find_preset("accelerate", "cpu_multiprocess")), "-m", "lmforge.cli",
            "finetune", "--config", str(config_file), "--train.micro-batch-size", str(MICRO)]
     launch = subprocess.Popen(cmd, env=_env(tmp), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

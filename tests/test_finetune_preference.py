@@ -48,6 +48,11 @@ def _assert_same_steps(got: list[dict], want: list[dict], where: str) -> None:
     assert len(got) == len(want) > 0
     for step, (a, b) in enumerate(zip(got, want, strict=True), 1):
         for key in b:
+            if key == "accuracy" and step == 1:
+                # the first logged figures start from a policy equal to its reference: every margin is
+                # 0 up to float noise, whose sign (so the share of margins > 0) depends on the batch
+                # shapes and the thread count
+                continue
             close = {"rel": 1e-5, "abs": 2e-5} if key in ("rewards_chosen", "rewards_rejected", "margin") else \
                 {"rel": 1e-5, "abs": 5e-6}
             assert a[key] == pytest.approx(b[key], **close), f"{where}: step {step} {key}"

@@ -385,7 +385,7 @@ def test_two_process_gather_equals_one_process(tmp_path):
     script = tmp_path / "gather.py"
     script.write_text(_GATHER)
     env = launch_env(ROOT, ACCELERATE_USE_CPU="1")
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file",
+    cmd = [str(BIN / "accelerate"), "launch", "--main_process_port", "0", "--config_file",
            str(find_preset("accelerate", "cpu_multiprocess")), str(script), str(n), str(tmp_path)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -26,7 +26,7 @@ from lmforge.runs import check_launch
 from lmforge.train import distributed as dist_mod
 from tests.fake_hub import FakeHub
 from tests.pipeline_fixtures import gpt_tokenizer, make_corpus
-from tests.train_fixtures import launch_env, snapshot
+from tests.train_fixtures import free_port, launch_env, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -140,7 +140,7 @@ def _losses(run_dir: Path) -> list[float]:
 
 
 def _accelerate(cfg: Path, out: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file",
+    cmd = [str(BIN / "accelerate"), "launch", "--main_process_port", "0", "--config_file",
            str(find_preset("accelerate", "cpu_multiprocess")), "-m", "lmforge.cli",
            *_pretrain_args(cfg, out, "--train.micro-batch-size", str(GLOBAL_BATCH // 2), *extra)]
     result = _launch(cmd, {**_env(), "ACCELERATE_USE_CPU": "1", **(env or {})})
@@ -258,7 +258,7 @@ def test_two_process_muon_steps_match_one_process(run_config, muon_ddp_run, monk
 
 
 _MUON_ON_SHARDS = """
-import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -270,8 +270,8 @@ from lmforge.models import LmforgeGPTConfig, LmforgeGPTForCausalLM
 from lmforge.train import OptimConfig
 from lmforge.train.optim import build_optimizer
 
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
-dist.init_process_group("gloo", rank=0, world_size=1)
+# a file store, not a TCP port: tests run in parallel (pytest-xdist) must not compete for one
+dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}/store", rank=0, world_size=1)
 model = LmforgeGPTForCausalLM(LmforgeGPTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2))
 mesh = init_device_mesh("cpu", (1,))
@@ -292,7 +292,7 @@ def test_muon_refuses_fsdp_sharded_parameters(tmp_path):
     on DTensor parameters with the way out, where AdamW builds."""
     script = tmp_path / "muon_on_shards.py"
     script.write_text(_MUON_ON_SHARDS)
-    result = _launch([sys.executable, str(script)], _env())
+    result = _launch([sys.executable, str(script), str(tmp_path)], _env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REFUSED: optim.name: muon needs each weight matrix whole on every process" in result.stdout
     assert "use distributed: ddp with muon" in result.stdout
@@ -404,7 +404,7 @@ def test_fsdp_parameters_are_dtensor_shards_across_two_processes(tmp_path):
     sharded on dim 0 over both ranks: each rank holds about half the rows, together all of them."""
     script = tmp_path / "sharded.py"
     script.write_text(_SHARDED)
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file",
+    cmd = [str(BIN / "accelerate"), "launch", "--main_process_port", "0", "--config_file",
            str(find_preset("accelerate", "cpu_multiprocess")), str(script), str(tmp_path)]
     result = _launch(cmd, {**_env(), "ACCELERATE_USE_CPU": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -435,7 +435,8 @@ def test_launch_accelerate_cannot_see_is_refused_before_any_file_is_written(run_
     before = snapshot(out) if out.exists() else None
     env = _env()
     env.pop("ACCELERATE_USE_CPU", None)
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "lmforge.cli", *_pretrain_args(run_config, out)]
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "lmforge.cli",
+           *_pretrain_args(run_config, out)]
     result = _launch(cmd, env)
     assert result.returncode != 0
     assert result.stderr.count("the launcher started 2 processes") == 2, result.stderr[-3000:]

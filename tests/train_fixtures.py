@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import yaml
@@ -61,6 +62,14 @@ def launch_env(*paths: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """A TCP port free at this moment, for a launcher's rendezvous: the fixed default (29500) would
+    make two launches at once (pytest-xdist workers, another suite on the machine) collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file below ``folder`` (relative path -> bytes), to show a folder was left untouched."""
     folder = Path(folder)
@@ -76,7 +85,7 @@ def save_tokenizers(folder: Path) -> dict[str, Path]:
     return out
 
 
-__all__ = ["PRESETS", "bert_tokenizer", "gpt_tokenizer", "launch_env", "make_corpus", "perturb", "save_tokenizers", "snapshot",
+__all__ = ["PRESETS", "bert_tokenizer", "free_port", "gpt_tokenizer", "launch_env", "make_corpus", "perturb", "save_tokenizers", "snapshot",
            "write_corpus", "write_preset"]
 
 
