@@ -44,7 +44,6 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
-
 @pytest.fixture(autouse=XDIST_WORKER)
 def torch_default_threads(request):
     """torch's default thread count for the tests of DEFAULT_THREAD_TESTS."""
