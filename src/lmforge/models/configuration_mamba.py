@@ -15,7 +15,13 @@ import math
 
 from transformers import PreTrainedConfig
 
-from .switches import TIME_STEP_INIT_SCHEMES, check_choice
+from .switches import (
+    TIME_STEP_INIT_SCHEMES,
+    check_choice,
+    check_time_steps,
+    is_number,
+    positive_int,
+)
 
 
 class LmforgeMambaConfig(PreTrainedConfig):
@@ -91,29 +97,16 @@ class LmforgeMambaConfig(PreTrainedConfig):
 
     def _validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "expand", "conv_kernel"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LmforgeMambaConfig.{name} must be a positive integer, got {value!r}")
+            positive_int("LmforgeMambaConfig", self, name)
         rank = self.time_step_rank
         if rank != "auto" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise ValueError(f"LmforgeMambaConfig.time_step_rank must be 'auto' or a positive integer, got {rank!r}")
-        lo, hi = self.time_step_min, self.time_step_max
-        if not (_is_number(lo) and _is_number(hi) and 0 < lo <= hi):
-            raise ValueError(
-                f"LmforgeMambaConfig: need 0 < time_step_min <= time_step_max (dt_min, dt_max), got {lo!r}, {hi!r}"
-            )
-        if not (_is_number(self.time_step_floor) and 0 <= self.time_step_floor):
-            raise ValueError(f"LmforgeMambaConfig.time_step_floor must be >= 0, got {self.time_step_floor!r}")
+        check_time_steps("LmforgeMambaConfig", self)
         check_choice("LmforgeMambaConfig", "time_step_init_scheme", self.time_step_init_scheme, TIME_STEP_INIT_SCHEMES)
-        if not (_is_number(self.norm_eps) and self.norm_eps > 0):
+        if not (is_number(self.norm_eps) and self.norm_eps > 0):
             raise ValueError(f"LmforgeMambaConfig.norm_eps must be > 0, got {self.norm_eps!r}")
-        chunk = self.scan_chunk_size
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(f"LmforgeMambaConfig.scan_chunk_size must be None or a positive integer, got {chunk!r}")
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if self.scan_chunk_size is not None:
+            positive_int("LmforgeMambaConfig", self, "scan_chunk_size", "None or ")
 
 
 __all__ = ["LmforgeMambaConfig"]

@@ -23,11 +23,9 @@ siblings.
 
 from __future__ import annotations
 
-import math
-
 from transformers import PreTrainedConfig
 
-from .switches import ACTIVATIONS, check_choice
+from .switches import ACTIVATIONS, check_choice, check_time_steps, is_number, positive_int
 
 # What users write in ``layer_types`` -> what the config stores (transformers' cache vocabulary).
 LAYER_TYPES = {
@@ -166,7 +164,7 @@ class LmforgeMamba2Config(PreTrainedConfig):
         if self.layer_types is None:
             if self.num_hidden_layers is None:
                 self.num_hidden_layers = 24
-            self.layer_types = ["linear_attention"] * _positive(self, "num_hidden_layers")
+            self.layer_types = ["linear_attention"] * positive_int("LmforgeMamba2Config", self, "num_hidden_layers")
             return
         for i, kind in enumerate(self.layer_types):
             if kind not in LAYER_TYPES:
@@ -187,10 +185,10 @@ class LmforgeMamba2Config(PreTrainedConfig):
     def _validate_sizes(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "expand", "head_dim",
                      "n_groups", "conv_kernel", "num_attention_heads"):
-            _positive(self, name)
+            positive_int("LmforgeMamba2Config", self, name)
         for name in ("num_heads", "num_key_value_heads", "attention_head_dim", "mlp_intermediate_size", "chunk_size"):
             if getattr(self, name) is not None:
-                _positive(self, name, "None or ")
+                positive_int("LmforgeMamba2Config", self, name, "None or ")
 
     def _validate_ssm(self) -> None:
         if self.num_heads * self.head_dim != self.intermediate_size:
@@ -204,19 +202,13 @@ class LmforgeMamba2Config(PreTrainedConfig):
                 f"LmforgeMamba2Config: n_groups={self.n_groups} must divide num_heads={self.num_heads} "
                 "(each group of heads shares one B and C)"
             )
-        lo, hi = self.time_step_min, self.time_step_max
-        if not (_is_number(lo) and _is_number(hi) and 0 < lo <= hi):
-            raise ValueError(
-                f"LmforgeMamba2Config: need 0 < time_step_min <= time_step_max, got {lo!r}, {hi!r}"
-            )
-        if not (_is_number(self.time_step_floor) and self.time_step_floor >= 0):
-            raise ValueError(f"LmforgeMamba2Config.time_step_floor must be >= 0, got {self.time_step_floor!r}")
+        check_time_steps("LmforgeMamba2Config", self)
         limit = self.time_step_limit
-        if not (isinstance(limit, tuple) and len(limit) == 2 and all(_is_number(v, finite=False) for v in limit) and 0 <= limit[0] < limit[1]):
+        if not (isinstance(limit, tuple) and len(limit) == 2 and all(is_number(v, finite=False) for v in limit) and 0 <= limit[0] < limit[1]):
             raise ValueError(
                 f"LmforgeMamba2Config.time_step_limit must be (low, high) with 0 <= low < high, got {limit!r}"
             )
-        if not (_is_number(self.norm_eps) and self.norm_eps > 0):
+        if not (is_number(self.norm_eps) and self.norm_eps > 0):
             raise ValueError(f"LmforgeMamba2Config.norm_eps must be > 0, got {self.norm_eps!r}")
 
     def _validate_hybrid(self) -> None:
@@ -237,26 +229,12 @@ class LmforgeMamba2Config(PreTrainedConfig):
                 raise ValueError(
                     f"LmforgeMamba2Config: RoPE needs an even attention_head_dim, got {self.attention_head_dim}"
                 )
-            if not (_is_number(self.rope_theta) and self.rope_theta > 0):
+            if not (is_number(self.rope_theta) and self.rope_theta > 0):
                 raise ValueError(f"LmforgeMamba2Config.rope_theta must be > 0, got {self.rope_theta!r}")
-        if not (_is_number(self.attention_dropout) and 0.0 <= self.attention_dropout < 1.0):
+        if not (is_number(self.attention_dropout) and 0.0 <= self.attention_dropout < 1.0):
             raise ValueError(
                 f"LmforgeMamba2Config.attention_dropout must be in [0, 1), got {self.attention_dropout!r}"
             )
-
-
-def _positive(config, name: str, also: str = "") -> int:
-    value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"LmforgeMamba2Config.{name} must be {also}a positive integer, got {value!r}")
-    return value
-
-
-def _is_number(v, finite: bool = True) -> bool:
-    """A real number (not a bool, not NaN); infinite only when ``finite`` is False."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-        return False
-    return math.isfinite(v) or not finite
 
 
 __all__ = ["LmforgeMamba2Config"]
