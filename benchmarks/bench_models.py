@@ -556,23 +556,31 @@ def _mamba_cache_bytes(cache) -> int:
                for t in (*layer.conv_states.values(), *layer.recurrent_states.values()) if t is not None)
 
 
-def _mamba_decode(args) -> dict:
-    """Per-token decode latency after a 64- vs 4096-token prompt; state size and RSS along a long decode."""
-    ours = _mamba_models()["lmforge"].eval()
+def _decode_latency(args, model, family: str) -> dict:
+    """Per-token decode latency of a state-space ``model`` after a 64- vs 4096-token prompt, and its
+    state size after each: flat if decoding is O(1) per token."""
     runs, sizes = {}, {}
     for ctx in (64, 4096):
         prompt = torch.randint(1, 8192, (1, ctx), generator=torch.Generator().manual_seed(ctx))
         with torch.no_grad():
-            cache = ours(prompt, use_cache=True).cache
+            cache = model(prompt, use_cache=True).cache
         sizes[ctx] = _mamba_cache_bytes(cache)
         # each timed call decodes 64 tokens (feeding the same token keeps the state size fixed)
-        step = _mamba_decode_step(ours, cache, prompt[:, -1:])
+        step = _mamba_decode_step(model, cache, prompt[:, -1:])
         runs[f"ctx{ctx}"] = lambda step=step: [step() for _ in range(64)]
     times = interleaved(runs, reps=5 if args.quick else 21, warmup=1)
     times = {name: [t / 64 for t in ts] for name, ts in times.items()}
-    result = report("Mamba decode latency per token, ctx 64 vs 4096", times, "ctx64", "ctx4096")
+    result = report(f"{family} decode latency per token, ctx 64 vs 4096", times, "ctx64", "ctx4096")
     result["ratio_ctx4096_over_ctx64"] = result["speedup"]  # report() divides ref (ctx4096) by ours (ctx64)
     result["cache_bytes"] = sizes
+    return result
+
+
+def _mamba_decode(args) -> dict:
+    """Per-token decode latency after a 64- vs 4096-token prompt; state size and RSS along a long decode."""
+    ours = _mamba_models()["lmforge"].eval()
+    result = _decode_latency(args, ours, "Mamba")
+    sizes = result["cache_bytes"]
     # RSS along a 2048-token decode from a 64-token prompt
     prompt = torch.randint(1, 8192, (1, 64), generator=torch.Generator().manual_seed(7))
     samples = []
@@ -735,20 +743,8 @@ def _mamba2_scan(args, batch: int, length: int) -> dict:
 
 def _mamba2_decode(args) -> dict:
     """Per-token decode latency after a 64- vs 4096-token prompt (one thread): flat if O(1) per token."""
-    ours = _mamba2_models()["lmforge"].eval()
-    runs, sizes = {}, {}
-    for ctx in (64, 4096):
-        prompt = torch.randint(1, 8192, (1, ctx), generator=torch.Generator().manual_seed(ctx))
-        with torch.no_grad():
-            cache = ours(prompt, use_cache=True).cache
-        sizes[ctx] = _mamba_cache_bytes(cache)
-        step = _mamba_decode_step(ours, cache, prompt[:, -1:])
-        runs[f"ctx{ctx}"] = lambda step=step: [step() for _ in range(64)]
-    times = interleaved(runs, reps=5 if args.quick else 21, warmup=1)
-    times = {name: [t / 64 for t in ts] for name, ts in times.items()}
-    result = report("Mamba-2 decode latency per token, ctx 64 vs 4096", times, "ctx64", "ctx4096")
-    result["ratio_ctx4096_over_ctx64"] = result["speedup"]
-    result["cache_bytes"] = sizes
+    result = _decode_latency(args, _mamba2_models()["lmforge"].eval(), "Mamba-2")
+    sizes = result["cache_bytes"]
     print(f"  state bytes after ctx 64 / 4096: {sizes[64]} / {sizes[4096]}", flush=True)
     return result
 
