@@ -179,6 +179,32 @@ def test_best_model_is_kept_and_reported(tmp_path, bases, labelled):
     assert all(torch.equal(final[k], kept[k]) for k in final)
 
 
+@pytest.mark.parametrize("eval_every, reloaded", [(0, False), (4, True)])
+def test_the_closing_evaluation_is_not_run_twice(tmp_path, bases, labelled, monkeypatch, eval_every, reloaded):
+    """The trainer's closing evaluation of the validation split is the one reported; the split is
+    evaluated again only when an earlier model was reloaded. With lr 1e-9 every evaluation ties and
+    the first of equal bests is kept: the step-4 model with periodic evaluations, else the last."""
+    import lmforge.train.finetune as finetune
+
+    real, calls = finetune.evaluate_classifier, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(finetune, "evaluate_classifier", counted)
+    config = finetune_config(tmp_path / "run", bases["gpt"], labelled, optim={"lr": 1e-9},
+                             train={"max_steps": 12, "eval_every": eval_every})
+    result = run_finetune(config)
+    results = _results(result.run_dir)
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    closing = [r for r in rows if r["step"] == 12 and "eval_accuracy" in r and "selected_step" not in r]
+    assert len(closing) == 1  # the trainer's own evaluation after the last step
+    assert results["best_step"] == (4 if reloaded else 12)
+    periodic = 2 if eval_every else 0  # steps 4 and 8
+    assert len(calls) == periodic + 1 + reloaded + 1  # ..., the closing one, the reloaded model's, test
+    assert results["eval"]["accuracy"] == pytest.approx(closing[0]["eval_accuracy"])  # all tie
+
+
 def _scripted_trainer(run_dir: Path, values: list[float], patience: int, saved: list[int]):
     """A tiny GPT in the loop, evaluated every step with the next of ``values`` as accuracy."""
     from lmforge.data.collators import CausalLMCollator

@@ -514,12 +514,14 @@ def _finish(trainer: Trainer, result: TrainResult, config: FinetuneConfig, data:
     final_dir, metrics, summary = None, {}, None
     if result.status != "interrupted":
         unwrapped = accelerator.unwrap_model(trainer.model)
-        if select is not None and result.best_step is not None and result.best_step != result.step:
+        reload = select is not None and result.best_step is not None and result.best_step != result.step
+        if reload:
             load_saved_weights(unwrapped, run_dir / "best")  # the selected model, on every process
             if is_main:
                 print(f"selected the model of step {result.best_step} ({select.metric} {result.best_value:.4f})")
-        if data.eval is not None:
-            metrics["eval"] = evaluate(trainer.model, "eval", True)
+        if data.eval is not None:  # the trainer's closing evaluation is of this model unless it was reloaded
+            reuse = result.last_eval_final and not reload
+            metrics["eval"] = dict(result.last_eval) if reuse else evaluate(trainer.model, "eval", True)
         if data.test is not None:
             metrics["test"] = evaluate(trainer.model, "test", True)
         if is_main:

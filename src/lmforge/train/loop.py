@@ -64,6 +64,7 @@ class TrainResult:
     status: str  # "completed", "interrupted", "time budget" or "early stopped"
     last_checkpoint: Path | None
     last_eval: dict[str, float] = field(default_factory=dict)
+    last_eval_final: bool = False  # last_eval is the full evaluation of the model as training ended
     skipped_steps: int = 0
     elapsed_seconds: float = 0.0
     stop_signal: int | None = None  # SIGINT/SIGTERM that interrupted the run (None: another process's)
@@ -420,7 +421,8 @@ class Trainer:
                     if over_budget:
                         status = "time budget"
                         break
-            if status not in ("interrupted", "early stopped"):
+            final_eval = status not in ("interrupted", "early stopped") and self.evaluate_fn is not None
+            if final_eval:
                 self._evaluate(logger, final=True)
             if self.last_checkpoint is None or self.last_checkpoint.name != f"step_{state.step}":
                 self._save()
@@ -433,7 +435,7 @@ class Trainer:
                          f"(checkpoint {self.last_checkpoint})")
         return TrainResult(step=state.step, tokens_seen=state.tokens_seen, status=status,
                            last_checkpoint=self.last_checkpoint, last_eval=self.last_eval,
-                           skipped_steps=state.skipped_steps, elapsed_seconds=state.elapsed_seconds,
+                           last_eval_final=final_eval, skipped_steps=state.skipped_steps, elapsed_seconds=state.elapsed_seconds,
                            stop_signal=stop.signal, best_step=state.best_step, best_value=state.best_value)
 
     # --------------------------------------------------------------------------- helpers
