@@ -389,8 +389,8 @@ def test_saved_models_load_and_generate_without_lmforge(tmp_path):
             expected[kind] = (model(ids).logits[0], greedy)
     saved = json.loads((tmp_path / "models" / "pure" / "config.json").read_text())
     assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_mamba2.LmforgeMamba2ForCausalLM"
-    for name in ("modeling_mamba2.py", "configuration_mamba2.py", "ssd_scan.py", "attention.py", "feed_forward.py",
-                 "modeling_mamba.py", "positions.py", "norms.py"):
+    for name in ("modeling_mamba2.py", "configuration_mamba2.py", "ssd_scan.py", "causal_conv.py", "attention.py",
+                 "feed_forward.py", "modeling_mamba.py", "positions.py", "norms.py"):
         assert (tmp_path / "models" / "hybrid-rope" / name).is_file(), name
     got = run_isolated(
         f"""

@@ -254,8 +254,8 @@ def test_saved_mamba_loads_and_generates_without_lmforge(tmp_path):
     model.save_pretrained(out_dir)
     saved = json.loads((out_dir / "config.json").read_text())
     assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_mamba.LmforgeMambaForCausalLM"
-    for name in ("modeling_mamba.py", "configuration_mamba.py", "mamba_scan.py", "norms.py", "losses.py", "pooling.py",
-                 "switches.py", "compat.py", "registration.py"):
+    for name in ("modeling_mamba.py", "configuration_mamba.py", "mamba_scan.py", "causal_conv.py", "norms.py", "losses.py",
+                 "pooling.py", "switches.py", "compat.py", "registration.py"):
         assert (out_dir / name).is_file(), name
     ids = random_ids(1, 9, seed=11)
     with torch.no_grad():

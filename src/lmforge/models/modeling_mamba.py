@@ -35,6 +35,7 @@ from transformers.models.mamba.modeling_mamba import MambaCausalLMOutput, MambaO
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
+from .causal_conv import causal_conv_silu
 from .compat import LEGACY_CACHE_NAMES_UNTIL
 from .configuration_mamba import LmforgeMambaConfig
 from .losses import causal_lm_loss
@@ -108,7 +109,10 @@ class LmforgeMambaMixer(nn.Module):
             xz = xz * mask
         x, z = xz.chunk(2, dim=-1)  # (B, L, Di) each
         stepping = ssm_state is not None and conv_state is not None and length == 1  # O(1) decoding
-        x = F.silu(self._conv(x.transpose(1, 2), cache, seq_idx, stepping)).transpose(1, 2)  # (B, L, Di)
+        if cache is None and seq_idx is None and not _use_kernels(x):  # training: stays (B, L, Di)
+            x = causal_conv_silu(x, self.conv1d.weight, self.conv1d.bias)
+        else:
+            x = F.silu(self._conv(x.transpose(1, 2), cache, seq_idx, stepping)).transpose(1, 2)  # (B, L, Di)
         if mask is not None:
             x = x * mask
         f = at_least_fp32(dtype)  # the SSM runs in float32 (float64 for float64 models)

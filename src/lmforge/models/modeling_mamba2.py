@@ -58,6 +58,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .attention import Attention, build_attention_mask
+from .causal_conv import causal_conv_silu
 from .compat import LEGACY_CACHE_NAMES_UNTIL
 from .configuration_mamba2 import LmforgeMamba2Config
 from .feed_forward import MLP
@@ -138,7 +139,10 @@ class LmforgeMamba2Mixer(nn.Module):
         if mask is not None:  # after in_proj (it may have a bias): padding stays exactly zero in the conv
             zxbcdt = zxbcdt * mask
         z, xbc, dt = zxbcdt.split([self.inner, self.conv_dim, self.num_heads], dim=-1)
-        xbc = F.silu(self._conv(xbc.transpose(1, 2), cache, seq_idx, stepping)).transpose(1, 2)  # (B, L, Dc)
+        if cache is None and seq_idx is None and not _use_kernels(xbc):  # training: stays (B, L, Dc)
+            xbc = causal_conv_silu(xbc, self.conv1d.weight, self.conv1d.bias)
+        else:
+            xbc = F.silu(self._conv(xbc.transpose(1, 2), cache, seq_idx, stepping)).transpose(1, 2)  # (B, L, Dc)
         if mask is not None:
             xbc = xbc * mask
         gn = self.n_groups * self.state_size

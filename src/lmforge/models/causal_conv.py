@@ -1,0 +1,90 @@
+"""Depthwise causal convolution + SiLU over (batch, length, channels), for training on CPU.
+
+The Mamba mixers convolve their projections along time, channel by channel, with a short kernel
+(K = 4). ``F.conv1d`` wants (batch, channels, length): the projection is transposed in and out,
+and the convolution's and the SiLU's backwards then run on mixed memory layouts, which on a CPU
+cost more than the convolution itself. ``causal_conv_silu`` keeps (batch, length, channels): that
+is the memory of a channels-last (batch, channels, 1, length) image, so the forward and the input
+gradient are one depthwise ``conv2d`` each (oneDNN's channels-last kernels, vectorised over
+channels); the weight gradient is K dot products per channel, taken over cache-sized blocks of
+rows (oneDNN's depthwise weight gradient is slower on CPU); the SiLU and its backward run on
+contiguous memory.
+
+This file is copied next to saved weights: torch only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+BLOCK_ELEMENTS = 1 << 17  # rows x channels of one block of the weight gradient (512 KiB in fp32)
+
+
+def _as_image(x: torch.Tensor) -> torch.Tensor:
+    """(B, L, C) -> the (B, C, 1, L) channels-last view of the same memory."""
+    return x.unsqueeze(1).permute(0, 3, 1, 2)
+
+
+def _from_image(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, 1, L) -> (B, L, C), a view (contiguous when ``x`` is channels-last)."""
+    return x.permute(0, 2, 3, 1).squeeze(1)
+
+
+class _CausalConvSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        channels, k = weight.shape
+        dtype = x.dtype  # under autocast x is already the autocast dtype (a projection's output)
+        weight = weight.to(dtype).view(channels, 1, 1, k)
+        bias = None if bias is None else bias.to(dtype)
+        padded = F.pad(x, (0, 0, k - 1, 0))  # (B, K - 1 + L, C): zeros before the start
+        with torch.autocast(x.device.type, enabled=False):
+            pre = _from_image(F.conv2d(_as_image(padded), weight, bias, groups=channels))
+        ctx.save_for_backward(padded, pre, weight)
+        ctx.has_bias = bias is not None
+        return F.silu(pre)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        padded, pre, weight = ctx.saved_tensors
+        channels, k = weight.shape[0], weight.shape[-1]
+        grad_pre = torch.ops.aten.silu_backward(grad.to(pre.dtype).contiguous(), pre.contiguous())
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            image = _as_image(padded)
+            grad_x = torch.ops.aten.convolution_backward(
+                _as_image(grad_pre), image, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], channels,
+                [True, False, False])[0]
+            grad_x = _from_image(grad_x)[:, k - 1 :]
+        if ctx.needs_input_grad[1]:
+            grad_w = _weight_grad(grad_pre, padded, k)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_pre.sum((0, 1))
+        return grad_x, grad_w, grad_b
+
+
+def _weight_grad(grad_pre: torch.Tensor, padded: torch.Tensor, k: int) -> torch.Tensor:
+    """grad_w[c, j] = sum over (b, t) of grad_pre[b, t, c] * padded[b, t + j, c], block by block
+    so that each block of ``grad_pre`` is read K times from cache, not from memory."""
+    b, length, channels = grad_pre.shape
+    rows = max(1, BLOCK_ELEMENTS // channels)
+    out = grad_pre.new_zeros(channels, k, dtype=torch.promote_types(grad_pre.dtype, torch.float32))
+    for i in range(b):
+        for start in range(0, length, rows):
+            block = grad_pre[i, start : start + rows]
+            for tap in range(k):
+                out[:, tap] += (block * padded[i, start + tap : start + tap + block.shape[0]]).sum(0, dtype=out.dtype)
+    return out
+
+
+def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(causal depthwise conv of x): x (B, L, C), weight (C, K) or (C, 1, K), bias (C,) -> (B, L, C).
+
+    Equals ``F.silu(F.conv1d(x.transpose(1, 2), weight, bias, padding=K - 1, groups=C)[..., :L]
+    .transpose(1, 2))``: output t reads x[t - K + 1 .. t], zeros before the start.
+    """
+    if x.dim() != 3 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"causal_conv_silu: x must be (batch, length, channels) with channels = weight's "
+                         f"{weight.shape[0]}, got x {tuple(x.shape)}")
+    return _CausalConvSiLU.apply(x, weight.reshape(weight.shape[0], -1), bias)
