@@ -688,6 +688,26 @@ def _mamba2_models(seed: int = 0) -> dict[str, torch.nn.Module]:
     return models
 
 
+LINEAR_FLOOR = "linear_layers_alone"
+
+
+def _linear_layers_step(model: torch.nn.Module, tokens: int) -> Callable[[], None]:
+    """Forward and backward (input and weight gradients) of every ``nn.Linear`` of ``model`` alone,
+    on random activations of a ``tokens``-token step: matrix products that any implementation of
+    the same model does, the same calls in lmforge and transformers. A floor for the step's time."""
+    gen = torch.Generator().manual_seed(0)
+    work = [(m, torch.randn(tokens, m.in_features, generator=gen, requires_grad=True),
+             torch.randn(tokens, m.out_features, generator=gen))
+            for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+    def step():
+        for module, x, grad in work:
+            weight = module.weight.detach().requires_grad_()
+            torch.autograd.grad(torch.nn.functional.linear(x, weight, module.bias), (x, weight), grad)
+
+    return step
+
+
 def _mamba2_train(args, info: dict) -> dict:
     """Training step (forward + backward, fp32, B8 T256 and B4 T1024) against Mamba2ForCausalLM's torch path."""
     models = {name: model.train() for name, model in _mamba2_models().items()}
@@ -698,6 +718,7 @@ def _mamba2_train(args, info: dict) -> dict:
             want = models["transformers"](ids, labels=ids).loss
             torch.testing.assert_close(models["lmforge"](ids, labels=ids).loss, want, atol=1e-4, rtol=0)
         steps = {name: _mamba_train_step(model, ids) for name, model in models.items()}
+        steps[LINEAR_FLOOR] = _linear_layers_step(models["lmforge"], batch * length)
         for threads in (torch.get_num_threads(), 1):
             before = torch.get_num_threads()
             torch.set_num_threads(threads)
@@ -707,6 +728,10 @@ def _mamba2_train(args, info: dict) -> dict:
                                  warm=tuple(steps), unit_work=batch * length)
             finally:
                 torch.set_num_threads(before)
+            med = row["median_s"]
+            row["speedup_ceiling"] = med["transformers"] / med[LINEAR_FLOOR]
+            print(f"  the linear layers alone take {med[LINEAR_FLOOR]:.3f} s: a step that spent nothing "
+                  f"else would be {row['speedup_ceiling']:.2f}x transformers'", flush=True)
             rows[f"B{batch}_T{length}_{threads}_threads"] = row
             sample_load(info)
     return rows
