@@ -272,7 +272,7 @@ def test_errors_have_openais_shape_and_status(setup, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[], max_completion_tokens=-3)
     assert e.value.param == "max_completion_tokens"
-    assert client.completions.create(model="tiny", prompt="the king", max_tokens=2).usage.completion_tokens == 2
+    assert client.completions.create(model="tiny", prompt="the king", max_tokens=2, **GREEDY).usage.completion_tokens == 2
 
 
 def test_raw_request_errors(setup):
@@ -356,7 +356,7 @@ def test_failure_inside_generation_is_a_500_and_the_server_goes_on(setup, keyed,
                                                max_tokens=8, stream=True, **GREEDY):
             pass
     flaky.fail_at = None
-    assert keyed.completions.create(model="tiny", prompt="the king", max_tokens=3).usage.completion_tokens == 3
+    assert keyed.completions.create(model="tiny", prompt="the king", max_tokens=3, **GREEDY).usage.completion_tokens == 3
 
 
 def test_api_key(setup, keyed):
@@ -370,7 +370,7 @@ def test_api_key(setup, keyed):
         wrong.completions.create(model="tiny", prompt="the king", max_tokens=2)
     status, body = raw(port, "GET", "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
     assert status == 200 and body["data"][0]["id"] == "tiny"
-    assert keyed.completions.create(model="tiny", prompt="the king", max_tokens=2).usage.completion_tokens == 2
+    assert keyed.completions.create(model="tiny", prompt="the king", max_tokens=2, **GREEDY).usage.completion_tokens == 2
 
 
 SERVE_SCRIPT = """
