@@ -212,6 +212,55 @@ def test_z_loss_is_the_mean_squared_logsumexp_of_the_real_tokens():
     torch.testing.assert_close(out.loss - without, 0.01 * z, atol=1e-6, rtol=0)
 
 
+def _aux_by_hand(router_logits, k, real, per_layer):
+    """Float64 load-balancing loss: pooled over layers (Mixtral) or each layer's, averaged."""
+    f, p = [], []
+    for logits in router_logits:
+        probs = logits[real].double().softmax(-1)
+        picks = torch.topk(probs, k).indices
+        f.append(torch.stack([(picks == e).sum() for e in range(probs.shape[-1])]).double() / len(probs))
+        p.append(probs.mean(0))
+    f, p = torch.stack(f), torch.stack(p)  # (L, E)
+    e = f.shape[-1]
+    return e * (f * p).sum(-1).mean() if per_layer else e * (f.mean(0) * p.mean(0)).sum()
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_aux_loss_pooled_or_per_layer_equals_the_formula_over_real_tokens(per_layer):
+    model = _moe_lm(seed=8, num_hidden_layers=3, router_aux_loss_per_layer=per_layer).eval()
+    batch = _concat(_causal_batches())
+    real = batch["attention_mask"].reshape(-1).bool()
+    with torch.no_grad():
+        out = model(**batch, output_router_logits=True)
+        want = _aux_by_hand(out.router_logits, 2, real, per_layer)
+        torch.testing.assert_close(out.aux_loss.double(), want, atol=1e-6, rtol=0)
+        other = _aux_by_hand(out.router_logits, 2, real, not per_layer)
+        assert abs(float(want - other)) > 1e-4  # the two scopes differ on this batch
+        model.config.router_aux_loss_coef = 0.0
+        without = model(**batch).loss
+    torch.testing.assert_close(out.loss - without, 0.1 * out.aux_loss, atol=1e-6, rtol=0)
+
+
+def test_per_layer_aux_loss_sees_the_imbalance_pooling_hides():
+    """Two layers routing every token to opposite experts: pooled, the load looks balanced (aux near
+    k = 1, its balanced value); per layer, each layer uses one expert (aux near E = 2)."""
+    from lmforge.models.feed_forward import router_losses
+
+    n = 64
+    to_first = torch.tensor([[8.0, -8.0]]).expand(n, 2)
+    layers = (to_first, to_first.flip(-1))
+    pooled, _, counts = router_losses(layers, 1, [None, None])
+    per_layer, _, _ = router_losses(layers, 1, [None, None], per_layer=True)
+    assert counts.tolist() == [[n, 0], [0, n]]
+    assert abs(float(pooled) - 1.0) < 1e-3 and abs(float(per_layer) - 2.0) < 1e-3
+    ties = (torch.zeros(n, 2), torch.zeros(n, 2))  # equal scores: top-1 picks expert 0 every time
+    spread = (torch.randn(n, 2, generator=torch.Generator().manual_seed(0)) * 1e-3,) * 2
+    for logits in (ties, spread):
+        a, _, _ = router_losses(logits, 1, [None, None])
+        b, _, _ = router_losses(logits, 1, [None, None], per_layer=True)
+        torch.testing.assert_close(a, b)  # identical layers: the scopes agree
+
+
 def test_padding_changes_neither_the_router_losses_nor_the_load_of_real_tokens():
     model = _moe_lm(seed=5).train()
     rows = [torch.randint(1, VOCAB, (n,)) for n in (9, 4, 6)]
@@ -316,6 +365,7 @@ def test_gradient_checkpointing_keeps_every_gradient_of_the_router_losses():
     (dict(router_z_loss_coef=float("nan")), "router_z_loss_coef"),
     (dict(router_bias_update_rate=-1e-3), "router_bias_update_rate"),
     (dict(norm_topk_prob="yes"), "norm_topk_prob"),
+    (dict(router_aux_loss_per_layer=1), "router_aux_loss_per_layer"),
     (dict(mlp_bias=True), "mlp_bias"),
 ])
 def test_config_refuses_bad_expert_settings(overrides, field):
@@ -341,6 +391,7 @@ def test_a_dense_config_ignores_the_expert_settings():
     (dict(norm_topk_prob=False), "norm_topk_prob"),
     (dict(router_z_loss_coef=1e-3), "router_z_loss_coef"),
     (dict(router_bias_update_rate=1e-3), "router_bias_update_rate"),
+    (dict(router_aux_loss_per_layer=True), "router_aux_loss_per_layer"),
     (dict(position_embedding_type="learned"), "position_embedding_type"),
     (dict(attention_bias=True), "attention_bias"),
 ])

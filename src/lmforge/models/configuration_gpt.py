@@ -9,7 +9,8 @@ Mixture of experts: ``num_experts > 0`` replaces every block's MLP by a routed M
 (``feed_forward.MoE``): a softmax router picks ``num_experts_per_tok`` experts per token (Mixtral's
 routing when ``norm_topk_prob``), plus ``num_shared_experts`` ungated shared experts every token
 passes through (DeepSeek style). Training adds ``router_aux_loss_coef`` x the load-balancing loss
-(Switch / Mixtral) and ``router_z_loss_coef`` x the router z-loss (ST-MoE) to the LM loss;
+(Mixtral's, layers pooled; each layer's, averaged, with ``router_aux_loss_per_layer``) and
+``router_z_loss_coef`` x the router z-loss (ST-MoE) to the LM loss;
 ``router_bias_update_rate > 0`` turns on DeepSeek-V3's aux-loss-free balancing (a per-expert
 selection bias). ``num_experts = 0`` (the default) is the dense MLP, unchanged.
 
@@ -55,6 +56,10 @@ class LmforgeGPTConfig(PreTrainedConfig):
         norm_topk_prob: renormalise the top-k routing probabilities to sum to 1 (Mixtral: True).
         router_aux_loss_coef: weight of the load-balancing loss (Switch Transformer's 0.01;
             Mixtral-8x7B's config has 0.02). Added to the LM loss whenever labels are given.
+        router_aux_loss_per_layer: balance each layer: the mean of the layers' load-balancing
+            losses (Switch Transformer, GShard) instead of one loss over all layers' routing pooled
+            (Mixtral's, the default; pooled, an idle expert in one layer can hide behind a busy one
+            in another). Both are k when balanced. Training only; Mixtral has the pooled loss.
         router_z_loss_coef: weight of the router z-loss mean(logsumexp(router logits)^2) (ST-MoE
             suggests 1e-3). Default 0.0: Mixtral has no z-loss, so the default converts to it.
         router_bias_update_rate: DeepSeek-V3's aux-loss-free balancing: a per-expert bias, added to
@@ -100,6 +105,7 @@ class LmforgeGPTConfig(PreTrainedConfig):
     num_shared_experts: int = 0
     norm_topk_prob: bool = True
     router_aux_loss_coef: float = 0.01
+    router_aux_loss_per_layer: bool = False
     router_z_loss_coef: float = 0.0
     router_bias_update_rate: float = 0.0
     output_router_logits: bool = False
@@ -176,8 +182,9 @@ class LmforgeGPTConfig(PreTrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise bad(name, "a number >= 0")
-        if not isinstance(self.norm_topk_prob, bool):
-            raise bad("norm_topk_prob", "True or False")
+        for name in ("norm_topk_prob", "router_aux_loss_per_layer"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "True or False")
         if not self.num_experts:
             return  # dense MLP: the other expert settings are unused
         if not integer("num_experts_per_tok") or not 1 <= self.num_experts_per_tok <= self.num_experts:

@@ -318,7 +318,7 @@ _MIXTRAL_FIELDS = {
 # the settings Mixtral has one value of: Llama's, and renormalised top-k routing without a shared
 # expert, z-loss or selection bias (training-only settings are refused too, as hidden_dropout is)
 _MIXTRAL_SWITCHES = dict(_LLAMA_SWITCHES, attention_bias=False, norm_topk_prob=True, router_z_loss_coef=0.0,
-                         router_bias_update_rate=0.0)
+                         router_bias_update_rate=0.0, router_aux_loss_per_layer=False)
 
 
 def _to_mixtral(cfg) -> transformers.MixtralConfig:

@@ -19,7 +19,11 @@ Losses (``router_losses``), from every layer's router logits, over real tokens o
     aux = E * sum_e f_e P_e, with f_e = (top-k picks of e, all layers) / (L x tokens) and
           P_e = (sum of p_e, all layers and tokens) / (L x tokens): Mixtral's
           ``load_balancing_loss_func`` (layers pooled, not a mean of per-layer losses); it is k
-          when the load is perfectly balanced.
+          when the load is perfectly balanced. Pooled, one layer's idle expert can be made up by
+          another layer's busy one. With ``per_layer`` (config ``router_aux_loss_per_layer``, as
+          Switch Transformer and GShard), aux is the mean over layers of each layer's
+          E * sum_e f_e P_e (f and P over that layer's tokens): every layer is pushed to balance;
+          also k when balanced.
     z   = mean over layers and tokens of logsumexp(logits)^2 (ST-MoE's router z-loss).
 
 Weight layout is Mixtral's (router ``gate.weight`` (E, D); ``experts.gate_up_proj`` (E, 2F, D),
@@ -221,12 +225,14 @@ class MoE(nn.Module):
 
 
 def router_losses(router_logits: tuple[torch.Tensor, ...], top_k: int, biases: list[torch.Tensor | None],
-                  token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  token_mask: torch.Tensor | None = None,
+                  per_layer: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(aux, z, tokens per expert (L, E)) from the L layers' router logits (N, E) (formulas in the
     module docstring). ``biases``: each layer's selection bias (or None), so the picks counted are
-    the ones the layer made. ``token_mask`` (N,) bool: the real tokens (None: all)."""
+    the ones the layer made. ``token_mask`` (N,) bool: the real tokens (None: all). ``per_layer``:
+    the mean of each layer's load-balancing loss instead of Mixtral's loss of the pooled layers."""
     num_experts = router_logits[0].shape[-1]
-    counts, prob_sum, z_sum = [], 0.0, 0.0
+    counts, prob_sums, z_sum = [], [], 0.0
     for logits, bias in zip(router_logits, biases, strict=True):
         logits = logits.to(_routing_dtype(logits))
         if token_mask is not None:
@@ -234,9 +240,13 @@ def router_losses(router_logits: tuple[torch.Tensor, ...], top_k: int, biases: l
         probs = torch.softmax(logits, dim=-1)
         _, picked = select_experts(probs, top_k, bias)
         counts.append(torch.bincount(picked.reshape(-1), minlength=num_experts))
-        prob_sum = prob_sum + probs.sum(dim=0)
+        prob_sums.append(probs.sum(dim=0))
         z_sum = z_sum + torch.logsumexp(logits, dim=-1).square().sum()
-    counts = torch.stack(counts)  # (L, E)
-    rows = len(router_logits) * max(int(logits.shape[0]), 1)
-    aux = num_experts * ((counts.sum(dim=0).float() / rows) * (prob_sum / rows)).sum()
-    return aux, z_sum / rows, counts
+    counts, prob_sums = torch.stack(counts), torch.stack(prob_sums)  # (L, E) each
+    tokens = max(int(logits.shape[0]), 1)
+    if per_layer:
+        aux = num_experts * ((counts.float() / tokens) * (prob_sums / tokens)).sum(dim=-1).mean()
+    else:
+        rows = len(router_logits) * tokens
+        aux = num_experts * ((counts.sum(dim=0).float() / rows) * (prob_sums.sum(dim=0) / rows)).sum()
+    return aux, z_sum / (len(router_logits) * tokens), counts

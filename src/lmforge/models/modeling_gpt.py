@@ -110,7 +110,8 @@ class LmforgeGPTPreTrainedModel(PreTrainedModel):
         if attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -t:].reshape(-1).bool()  # (B T,)
         aux, z, counts = router_losses(outputs.router_logits, self.config.num_experts_per_tok,
-                                       [moe.gate.e_score_correction_bias for moe in moes], token_mask)
+                                       [moe.gate.e_score_correction_bias for moe in moes], token_mask,
+                                       per_layer=self.config.router_aux_loss_per_layer)
         if self.training:
             for moe, count in zip(moes, counts, strict=True):
                 moe.count_load(count)
