@@ -91,6 +91,34 @@ def test_a_run_that_ends_no_better_than_it_started_is_diverged(tmp_path: Path):
     assert (crashed["status"], crashed["error"], crashed["val_bits_per_byte"]) == ("crashed", "boom", None)
 
 
+def test_expert_load_is_the_mean_of_the_last_steps_and_a_column_only_with_experts(tmp_path: Path):
+    from lmforge.experiments import results
+
+    records = [{"step": s, "loss": 5.0, "grad_norm": 1.0, "tokens_per_s": 10.0, "tokens_seen": 64 * s,
+                "elapsed_s": 0.1 * s, "moe_load_min": 0.0 if s <= 20 else 0.5 + 0.01 * s,
+                "moe_load_max": 3.0 if s <= 20 else 1.2} for s in range(1, 31)]
+    records.insert(15, {"step": 15, "eval_loss": 4.0})  # an evaluation record among the steps
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = SimpleNamespace(name="moe", seed=0, folder=tmp_path, overrides={}, tokenizer=None,
+                          config=SimpleNamespace(data=SimpleNamespace(tokenizer="tok")))
+    got = run_row(run, {"status": "completed", "params": 10, "error": None, "peak_memory_mb": 1.0,
+                        "final_eval": {"loss": 4.0, "bits_per_byte": 2.0}})
+    tail = [0.5 + 0.01 * s for s in range(31 - results.LOAD_STEPS, 31)]  # steps 21..30
+    assert got["expert_load_min"] == pytest.approx(sum(tail) / len(tail), abs=1e-3)
+    assert got["expert_load_max"] == pytest.approx(1.2)
+
+    dense = [row("base", 2.5, 0), row("base", 2.52, 1)]
+    assert "expert load" not in markdown_table(dense, metric="val_bits_per_byte", baseline="base",
+                                               budget=("steps", 30), split="validation")
+    mixed = [*dense, {**row("moe", 2.4), "expert_load_min": 0.2, "expert_load_max": 1.4},
+             {**row("moe", 2.45, 1), "expert_load_min": 0.4, "expert_load_max": 1.6}]
+    md = markdown_table(mixed, metric="val_bits_per_byte", baseline="base", budget=("steps", 30), split="validation")
+    lines = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    assert lines["variant"].rstrip().endswith("| expert load min / max |")
+    assert lines["moe"].rstrip().endswith("| 0.30 / 1.50 |") and lines["base"].rstrip().endswith("| - |")
+    assert "an expert that received no token" in md
+
+
 def test_grid_and_variants_expand_in_order_with_unique_folders():
     config = AblateConfig(base={}, budget=BudgetSection(steps=1), variants={"base": {}},
                           grid={"optim.lr": [0.001, 0.003], "model.overrides.norm_type": ["rmsnorm", "dyt"]})

@@ -9,7 +9,11 @@ runs with ``train.log_every: 1``) and its ``ablation.json`` outcome:
 - ``loss_spikes``: steps whose training loss is more than 25% above the median of the 20 steps
   before it (or not finite);
 - ``diverged``: the loss or gradient became NaN/inf (training stopped), or the final validation
-  loss is not below the first training loss (the model ended no better than it started).
+  loss is not below the first training loss (the model ended no better than it started);
+- ``expert_load_min`` / ``expert_load_max`` (mixture-of-experts models, else None): the least and
+  most loaded expert over all layers as a multiple of an even share (the trainer's
+  ``moe_load_min`` / ``moe_load_max``: 1 is balanced, 0 an idle expert), averaged over the last
+  ``LOAD_STEPS`` steps.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from lmforge.runs import read_metrics
 
 SPIKE_WINDOW = 20
 SPIKE_FACTOR = 1.25
+LOAD_STEPS = 10
 _X_AXIS = {"steps": ("step", "optimizer step"), "tokens": ("tokens_seen", "training tokens"),
            "seconds": ("elapsed_s", "training seconds")}
 
@@ -53,6 +58,7 @@ def run_row(run: Any, outcome: dict[str, Any] | None, *, error: str | None = Non
     losses = [float(r["loss"]) for r in train]
     grads = [g for g in (_finite(r.get("grad_norm")) for r in train) if g is not None]
     speeds = [r["tokens_per_s"] for r in train[1:] if _finite(r.get("tokens_per_s"))]  # step 1 warms up
+    loads = [r for r in train if _finite(r.get("moe_load_min")) is not None][-LOAD_STEPS:]
     status = "crashed" if outcome is None else outcome["status"]
     val_loss = _finite(final.get("loss"))
     if status == "completed" and losses and val_loss is not None and val_loss >= losses[0]:
@@ -74,6 +80,8 @@ def run_row(run: Any, outcome: dict[str, Any] | None, *, error: str | None = Non
         "peak_memory_mb": (outcome or {}).get("peak_memory_mb"),
         "max_grad_norm": round(max(grads), 4) if grads else None,
         "loss_spikes": loss_spikes(losses),
+        **{f"expert_load_{end}": round(statistics.fmean(r[f"moe_load_{end}"] for r in loads), 3) if loads else None
+           for end in ("min", "max")},
     }
 
 
@@ -103,6 +111,8 @@ def variant_summaries(rows: list[dict[str, Any]], metric: str, baseline: str) ->
             "peak_memory_mb": _max(r["peak_memory_mb"] for r in runs),
             "max_grad_norm": _max(r["max_grad_norm"] for r in runs),
             "loss_spikes": sum(r["loss_spikes"] for r in runs),
+            "expert_load_min": _mean(r.get("expert_load_min") for r in runs),
+            "expert_load_max": _mean(r.get("expert_load_max") for r in runs),
             "diverged": sum(r["diverged"] for r in runs), "crashed": sum(r["status"] == "crashed" for r in runs),
         })
     return out, spread
@@ -118,6 +128,11 @@ def _max(values) -> float | None:
     return max(values) if values else None
 
 
+def _load(summary: dict[str, Any]) -> str:
+    low, high = summary["expert_load_min"], summary["expert_load_max"]
+    return " - |" if low is None else f" {low:.2f} / {high:.2f} |"
+
+
 def _changes(overrides: dict[str, Any]) -> str:
     return ", ".join(f"{k.removeprefix('model.overrides.')}={v}" for k, v in overrides.items()) or "(base)"
 
@@ -131,8 +146,10 @@ def markdown_table(rows: list[dict[str, Any]], *, metric: str, baseline: str, bu
     """results.md: the variants ranked in sweep order, with the baseline's spread explained."""
     summaries, spread = variant_summaries(rows, metric, baseline)
     label = "val bits/byte" if metric == "val_bits_per_byte" else "val loss"
+    experts = any(s["expert_load_min"] is not None for s in summaries)  # a column only when a run has experts
     lines = [f"| variant | changes | params | {label} | Δ vs {baseline} | tokens/s | peak memory (MB) | "
-             "max grad-norm | loss spikes | diverged |", "|" + "---|" * 10]
+             "max grad-norm | loss spikes | diverged |" + (" expert load min / max |" if experts else ""),
+             "|" + "---|" * (10 + experts)]
     for s in summaries:
         value = _num(s["mean"], ".4f")
         if s["runs"] > 1 and s["min"] is not None:
@@ -149,7 +166,8 @@ def markdown_table(rows: list[dict[str, Any]], *, metric: str, baseline: str, bu
         params = f"{s['params'] / 1e6:.3f}M" if s["params"] else "-"
         lines.append(f"| {s['name']} | {_changes(s['overrides'])} | {params} | {value} | {delta} | "
                      f"{_num(s['tokens_per_second'], ',.0f')} | {_num(s['peak_memory_mb'], ',.0f')} | "
-                     f"{_num(s['max_grad_norm'], '.2f')} | {s['loss_spikes']} | {diverged} |")
+                     f"{_num(s['max_grad_norm'], '.2f')} | {s['loss_spikes']} | {diverged} |"
+                     + (_load(s) if experts else ""))
     unit, amount = budget
     notes = [f"Every run: the same data order and seed, {amount:g} {unit} of training; scored on the whole "
              f"{split} split (lower is better)."]
@@ -162,6 +180,10 @@ def markdown_table(rows: list[dict[str, Any]], *, metric: str, baseline: str, bu
     else:
         notes.append(f"{baseline} ran with one seed, so the run-to-run spread is unknown: add baseline_seeds "
                      "to the sweep to tell real differences from noise.")
+    if experts:
+        notes.append(f"Expert load: the least and the most loaded expert over all layers, as a multiple of an "
+                     f"even share (1: balanced; 0: an expert that received no token), the mean of the last "
+                     f"{LOAD_STEPS} steps of each run and of the runs.")
     failed = [r for r in rows if r["status"] != "completed"]
     for r in failed:
         notes.append(f"{r['run']}: {r['status']}: {r['error'] or 'no error message'}")
