@@ -1,7 +1,8 @@
-"""``causal_conv_silu`` (the Mamba-2 mixer's training convolution, in (batch, length, channels))
+"""``causal_conv_silu`` (the Mamba mixers' training convolution, in (batch, length, channels))
 equals silu of the causal depthwise ``conv1d`` it replaces: values and all three gradients, in
 float64 to rounding, on shapes where the blocks of its weight gradient split rows, lengths shorter
-than the kernel, strided inputs, no bias; and under bfloat16 autocast, as the mixer runs it."""
+than the kernel, strided inputs, no bias; with packed documents, the document-masked convolution
+(``causal_conv_docs``); and under bfloat16 autocast, as the mixers run it."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from lmforge.models import causal_conv
 from lmforge.models.causal_conv import causal_conv_silu
+from lmforge.models.modeling_mamba import causal_conv_docs
 from tests.torch_threads import single_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -52,9 +54,40 @@ def test_equals_silu_of_the_causal_conv1d_in_float64(b, length, c, k, bias, stri
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=name)
 
 
+def _docs_reference(seq_idx):
+    def run(x, weight, bias):
+        return F.silu(causal_conv_docs(x.transpose(1, 2), weight, bias, seq_idx)).transpose(1, 2)
+    return run
+
+
+SEQ_IDX = {
+    "documents": [[0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]],
+    "short documents": [[0, 1, 2, 2, 3, 3, 3, 4, 5, 5, 5, 5, 5, 6], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]],
+    "one document": [[3] * 14, [0] * 14],
+    "a label again": [[0, 0, 1, 0, 0, 0, 2, 2, 2, 0, 0, 0, 0, 0], [5, 4, 3, 2, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1]],
+}
+
+
+@pytest.mark.parametrize("case", list(SEQ_IDX))
+@pytest.mark.parametrize("k, bias", [(4, True), (3, False), (1, True)])
+def test_packed_documents_equal_the_document_masked_conv_in_float64(case, k, bias):
+    seq_idx = torch.tensor(SEQ_IDX[case])
+    x, weight, b_ = _leaves(2, 14, 6, k, bias=bias, strided=True)
+    got = _values_and_grads(lambda *a: causal_conv_silu(*a, seq_idx=seq_idx), x, weight, b_)
+    want = _values_and_grads(_docs_reference(seq_idx), x, weight, b_)
+    for name, g, w in zip(NAMES[: len(got)], got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=name)
+    if case == "one document":  # nothing crosses: the plain convolution
+        plain = _values_and_grads(causal_conv_silu, x, weight, b_)
+        for g, w in zip(got, plain, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_gradcheck():
     x, weight, b_ = _leaves(2, 6, 3, 4)
     assert torch.autograd.gradcheck(causal_conv_silu, (x, weight, b_))
+    seq_idx = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 1, 1, 1, 1, 1]])
+    assert torch.autograd.gradcheck(lambda *a: causal_conv_silu(*a, seq_idx=seq_idx), (x, weight, b_))
 
 
 def test_float32_at_the_mixers_shape_and_gradient_accumulation():
@@ -83,8 +116,22 @@ def test_bfloat16_autocast_runs_in_bfloat16_and_returns_float32_weight_gradients
         assert (g.float() - w.float()).norm() <= 1e-2 * w.float().norm(), name
 
 
+def test_packed_documents_under_bfloat16_autocast():
+    seq_idx = torch.tensor(SEQ_IDX["short documents"])
+    x, weight, b_ = _leaves(2, 14, 16, 4, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = causal_conv_silu(x.to(torch.bfloat16), weight, b_, seq_idx=seq_idx)
+    assert out.dtype == torch.bfloat16
+    want = _docs_reference(seq_idx)(x, weight, b_)
+    assert (out.float() - want).norm() <= 1e-2 * want.norm()
+    out.float().sum().backward()
+    assert weight.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()
+
+
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="batch, length, channels"):
         causal_conv_silu(torch.zeros(2, 5, 4), torch.zeros(3, 1, 4))
     with pytest.raises(ValueError, match="batch, length, channels"):
         causal_conv_silu(torch.zeros(5, 4), torch.zeros(4, 1, 4))
+    with pytest.raises(ValueError, match=r"seq_idx must be \(batch, length\) = \(2, 5\)"):
+        causal_conv_silu(torch.zeros(2, 5, 4), torch.zeros(4, 1, 4), seq_idx=torch.zeros(2, 4, dtype=torch.long))

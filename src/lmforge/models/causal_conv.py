@@ -31,9 +31,11 @@ def _from_image(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).squeeze(1)
 
 
-class _CausalConvSiLU(torch.autograd.Function):
+class _CausalConv(torch.autograd.Function):
+    """The causal depthwise convolution of (B, L, C), followed by SiLU when ``silu``."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool) -> torch.Tensor:
         channels, k = weight.shape
         dtype = x.dtype  # under autocast x is already the autocast dtype (a projection's output)
         weight = weight.to(dtype).view(channels, 1, 1, k)
@@ -41,15 +43,16 @@ class _CausalConvSiLU(torch.autograd.Function):
         padded = F.pad(x, (0, 0, k - 1, 0))  # (B, K - 1 + L, C): zeros before the start
         with torch.autocast(x.device.type, enabled=False):
             pre = _from_image(F.conv2d(_as_image(padded), weight, bias, groups=channels))
-        ctx.save_for_backward(padded, pre, weight)
-        ctx.has_bias = bias is not None
-        return F.silu(pre)
+        ctx.save_for_backward(padded, pre if silu else None, weight)
+        ctx.has_bias, ctx.silu = bias is not None, silu
+        return F.silu(pre) if silu else pre
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         padded, pre, weight = ctx.saved_tensors
         channels, k = weight.shape[0], weight.shape[-1]
-        grad_pre = torch.ops.aten.silu_backward(grad.to(pre.dtype).contiguous(), pre.contiguous())
+        grad = grad.to(padded.dtype).contiguous()
+        grad_pre = torch.ops.aten.silu_backward(grad, pre.contiguous()) if ctx.silu else grad
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             image = _as_image(padded)
@@ -61,7 +64,7 @@ class _CausalConvSiLU(torch.autograd.Function):
             grad_w = _weight_grad(grad_pre, padded, k)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_pre.sum((0, 1))
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
 def _weight_grad(grad_pre: torch.Tensor, padded: torch.Tensor, k: int) -> torch.Tensor:
@@ -78,13 +81,47 @@ def _weight_grad(grad_pre: torch.Tensor, padded: torch.Tensor, k: int) -> torch.
     return out
 
 
-def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     seq_idx: torch.Tensor | None = None) -> torch.Tensor:
     """silu(causal depthwise conv of x): x (B, L, C), weight (C, K) or (C, 1, K), bias (C,) -> (B, L, C).
 
     Equals ``F.silu(F.conv1d(x.transpose(1, 2), weight, bias, padding=K - 1, groups=C)[..., :L]
-    .transpose(1, 2))``: output t reads x[t - K + 1 .. t], zeros before the start.
+    .transpose(1, 2))``: output t reads x[t - K + 1 .. t], zeros before the start. With ``seq_idx``
+    (B, L) (documents packed in a row), output t reads x[t - s] only where seq_idx[t - s] ==
+    seq_idx[t], as ``modeling_mamba.causal_conv_docs``.
     """
     if x.dim() != 3 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"causal_conv_silu: x must be (batch, length, channels) with channels = weight's "
                          f"{weight.shape[0]}, got x {tuple(x.shape)}")
-    return _CausalConvSiLU.apply(x, weight.reshape(weight.shape[0], -1), bias)
+    weight = weight.reshape(weight.shape[0], -1)
+    if seq_idx is None:
+        return _CausalConv.apply(x, weight, bias, True)
+    if seq_idx.shape != x.shape[:2]:
+        raise ValueError(f"causal_conv_silu: seq_idx must be (batch, length) = {tuple(x.shape[:2])}, "
+                         f"got {tuple(seq_idx.shape)}")
+    return F.silu(_restart_documents(_CausalConv.apply(x, weight, bias, False), x, weight, bias, seq_idx))
+
+
+def _restart_documents(pre: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       seq_idx: torch.Tensor) -> torch.Tensor:
+    """``pre`` (the convolution over the whole row) with the outputs whose window crosses a document
+    boundary recomputed from their own document's inputs. Only the first K - 1 outputs of each
+    document change, so this gathers those few rows; ``index_put`` routes their gradients to the
+    recomputed values and none through the convolution's."""
+    k, length = weight.shape[-1], x.shape[1]
+    crossing = torch.zeros_like(seq_idx, dtype=torch.bool)
+    for shift in range(1, min(k, length)):
+        crossing[:, shift:] |= seq_idx[:, shift:] != seq_idx[:, :-shift]
+    rows, steps = crossing.nonzero(as_tuple=True)  # (M,) each
+    if rows.numel() == 0:
+        return pre
+    doc = seq_idx[rows, steps]
+    weight = weight.to(x.dtype)
+    fixed = pre.new_zeros(rows.shape[0], x.shape[-1]) if bias is None else bias.to(x.dtype).expand(
+        rows.shape[0], -1)
+    for tap in range(k):
+        source = steps - (k - 1 - tap)
+        safe = source.clamp(min=0)
+        same = (source >= 0) & (seq_idx[rows, safe] == doc)
+        fixed = fixed + x[rows, safe] * same[:, None].to(x.dtype) * weight[:, tap]
+    return pre.index_put((rows, steps), fixed.to(pre.dtype))

@@ -109,8 +109,8 @@ class LmforgeMambaMixer(nn.Module):
             xz = xz * mask
         x, z = xz.chunk(2, dim=-1)  # (B, L, Di) each
         stepping = ssm_state is not None and conv_state is not None and length == 1  # O(1) decoding
-        if cache is None and seq_idx is None and not _use_kernels(x):  # training: stays (B, L, Di)
-            x = causal_conv_silu(x, self.conv1d.weight, self.conv1d.bias)
+        if cache is None and not _use_kernels(x):  # training: stays (B, L, Di)
+            x = causal_conv_silu(x, self.conv1d.weight, self.conv1d.bias, seq_idx)
         else:
             x = F.silu(self._conv(x.transpose(1, 2), cache, seq_idx, stepping)).transpose(1, 2)  # (B, L, Di)
         if mask is not None:

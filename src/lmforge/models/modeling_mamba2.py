@@ -139,8 +139,8 @@ class LmforgeMamba2Mixer(nn.Module):
         if mask is not None:  # after in_proj (it may have a bias): padding stays exactly zero in the conv
             zxbcdt = zxbcdt * mask
         z, xbc, dt = zxbcdt.split([self.inner, self.conv_dim, self.num_heads], dim=-1)
-        if cache is None and seq_idx is None and not _use_kernels(xbc):  # training: stays (B, L, Dc)
-            xbc = causal_conv_silu(xbc, self.conv1d.weight, self.conv1d.bias)
+        if cache is None and not _use_kernels(xbc):  # training: stays (B, L, Dc)
+            xbc = causal_conv_silu(xbc, self.conv1d.weight, self.conv1d.bias, seq_idx)
         else:
             xbc = F.silu(self._conv(xbc.transpose(1, 2), cache, seq_idx, stepping)).transpose(1, 2)  # (B, L, Dc)
         if mask is not None:
