@@ -83,6 +83,16 @@ def test_packed_documents_equal_the_document_masked_conv_in_float64(case, k, bia
             torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
+def test_the_librarys_weight_gradient_used_off_cpu_is_equal_too(monkeypatch):
+    monkeypatch.setattr(causal_conv, "BLOCKED_WEIGHT_GRAD", ())  # as on a GPU
+    for seq_idx in (None, torch.tensor(SEQ_IDX["documents"])):
+        x, weight, b_ = _leaves(2, 14, 6, 4)
+        got = _values_and_grads(lambda *a, s=seq_idx: causal_conv_silu(*a, seq_idx=s), x, weight, b_)
+        want = _values_and_grads(_docs_reference(seq_idx) if seq_idx is not None else _reference, x, weight, b_)
+        for name, g, w in zip(NAMES, got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=name)
+
+
 def test_gradcheck():
     x, weight, b_ = _leaves(2, 6, 3, 4)
     assert torch.autograd.gradcheck(causal_conv_silu, (x, weight, b_))

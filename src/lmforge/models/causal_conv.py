@@ -7,8 +7,8 @@ cost more than the convolution itself. ``causal_conv_silu`` keeps (batch, length
 is the memory of a channels-last (batch, channels, 1, length) image, so the forward and the input
 gradient are one depthwise ``conv2d`` each (oneDNN's channels-last kernels, vectorised over
 channels); the weight gradient is K dot products per channel, taken over cache-sized blocks of
-rows (oneDNN's depthwise weight gradient is slower on CPU); the SiLU and its backward run on
-contiguous memory.
+rows on CPU (oneDNN's depthwise weight gradient is slower there; other devices use their
+library's); the SiLU and its backward run on contiguous memory.
 
 This file is copied next to saved weights: torch only.
 """
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 BLOCK_ELEMENTS = 1 << 17  # rows x channels of one block of the weight gradient (512 KiB in fp32)
+BLOCKED_WEIGHT_GRAD = ("cpu",)  # device types whose weight gradient is computed block by block
 
 
 def _as_image(x: torch.Tensor) -> torch.Tensor:
@@ -54,13 +55,15 @@ class _CausalConv(torch.autograd.Function):
         grad = grad.to(padded.dtype).contiguous()
         grad_pre = torch.ops.aten.silu_backward(grad, pre.contiguous()) if ctx.silu else grad
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            image = _as_image(padded)
-            grad_x = torch.ops.aten.convolution_backward(
-                _as_image(grad_pre), image, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], channels,
-                [True, False, False])[0]
-            grad_x = _from_image(grad_x)[:, k - 1 :]
-        if ctx.needs_input_grad[1]:
+        on_cpu = padded.device.type in BLOCKED_WEIGHT_GRAD  # elsewhere the library's, not a Python loop
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if want_x or (want_w and not on_cpu):
+            grad_x, grad_w_lib = torch.ops.aten.convolution_backward(
+                _as_image(grad_pre), _as_image(padded), weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0],
+                channels, [want_x, want_w and not on_cpu, False])[:2]
+            grad_x = None if grad_x is None else _from_image(grad_x)[:, k - 1 :]
+            grad_w = None if grad_w_lib is None else grad_w_lib.view(channels, k)
+        if want_w and on_cpu:
             grad_w = _weight_grad(grad_pre, padded, k)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_pre.sum((0, 1))
