@@ -14,6 +14,7 @@ To add a family: write ``bench_<family>(args) -> dict`` below (use ``interleaved
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -53,6 +54,17 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1
             fns[name]()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch threads, then restore the count it had."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def report(title: str, times: dict[str, list[float]], ours: str, ref: str, unit_work: float = 1.0, unit: str = "s") -> dict:
@@ -493,13 +505,10 @@ def _mamba_train(args, info: dict) -> dict:
     sample_load(info)
     # one thread: no OpenMP fork/join per operation, so this row holds up when other jobs load the machine
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         fast_1 = _mamba_row("Mamba train step B8 T256, vs transformers + mambapy, 1 thread",
                             {name: steps[name] for name in MAMBA_KINDS[:2]}, "lmforge", "transformers_mambapy",
                             reps=2 if args.quick else 6, warm=MAMBA_KINDS[:2])
-    finally:
-        torch.set_num_threads(threads)
     sample_load(info)
     # the sequential path takes close to a minute a step: fewer reps, no warm-up run of it
     slow = _mamba_row("Mamba train step B8 T256, vs transformers sequential",
@@ -643,17 +652,13 @@ def bench_mamba(args) -> dict:
     then one thread. The machine, thread counts and the load average seen go into the results.
     """
     info = machine_info()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         results = {"config": MAMBA_BENCH, "decode_threads": 1, "prefill_generate_256": _mamba_prefill_generate(args)}
         sample_load(info)
         results["scan_1_thread"] = _mamba_scan(args)
         sample_load(info)
         results["decode"] = _mamba_decode(args)
         sample_load(info)
-    finally:
-        torch.set_num_threads(threads)
     results["train_step"] = _mamba_train(args, info)
     results["machine"] = finish(info)
     print(f"  load average (1 min) at start {info['load_average_start'][0]:.2f}, highest seen "
@@ -720,14 +725,10 @@ def _mamba2_train(args, info: dict) -> dict:
         steps = {name: _mamba_train_step(model, ids) for name, model in models.items()}
         steps[LINEAR_FLOOR] = _linear_layers_step(models["lmforge"], batch * length)
         for threads in (torch.get_num_threads(), 1):
-            before = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
+            with torch_threads(threads):
                 title = f"Mamba-2 train step B{batch} T{length}, vs transformers torch path, {threads} thread(s)"
                 row = _mamba_row(title, steps, "lmforge", "transformers", reps=2 if args.quick else 6,
                                  warm=tuple(steps), unit_work=batch * length)
-            finally:
-                torch.set_num_threads(before)
             med = row["median_s"]
             row["speedup_ceiling"] = med["transformers"] / med[LINEAR_FLOOR]
             print(f"  the linear layers alone take {med[LINEAR_FLOOR]:.3f} s: a step that spent nothing "
@@ -793,9 +794,7 @@ def bench_mamba2(args) -> dict:
     threads, then one), prefill + generate and the decode latency against context length (one thread)."""
     info = machine_info()
     results = {"config": MAMBA2_BENCH, "train_step": _mamba2_train(args, info)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         results["decode_threads"] = 1
         results["scan_1_thread"] = {f"B{b}_T{t}": _mamba2_scan(args, b, t) for b, t in ((8, 256), (4, 1024))}
         sample_load(info)
@@ -803,8 +802,6 @@ def bench_mamba2(args) -> dict:
         sample_load(info)
         results["decode"] = _mamba2_decode(args)
         sample_load(info)
-    finally:
-        torch.set_num_threads(threads)
     results["machine"] = finish(info)
     return results
 

@@ -28,36 +28,22 @@ moe_cost.md (``--quick``: moe_cost_quick.*).
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from machine import finish, machine_info, sample_load  # benchmarks/machine.py, beside this file
+from bench_models import interleaved  # beside this file
+from machine import (  # benchmarks/machine.py, beside this file
+    finish,
+    machine_info,
+    sample_load,
+    write_results,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = [(2048, 256), (4096, 384), (8192, 512)]  # (tokens, hidden size)
 EXPERTS, TOP_K = 8, 2
-
-
-def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each callable, ``reps`` times, interleaved (order alternating), after
-    ``warmup`` untimed rounds."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(reps):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            gc.collect()
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def _config(d: int, f: int, **moe):
@@ -189,10 +175,7 @@ def main() -> None:
     middle = sizes[len(sizes) // 2]
     rows.append(bench_size(*middle, True, reps, info))
     results = {"quick": args.quick, "json": f"benchmarks/results/{name}.json", "rows": rows, "machine": finish(info)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(results) + "\n")
-    print(f"wrote {RESULTS / f'{name}.json'} and {name}.md", flush=True)
+    write_results(RESULTS, name, results, markdown(results))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import statistics
 import subprocess
@@ -37,7 +36,12 @@ from pathlib import Path
 
 import torch
 from bench_models import interleaved  # beside this file
-from machine import finish, machine_info, sample_load  # benchmarks/machine.py, beside this file
+from machine import (  # benchmarks/machine.py, beside this file
+    finish,
+    machine_info,
+    sample_load,
+    write_results,
+)
 
 from lmforge.models.ssd_scan import DEFAULT_CHUNK_SIZE, ssd_scan
 
@@ -239,10 +243,7 @@ def main(argv: list[str] | None = None) -> None:
                "ours_chunks": list(OURS_CHUNKS), "default_chunk": DEFAULT_CHUNK_SIZE,
                "transformers_default_chunk": HF_DEFAULT_CHUNK,
                "git": git_state(), "runs": runs, "machine": finish(info)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(results) + "\n")
-    print(f"wrote {RESULTS / f'{name}.json'} and {name}.md", flush=True)
+    write_results(RESULTS, name, results, markdown(results))
 
 
 if __name__ == "__main__":

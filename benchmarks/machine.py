@@ -3,10 +3,12 @@
 ``machine_info()`` is called when a benchmark starts and ``finish(info)`` when it ends, so the
 file says what load the machine had during the measurement (1-minute load average at both ends,
 and the highest seen by ``sample_load``), the thread counts, and the library versions.
+``write_results`` writes a benchmark's <name>.json and <name>.md side by side.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -64,3 +66,11 @@ def finish(info: dict) -> dict:
     sample_load(info)
     info["load_average_end"] = list(os.getloadavg())
     return info
+
+
+def write_results(folder: Path, name: str, results: dict, markdown: str) -> None:
+    """``folder``/<name>.json (``results``) and <name>.md (``markdown``), and say so."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (folder / f"{name}.md").write_text(markdown + "\n")
+    print(f"wrote {folder / f'{name}.json'} and {name}.md", flush=True)
