@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from lmforge.cli import main
+from tests.train_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -86,12 +86,6 @@ def test_every_readme_command_runs_as_printed(tmp_path, monkeypatch, fake_hub, c
     assert (tmp_path / "runs" / "rt-merged" / "model.safetensors").is_file()
     assert "config.json" in fake_hub.files("me/shakespeare-gpt")
     assert (tmp_path / "runs" / "ablate" / "textbook" / "results.md").is_file()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_and_ask(words: list[str], folder: Path) -> None:
